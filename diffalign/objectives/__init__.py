@@ -1,0 +1,79 @@
+"""Preference objectives: pure functions over per-sample log-likelihoods.
+
+>>> from diffalign.objectives import get_objective, list_objectives
+>>> dpo = get_objective("dpo", beta=0.1)
+>>> out = dpo(policy_chosen_logps=..., policy_rejected_logps=...,
+...           reference_chosen_logps=..., reference_rejected_logps=...)  # doctest: +SKIP
+>>> out.loss.backward(); out.metrics["rewards/accuracies"]  # doctest: +SKIP
+
+See :mod:`diffalign.objectives.base` for the interface and each objective's docstring for its
+formula, source and defaults.
+"""
+
+from diffalign.objectives.base import (
+    LISTWISE_INPUTS,
+    PAIRWISE_INPUTS,
+    POLICY_GRADIENT_INPUTS,
+    Objective,
+    ObjectiveInputError,
+    ObjectiveOutput,
+    get_objective,
+    list_objectives,
+    objective_class,
+    register_objective,
+)
+from diffalign.objectives.listwise import NCA, InfoNCA, ListwiseObjective
+from diffalign.objectives.pairwise import (
+    CDPO,
+    CPO,
+    DPO,
+    FDPO,
+    IPO,
+    KLDO,
+    MADPO,
+    ORPO,
+    RSO,
+    DROranking,
+    Hinge,
+    MaPPO,
+    PairwiseObjective,
+    RobustDPO,
+    SimPO,
+    SmoothedDPO,
+)
+from diffalign.objectives.policy_gradient import PPOClip
+from diffalign.objectives.sampling import rso_rejection_sample
+
+__all__ = [
+    "CDPO",
+    "CPO",
+    "DPO",
+    "FDPO",
+    "IPO",
+    "KLDO",
+    "LISTWISE_INPUTS",
+    "MADPO",
+    "NCA",
+    "ORPO",
+    "PAIRWISE_INPUTS",
+    "POLICY_GRADIENT_INPUTS",
+    "RSO",
+    "DROranking",
+    "Hinge",
+    "InfoNCA",
+    "ListwiseObjective",
+    "MaPPO",
+    "Objective",
+    "ObjectiveInputError",
+    "ObjectiveOutput",
+    "PPOClip",
+    "PairwiseObjective",
+    "RobustDPO",
+    "SimPO",
+    "SmoothedDPO",
+    "get_objective",
+    "list_objectives",
+    "objective_class",
+    "register_objective",
+    "rso_rejection_sample",
+]

@@ -1,0 +1,239 @@
+"""The objective interface shared by every diffusion and language-model recipe.
+
+An objective is a small frozen-in-spirit dataclass whose fields are its hyper-parameters.
+Calling it with keyword tensors returns an :class:`ObjectiveOutput`:
+
+- ``losses``: per-example losses, shape ``(B,)``;
+- ``loss``: their mean, or ``sum(w * l) / sum(w)`` when ``weights`` is given;
+- ``metrics``: floats named as TRL names them (``rewards/chosen``, ``rewards/rejected``,
+  ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``) plus
+  objective-specific ones under the objective's own prefix.
+
+Objectives never see models, images or tokens: only per-sample log-likelihoods (or their
+proxies: diffusion's ``denoising_logp``), optional reference log-likelihoods, reward scores,
+lengths and weights. Known inputs that an objective does not use are ignored, so a recipe can
+pass everything it has. Inputs are checked before any arithmetic: an unknown or missing input,
+a shape mismatch, a non-finite value, a negative weight or a non-positive length raises
+:class:`ObjectiveInputError` naming the argument. The check costs one device synchronisation.
+
+Half-precision inputs are computed in float32 (the losses come back in float32); float64
+inputs stay float64 so that ``torch.autograd.gradcheck`` works.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import Tensor
+
+from diffalign.config import build
+
+__all__ = [
+    "LISTWISE_INPUTS",
+    "PAIRWISE_INPUTS",
+    "POLICY_GRADIENT_INPUTS",
+    "Objective",
+    "ObjectiveInputError",
+    "ObjectiveOutput",
+    "get_objective",
+    "list_objectives",
+    "register_objective",
+]
+
+PAIRWISE_INPUTS = (
+    "policy_chosen_logps",
+    "policy_rejected_logps",
+    "reference_chosen_logps",
+    "reference_rejected_logps",
+    "chosen_rewards",
+    "rejected_rewards",
+    "preference_probs",
+    "chosen_lengths",
+    "rejected_lengths",
+    "weights",
+)
+LISTWISE_INPUTS = ("policy_logps", "reference_logps", "rewards", "weights")
+POLICY_GRADIENT_INPUTS = ("policy_logps", "old_policy_logps", "advantages", "trust_weights", "weights")
+
+# Inputs that must be strictly positive (lengths) or non-negative (weights).
+_POSITIVE = ("chosen_lengths", "rejected_lengths")
+_NON_NEGATIVE = ("weights", "trust_weights")
+
+
+class ObjectiveInputError(ValueError):
+    """An objective was called with a missing, unknown, mis-shaped or non-finite input."""
+
+
+@dataclass
+class ObjectiveOutput:
+    losses: Tensor
+    loss: Tensor
+    metrics: dict[str, float]
+
+
+class Inputs(SimpleNamespace):
+    """Validated inputs: float tensors, ``None`` for the ones not given."""
+
+
+@dataclass
+class Objective:
+    """Base class: subclasses define ``compute`` and declare what they accept and require."""
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    accepted_inputs: ClassVar[tuple[str, ...]] = ()
+
+    def required_inputs(self) -> tuple[str, ...]:
+        """Inputs without which this objective (with these hyper-parameters) cannot run."""
+        return ()
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether a reference model's log-likelihoods are needed (recipes skip its forward if not)."""
+        return any(n.startswith("reference") for n in self.required_inputs())
+
+    def compute(self, x: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    def __call__(self, **inputs: Tensor | None) -> ObjectiveOutput:
+        x = self.validate(inputs)
+        losses, metrics = self.compute(x)
+        return ObjectiveOutput(losses=losses, loss=weighted_mean(losses, x.weights), metrics=to_floats(metrics))
+
+    # -- input checking -------------------------------------------------------------------
+
+    def validate(self, inputs: dict[str, Tensor | None]) -> Inputs:
+        """Check names, presence, dtypes, shapes and values; return float tensors."""
+        unknown = [k for k in inputs if k not in self.accepted_inputs]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], self.accepted_inputs, n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            raise ObjectiveInputError(
+                f"objective '{self.name}' got an unexpected input `{unknown[0]}`{hint} "
+                f"(it accepts: {', '.join(self.accepted_inputs)})"
+            )
+        given = {k: v for k, v in inputs.items() if v is not None}
+        for name in self.required_inputs():
+            if name not in given:
+                raise ObjectiveInputError(f"objective '{self.name}' requires `{name}`{self._why(name)}")
+        tensors: dict[str, Tensor] = {}
+        for name, value in given.items():
+            if not isinstance(value, Tensor):
+                raise ObjectiveInputError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
+            if value.dtype == torch.bool or value.is_complex():
+                raise ObjectiveInputError(f"`{name}` must be a real-valued tensor, got {value.dtype}")
+            if not value.is_floating_point() or value.dtype in (torch.float16, torch.bfloat16):
+                value = value.float()
+            tensors[name] = value
+        self.check_shapes(tensors)
+        _check_values(tensors)
+        return Inputs(**{n: tensors.get(n) for n in self.accepted_inputs})
+
+    def check_shapes(self, tensors: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def _why(self, name: str) -> str:
+        """An explanation appended to a missing-input error; subclasses may say more."""
+        if name.startswith("reference"):
+            return " (or pass reference_free=True)" if hasattr(self, "reference_free") else ""
+        return ""
+
+
+def same_shape(tensors: dict[str, Tensor], names: tuple[str, ...], ndim: int | tuple[int, ...]) -> tuple[int, ...]:
+    """Check that the given ``names`` present in ``tensors`` share one shape of ``ndim`` dims."""
+    ndims = (ndim,) if isinstance(ndim, int) else ndim
+    shape: tuple[int, ...] | None = None
+    first = ""
+    for name in names:
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if t.dim() not in ndims or t.numel() == 0:
+            want = " or ".join(f"{d}-D" for d in ndims)
+            raise ObjectiveInputError(f"`{name}` must be a non-empty {want} tensor, got shape {tuple(t.shape)}")
+        if shape is None:
+            shape, first = tuple(t.shape), name
+        elif tuple(t.shape) != shape:
+            raise ObjectiveInputError(
+                f"shape mismatch: `{name}` has shape {tuple(t.shape)} but `{first}` has shape {shape}"
+            )
+    return shape or ()
+
+
+def _check_values(tensors: dict[str, Tensor]) -> None:
+    checks = []
+    for name, t in tensors.items():
+        checks.append(t.isfinite().all())
+        if name in _POSITIVE:
+            checks.append((t > 0).all())
+        if name in _NON_NEGATIVE:
+            checks.append((t >= 0).all() & (t.sum() > 0))
+    if torch.stack([c.cpu() for c in checks]).all():
+        return
+    for name, t in tensors.items():  # slow path: find the culprit for the message
+        if not bool(t.isfinite().all()):
+            bad = "NaN" if bool(t.isnan().any()) else "inf"
+            raise ObjectiveInputError(f"`{name}` contains {bad} values")
+        if name in _POSITIVE and not bool((t > 0).all()):
+            raise ObjectiveInputError(f"`{name}` must be positive (an empty completion has no log-prob)")
+        if name in _NON_NEGATIVE and not bool((t >= 0).all() & (t.sum() > 0)):
+            raise ObjectiveInputError(f"`{name}` must be non-negative with a positive sum")
+
+
+def weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:
+    if weights is None:
+        return losses.mean()
+    return (losses * weights).sum() / weights.sum()
+
+
+def to_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
+    """Detach and move all metrics to Python floats in one device synchronisation."""
+    if not metrics:
+        return {}
+    values = torch.stack([v.detach().float().reshape(()).cpu() for v in metrics.values()]).tolist()
+    return dict(zip(metrics, values))
+
+
+# -- registry -----------------------------------------------------------------------------
+
+_REGISTRY: dict[str, type[Objective]] = {}
+O = TypeVar("O", bound=type[Objective])
+
+
+def register_objective(name: str) -> Callable[[O], O]:
+    """Class decorator: register an objective under ``name`` (names are unique)."""
+
+    def deco(cls: O) -> O:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(
+                f"objective name '{name}' is already registered by {_REGISTRY[name].__module__}."
+                f"{_REGISTRY[name].__qualname__}; cannot register {cls.__module__}.{cls.__qualname__}"
+            )
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def list_objectives() -> list[str]:
+    """Names of all registered objectives, sorted."""
+    return sorted(_REGISTRY)
+
+
+def objective_class(name: str) -> type[Objective]:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise KeyError(f"unknown objective '{name}'{hint} (known: {', '.join(list_objectives())})")
+    return _REGISTRY[name]
+
+
+def get_objective(name: str, **hparams: Any) -> Objective:
+    """Build a registered objective; hyper-parameters are type-checked like config values."""
+    return build(objective_class(name), hparams, source=f"objective '{name}'")
