@@ -183,7 +183,9 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(value) != len(args):
                 raise wrong(f"a list of {len(args)} items")
-            items = [_convert(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args))]
+            items = [
+                _convert(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args, strict=True))
+            ]
         else:
             item_tp = args[0] if args else Any
             items = [_convert(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]

@@ -103,7 +103,9 @@ class Objective:
     def __call__(self, **inputs: Tensor | None) -> ObjectiveOutput:
         x = self.validate(inputs)
         losses, metrics = self.compute(x)
-        return ObjectiveOutput(losses=losses, loss=weighted_mean(losses, x.weights), metrics=to_floats(metrics))
+        return ObjectiveOutput(
+            losses=losses, loss=weighted_mean(losses, x.weights), metrics=to_floats(metrics)
+        )
 
     # -- input checking -------------------------------------------------------------------
 
@@ -144,7 +146,9 @@ class Objective:
         return ""
 
 
-def same_shape(tensors: dict[str, Tensor], names: tuple[str, ...], ndim: int | tuple[int, ...]) -> tuple[int, ...]:
+def same_shape(
+    tensors: dict[str, Tensor], names: tuple[str, ...], ndim: int | tuple[int, ...]
+) -> tuple[int, ...]:
     """Check that the given ``names`` present in ``tensors`` share one shape of ``ndim`` dims."""
     ndims = (ndim,) if isinstance(ndim, int) else ndim
     shape: tuple[int, ...] | None = None
@@ -155,7 +159,9 @@ def same_shape(tensors: dict[str, Tensor], names: tuple[str, ...], ndim: int | t
             continue
         if t.dim() not in ndims or t.numel() == 0:
             want = " or ".join(f"{d}-D" for d in ndims)
-            raise ObjectiveInputError(f"`{name}` must be a non-empty {want} tensor, got shape {tuple(t.shape)}")
+            raise ObjectiveInputError(
+                f"`{name}` must be a non-empty {want} tensor, got shape {tuple(t.shape)}"
+            )
         if shape is None:
             shape, first = tuple(t.shape), name
         elif tuple(t.shape) != shape:
@@ -173,7 +179,8 @@ def _check_values(tensors: dict[str, Tensor]) -> None:
             checks.append((t > 0).all())
         if name in _NON_NEGATIVE:
             checks.append((t >= 0).all() & (t.sum() > 0))
-    if torch.stack([c.cpu() for c in checks]).all():
+    device = checks[0].device
+    if bool(torch.stack([c.to(device) for c in checks]).all()):  # one synchronisation
         return
     for name, t in tensors.items():  # slow path: find the culprit for the message
         if not bool(t.isfinite().all()):
@@ -195,20 +202,22 @@ def to_floats(metrics: dict[str, Tensor]) -> dict[str, float]:
     """Detach and move all metrics to Python floats in one device synchronisation."""
     if not metrics:
         return {}
-    values = torch.stack([v.detach().float().reshape(()).cpu() for v in metrics.values()]).tolist()
-    return dict(zip(metrics, values))
+    first = next(iter(metrics.values()))
+    dtype = torch.float32 if first.device.type == "mps" else torch.float64  # MPS has no float64
+    values = torch.stack([v.detach().reshape(()).to(dtype) for v in metrics.values()]).tolist()
+    return dict(zip(metrics, values, strict=True))
 
 
 # -- registry -----------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[Objective]] = {}
-O = TypeVar("O", bound=type[Objective])
+ObjectiveT = TypeVar("ObjectiveT", bound=type[Objective])
 
 
-def register_objective(name: str) -> Callable[[O], O]:
+def register_objective(name: str) -> Callable[[ObjectiveT], ObjectiveT]:
     """Class decorator: register an objective under ``name`` (names are unique)."""
 
-    def deco(cls: O) -> O:
+    def deco(cls: ObjectiveT) -> ObjectiveT:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(
                 f"objective name '{name}' is already registered by {_REGISTRY[name].__module__}."

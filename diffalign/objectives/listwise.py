@@ -97,9 +97,10 @@ class ListwiseObjective(Objective):
         if shape[1] < 2:
             raise ObjectiveInputError(f"listwise inputs need K >= 2 candidates, got shape {shape}")
         same_shape(tensors, ("weights",), ndim=1)
-        if "weights" in tensors and tensors["weights"].shape[0] != shape[0]:
+        weights = tensors.get("weights")
+        if weights is not None and weights.shape[0] != shape[0]:
             raise ObjectiveInputError(
-                f"shape mismatch: `weights` has shape {tuple(tensors['weights'].shape)}, expected ({shape[0]},)"
+                f"shape mismatch: `weights` has shape {tuple(weights.shape)}, expected ({shape[0]},)"
             )
 
     def candidate_losses(self, rhat: Tensor, p: Tensor) -> Tensor:
@@ -108,7 +109,11 @@ class ListwiseObjective(Objective):
     def compute(self, x: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
         rho = x.policy_logps if self.reference_free else x.policy_logps - x.reference_logps
         rhat = self.beta * rho
-        p = x.hard_labels if x.hard_labels is not None else torch.softmax(x.rewards / self.reward_temperature, -1)
+        p = (
+            x.hard_labels
+            if x.hard_labels is not None
+            else torch.softmax(x.rewards / self.reward_temperature, -1)
+        )
         losses = self.candidate_losses(rhat, p)
         best = p.argmax(-1, keepdim=True)
         others = torch.ones_like(rhat, dtype=torch.bool).scatter(-1, best, False)

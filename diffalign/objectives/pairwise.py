@@ -34,19 +34,20 @@ from diffalign.objectives.base import (
     get_objective,
     register_objective,
     same_shape,
+    weighted_mean,
 )
 
 __all__ = [
     "CDPO",
     "CPO",
     "DPO",
+    "FDPO",
     "IPO",
     "KLDO",
     "MADPO",
     "ORPO",
     "RSO",
     "DROranking",
-    "FDPO",
     "Hinge",
     "MaPPO",
     "PairwiseObjective",
@@ -544,12 +545,13 @@ class KLDO(LogRatioObjective):
     """KLDO: the Donsker-Varadhan estimate of KL(preferred || dispreferred) on implicit rewards
     ``r = beta rho``: ``-E_w[r_w] + log E_l[exp(r_l)]``; beta 0.1.
 
-    The second term couples the batch. Per-example losses are
-    ``-r_w,i + exp(r_l,i) / Z + log Zhat - 1``-style terms whose mean is the DV value on the batch
-    and whose gradient is the DV gradient with denominator ``Z``: the batch mean of
-    ``exp(r_l)`` (``running_rate=None``) or, as the official code, a bias-corrected running
-    average of it (``running_rate=0.1``), which lowers the variance of the gradient. That
-    running average is the one piece of state an objective keeps; it lives on this instance.
+    The second term couples the batch, so the per-example losses are
+    ``-r_w,i + exp(r_l,i) / Z - mean_j(exp(r_l,j) / Z) + log mean_j exp(r_l,j)`` (the last two
+    terms constant): their mean is the DV value on the batch and their gradient the DV gradient
+    with denominator ``Z``. ``Z`` is the batch mean of ``exp(r_l)`` (``running_rate=None``) or,
+    as in the official code, a bias-corrected running average of it (``running_rate=0.1``),
+    which lowers the gradient's variance. That running average is the one piece of state an
+    objective keeps; it lives on this instance. ``kldo/kl_estimate`` reports the DV bound.
     """
 
     running_rate: float | None = 0.1
@@ -570,15 +572,23 @@ class KLDO(LogRatioObjective):
             self._log_running = math.log(rate) + current
         else:
             self._log_running = float(
-                torch.logaddexp(torch.tensor(math.log(1 - rate) + self._log_running), torch.tensor(math.log(rate) + current))
+                torch.logaddexp(
+                    torch.tensor(math.log(1 - rate) + self._log_running),
+                    torch.tensor(math.log(rate) + current),
+                )
             )
         self._steps += 1
         # update-then-use keeps exp(r_l - log Z) <= B / rate: no overflow when rewards jump.
-        return torch.tensor(self._log_running - math.log(1 - (1 - rate) ** self._steps), dtype=log_batch_mean.dtype)
+        return torch.tensor(
+            self._log_running - math.log(1 - (1 - rate) ** self._steps), dtype=log_batch_mean.dtype
+        )
 
     def pair_losses(self, chosen: Tensor, rejected: Tensor, x: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
-        log_batch_mean = (torch.logsumexp(rejected, 0) - math.log(rejected.numel())).detach()
+        # With `weights`, both expectations are weighted, so that the weighted mean of these
+        # per-example losses is still the DV value and its gradient the DV gradient.
+        w = torch.ones_like(rejected) if x.weights is None else x.weights
+        log_batch_mean = (torch.logsumexp(rejected + w.log(), 0) - w.sum().log()).detach()
         log_z = self._log_denominator(log_batch_mean).to(rejected.device)
         scaled = torch.exp(rejected - log_z)
-        losses = -chosen + scaled - scaled.detach().mean() + log_batch_mean
-        return losses, {"kldo/kl_estimate": -losses.mean()}
+        losses = -chosen + scaled - (w * scaled).sum().detach() / w.sum() + log_batch_mean
+        return losses, {"kldo/kl_estimate": -weighted_mean(losses, x.weights)}

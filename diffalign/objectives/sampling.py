@@ -40,7 +40,7 @@ def rso_rejection_sample(
         while len(accepted) < num_samples:
             r_max = max(float(row[i]) for i in remaining)
             u = torch.rand(len(remaining), generator=generator, dtype=torch.float64)
-            for i, ui in zip(list(remaining), u.tolist()):
+            for i, ui in zip(list(remaining), u.tolist(), strict=True):
                 if ui < float(torch.exp((row[i] - r_max) / beta)):
                     accepted.append(i)
                     remaining.remove(i)

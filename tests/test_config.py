@@ -1,0 +1,127 @@
+"""The typed YAML config system."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+from diffalign.config import ConfigError, build, load_config, to_dict
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["constant", "cosine"] = "constant"
+
+
+@dataclass
+class Train:
+    model: str  # required
+    steps: int = 10
+    mixed_precision: bool = False
+    output_dir: Path = Path("outputs")
+    seed: int | None = None
+    prompts: list[str] = field(default_factory=list)
+    optim: Optim = field(default_factory=Optim)
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "dpo"})
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_dotted_overrides(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "model: tiny\nsteps: 5\noptim:\n  lr: 1e-4\n  schedule: cosine\nobjective: {name: ipo, beta: 0.2}\n",
+    )
+    cfg = load_config(
+        Train, path, ["optim.lr=3e-6", "seed=7", "model=123", "prompts=[a cat, a dog]", "objective.beta=0.5"]
+    )
+    assert cfg.model == "123"  # str fields take the override text as is
+    assert cfg.steps == 5
+    assert cfg.optim.lr == 3e-6 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.schedule == "cosine"
+    assert cfg.seed == 7
+    assert cfg.prompts == ["a cat", "a dog"]
+    assert cfg.objective == {"name": "ipo", "beta": 0.5}
+    assert cfg.output_dir == Path("outputs")
+    assert to_dict(cfg)["optim"] == {"lr": 3e-6, "betas": [0.9, 0.999], "schedule": "cosine"}
+
+
+def test_yaml_float_written_without_dot_is_a_float(tmp_path: Path) -> None:
+    cfg = load_config(Train, write(tmp_path, "model: m\noptim: {lr: 1e-4}\n"))
+    assert cfg.optim.lr == pytest.approx(1e-4)
+
+
+def test_unknown_key_names_key_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "model: m\noptim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=rf"{path}: unknown key 'optim.lrr'; did you mean 'optim.lr'"):
+        load_config(Train, path)
+
+
+def test_unknown_override_names_the_override(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"stepz=3: unknown key 'stepz'; did you mean 'steps'"):
+        load_config(Train, write(tmp_path, "model: m\n"), ["stepz=3"])
+
+
+def test_wrong_type_names_key_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "model: m\nsteps: many\n")
+    with pytest.raises(ConfigError, match=rf"{path}: 'steps' must be an integer, got 'many'"):
+        load_config(Train, path)
+    with pytest.raises(
+        ConfigError, match=r"mixed_precision=yes please: 'mixed_precision' must be true or false"
+    ):
+        load_config(Train, write(tmp_path, "model: m\n"), ["mixed_precision=yes please"])
+    with pytest.raises(ConfigError, match=r"'optim.schedule' must be one of 'constant', 'cosine'"):
+        load_config(Train, write(tmp_path, "model: m\noptim: {schedule: linear}\n"))
+    with pytest.raises(ConfigError, match=r"'optim.betas' must be a list of 2 items"):
+        load_config(Train, write(tmp_path, "model: m\noptim: {betas: [0.9]}\n"))
+    with pytest.raises(ConfigError, match=r"'steps' must be an integer, got 2.5"):
+        load_config(Train, write(tmp_path, "model: m\nsteps: 2.5\n"))
+
+
+def test_missing_required_names_key_and_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "steps: 3\n")
+    with pytest.raises(ConfigError, match=rf"{path}: missing required key 'model'"):
+        load_config(Train, path)
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Train, tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Train, write(tmp_path, "model: [unclosed\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(Train, write(tmp_path, "- a\n- b\n"))
+
+
+def test_malformed_override() -> None:
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(Train, None, ["model"])
+    with pytest.raises(ConfigError, match=r"'optim\.lr' is a value, not a section"):
+        load_config(Train, None, ["model=m", "optim.lr=1", "optim.lr.x=2"])
+
+
+def test_optional_and_null(tmp_path: Path) -> None:
+    cfg = load_config(Train, write(tmp_path, "model: m\nseed: 3\n"), ["seed=null"])
+    assert cfg.seed is None
+
+
+def test_validation_in_post_init_is_reported_with_source() -> None:
+    @dataclass
+    class Positive:
+        x: float = 1.0
+
+        def __post_init__(self) -> None:
+            if self.x <= 0:
+                raise ValueError("x must be positive")
+
+    with pytest.raises(ConfigError, match="here: invalid 'Positive': x must be positive"):
+        build(Positive, {"x": -1}, source="here")
