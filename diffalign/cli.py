@@ -1,0 +1,60 @@
+"""The ``diffalign`` command line.
+
+``diffalign selfcheck [--config FILE] [key=value ...]`` trains a toy policy with every
+registered objective and fails when one of them does not align it.
+``diffalign objectives`` lists the registered objectives with their hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from diffalign.config import ConfigError, load_config
+
+
+def _selfcheck(args: argparse.Namespace) -> int:
+    from diffalign.selfcheck import SelfCheckConfig, format_results, run_selfcheck
+
+    cfg = load_config(SelfCheckConfig, args.config, args.overrides)
+    results = run_selfcheck(cfg)
+    print(format_results(results))
+    return 0 if all(r["passed"] for r in results) else 1
+
+
+def _objectives(args: argparse.Namespace) -> int:
+    from diffalign.objectives import list_objectives, objective_class
+
+    for name in list_objectives():
+        cls = objective_class(name)
+        fields = [f for f in dataclasses.fields(cls) if f.init]
+        defaults = ", ".join(
+            f"{f.name}={f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
+            for f in fields
+        )
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name:<14}{cls.kind:<17}{defaults}\n{'':14}{summary}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("selfcheck", help="align a toy policy with every objective")
+    p.add_argument("--config", default=None, help="YAML config (see configs/selfcheck.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed")
+    p.set_defaults(func=_selfcheck)
+    p = sub.add_parser("objectives", help="list the registered objectives and their defaults")
+    p.set_defaults(func=_objectives)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"diffalign: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
