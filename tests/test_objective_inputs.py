@@ -160,3 +160,8 @@ def test_half_precision_is_computed_in_float32(pairs: dict[str, torch.Tensor]) -
     assert out.losses.dtype == torch.float32
     ref = get_objective("dpo")(**{k: v.double() for k, v in half.items()})
     torch.testing.assert_close(out.losses.double(), ref.losses, rtol=1e-6, atol=1e-6)
+
+
+def test_apo_needs_both_previous_references(pairs: dict[str, torch.Tensor]) -> None:
+    with pytest.raises(ObjectiveInputError, match="both `previous_reference_chosen_logps`"):
+        get_objective("apo")(**pairs, previous_reference_chosen_logps=pairs["reference_chosen_logps"])

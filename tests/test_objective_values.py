@@ -343,3 +343,38 @@ def test_trl_metric_names_and_values(pairs: dict[str, torch.Tensor]) -> None:
     assert out.metrics["rewards/accuracies"] == pytest.approx(float((r_w > r_l).double().mean()))
     assert out.metrics["logps/chosen"] == pytest.approx(float(pairs["policy_chosen_logps"].mean()))
     assert all(isinstance(v, float) for v in out.metrics.values())
+
+
+def test_anchored_apo_values() -> None:
+    p = make_pairs(batch=8, seed=9)
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    zero = [(1 - sig(0.1 * rho(r, "chosen"))) + sig(0.1 * rho(r, "rejected")) for r in rows(p)]
+    down = [sig(0.1 * rho(r, "chosen")) + (1 - sig(0.1 * h(r))) for r in rows(p)]
+    torch.testing.assert_close(get_objective("apo_zero")(**p).losses, torch.tensor(zero, dtype=torch.float64))
+    torch.testing.assert_close(get_objective("apo_down")(**p).losses, torch.tensor(down, dtype=torch.float64))
+
+
+def test_accelerated_apo_uses_the_extrapolated_reference() -> None:
+    p = make_pairs(batch=8, seed=10)
+    g = torch.Generator().manual_seed(10)
+    prev_w = -torch.rand(8, generator=g, dtype=torch.float64) * 3
+    prev_l = -torch.rand(8, generator=g, dtype=torch.float64) * 3
+    m, beta = 0.4, 0.2
+    expected = []
+    for i, r in enumerate(rows(p)):
+        ref_w = (1 + m) * r["reference_chosen_logps"] - m * float(prev_w[i])
+        ref_l = (1 + m) * r["reference_rejected_logps"] - m * float(prev_l[i])
+        expected.append(
+            -logsig(beta * ((r["policy_chosen_logps"] - ref_w) - (r["policy_rejected_logps"] - ref_l)))
+        )
+    out = get_objective("apo", beta=beta, momentum=m)(
+        **p, previous_reference_chosen_logps=prev_w, previous_reference_rejected_logps=prev_l
+    )
+    torch.testing.assert_close(out.losses, torch.tensor(expected, dtype=torch.float64))
+    # the first round (no previous iterate) and momentum 0 are DPO
+    dpo = get_objective("dpo", beta=beta)(**p).losses
+    torch.testing.assert_close(get_objective("apo", beta=beta)(**p).losses, dpo)
+    zero_momentum = get_objective("apo", beta=beta, momentum=0.0)(
+        **p, previous_reference_chosen_logps=prev_w, previous_reference_rejected_logps=prev_l
+    )
+    torch.testing.assert_close(zero_momentum.losses, dpo)

@@ -24,6 +24,7 @@ from diffalign.objectives.base import (
 )
 from diffalign.objectives.listwise import NCA, InfoNCA, ListwiseObjective
 from diffalign.objectives.pairwise import (
+    APO,
     CDPO,
     CPO,
     DPO,
@@ -33,6 +34,8 @@ from diffalign.objectives.pairwise import (
     MADPO,
     ORPO,
     RSO,
+    APODown,
+    APOZero,
     DROranking,
     Hinge,
     MaPPO,
@@ -45,6 +48,7 @@ from diffalign.objectives.policy_gradient import PPOClip
 from diffalign.objectives.sampling import rso_rejection_sample
 
 __all__ = [
+    "APO",
     "CDPO",
     "CPO",
     "DPO",
@@ -58,6 +62,8 @@ __all__ = [
     "PAIRWISE_INPUTS",
     "POLICY_GRADIENT_INPUTS",
     "RSO",
+    "APODown",
+    "APOZero",
     "DROranking",
     "Hinge",
     "InfoNCA",

@@ -53,6 +53,8 @@ PAIRWISE_INPUTS = (
     "chosen_rewards",
     "rejected_rewards",
     "preference_probs",
+    "previous_reference_chosen_logps",
+    "previous_reference_rejected_logps",
     "chosen_lengths",
     "rejected_lengths",
     "weights",
