@@ -155,14 +155,9 @@ class DPO(LogRatioObjective):
         return sigmoid_loss(chosen - rejected), {}
 
 
-@register_objective("cdpo")
 @dataclass
-class CDPO(LogRatioObjective):
-    """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"; TRL's
-    ``label_smoothing``): ``-(1 - e) log sigma(beta h) - e log sigma(-beta h)``.
-
-    The note gives no default for the flip rate ``e``; 0.1 matches ``robust``'s.
-    """
+class NoisyLabelObjective(LogRatioObjective):
+    """A log-ratio objective that models preference labels flipped with probability ``e``."""
 
     label_smoothing: float = 0.1
 
@@ -170,6 +165,16 @@ class CDPO(LogRatioObjective):
         super().__post_init__()
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+@register_objective("cdpo")
+@dataclass
+class CDPO(NoisyLabelObjective):
+    """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"; TRL's
+    ``label_smoothing``): ``-(1 - e) log sigma(beta h) - e log sigma(-beta h)``.
+
+    The note gives no default for the flip rate ``e``; 0.1 matches ``robust``'s.
+    """
 
     def pair_losses(self, chosen: Tensor, rejected: Tensor, x: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
         return sigmoid_loss(chosen - rejected, self.label_smoothing), {}
@@ -177,19 +182,12 @@ class CDPO(LogRatioObjective):
 
 @register_objective("robust")
 @dataclass
-class RobustDPO(LogRatioObjective):
+class RobustDPO(NoisyLabelObjective):
     """Robust DPO (Chowdhury et al. 2024, "Provably Robust DPO", the de-biased loss of §3):
     ``[-(1 - e) log sigma(beta h) + e log sigma(-beta h)] / (1 - 2e)``; e 0.1, beta 0.1.
 
     Unbiased for the clean-label DPO loss when labels flip with probability ``e``.
     """
-
-    label_smoothing: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
     def pair_losses(self, chosen: Tensor, rejected: Tensor, x: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
         z, e = chosen - rejected, self.label_smoothing
