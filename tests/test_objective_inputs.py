@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pairs import make_pairs
 
 from diffalign.config import ConfigError
-from diffalign.objectives import ObjectiveInputError, get_objective, register_objective
+from diffalign.objectives import ObjectiveInputError, get_objective, list_objectives, register_objective
 from diffalign.objectives.pairwise import DPO
 
 
@@ -165,3 +166,30 @@ def test_half_precision_is_computed_in_float32(pairs: dict[str, torch.Tensor]) -
 def test_apo_needs_both_previous_references(pairs: dict[str, torch.Tensor]) -> None:
     with pytest.raises(ObjectiveInputError, match="both `previous_reference_chosen_logps`"):
         get_objective("apo")(**pairs, previous_reference_chosen_logps=pairs["reference_chosen_logps"])
+
+
+def full_inputs(kind: str) -> dict[str, torch.Tensor]:
+    if kind == "pairwise":
+        return make_pairs()
+    if kind == "listwise":
+        return {
+            "policy_logps": -torch.rand(3, 4),
+            "reference_logps": -torch.rand(3, 4),
+            "rewards": torch.rand(3, 4),
+        }
+    return {"policy_logps": torch.zeros(4), "old_policy_logps": torch.zeros(4), "advantages": torch.randn(4)}
+
+
+@pytest.mark.parametrize("name", list_objectives())
+def test_every_objective_names_each_missing_or_non_finite_input(name: str) -> None:
+    obj = get_objective(name)
+    inputs = full_inputs(obj.kind)
+    obj(**inputs)  # the full set is accepted
+    for missing in obj.required_inputs():
+        with pytest.raises(ObjectiveInputError, match=f"requires `{missing}`"):
+            obj(**{k: v for k, v in inputs.items() if k != missing})
+    first = obj.required_inputs()[0]
+    bad = inputs[first].clone()
+    bad.view(-1)[0] = float("nan")
+    with pytest.raises(ObjectiveInputError, match=f"`{first}` contains NaN"):
+        obj(**{**inputs, first: bad})
