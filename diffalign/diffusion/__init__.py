@@ -1,0 +1,1 @@
+"""Likelihoods of diffusion models: the estimators every diffusion method builds on."""

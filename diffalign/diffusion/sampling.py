@@ -1,0 +1,265 @@
+"""Sampler transitions as Gaussians, and sampling that records its trajectory.
+
+``transition_stats`` gives the mean and standard deviation of ``p(x_{t-1} | x_t)`` under a
+DDIM (eta > 0) or DDPM step, computed as diffusers' ``DDIMScheduler.step`` /
+``DDPMScheduler.step`` compute them; ``step_logprob`` is the Gaussian log-density of a given
+``x_{t-1}`` under it. ``sample_with_trajectory`` runs the sampler (the diffusers scheduler's own
+``step`` does every update, so images equal the pipeline's under the same seed) and records the
+latents, timesteps, guided predictions and per-step log-probabilities.
+
+The log-density is the MEAN over latent dimensions, not the sum (as DDPO's code): a sum over
+~16k dimensions turns per-dimension differences of 1e-3 into log-ratios of 16, whose exp
+overflows PPO's importance ratios. Gradients flow through the mean only (``x_{t-1}`` is
+detached): the density is a function of the policy's prediction at a fixed sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from diffalign.diffusion.policy import Conditioning, DiffusionPolicy, InpaintInputs
+
+__all__ = [
+    "Trajectory",
+    "gaussian_logp",
+    "make_scheduler",
+    "sample_with_trajectory",
+    "step_logprob",
+    "transition_stats",
+]
+
+SamplerName = Literal["ddim", "ddpm", "dpmsolver++"]
+
+
+def make_scheduler(policy_or_config: DiffusionPolicy | dict, sampler: SamplerName):
+    """A diffusers scheduler of the given kind on the policy's noise schedule."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+    config = (
+        policy_or_config.scheduler.config
+        if isinstance(policy_or_config, DiffusionPolicy)
+        else policy_or_config
+    )
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(config)
+    if sampler == "ddpm":
+        return DDPMScheduler.from_config(config)
+    if sampler == "dpmsolver++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    raise ValueError(f"unknown sampler '{sampler}' (choose ddim, ddpm or dpmsolver++)")
+
+
+def _broadcast(values: Tensor, like: Tensor) -> Tensor:
+    """(B,) or scalar values shaped to broadcast against ``like`` (B, C, H, W), in float32."""
+    return values.to(like.device, torch.float32).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _predicted_x0_eps(
+    scheduler, model_output: Tensor, sample: Tensor, alpha_t: Tensor
+) -> tuple[Tensor, Tensor]:
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        eps = model_output
+        x0 = (sample - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
+    elif kind == "sample":
+        x0 = model_output
+        eps = (sample - alpha_t.sqrt() * x0) / (1 - alpha_t).sqrt()
+    elif kind == "v_prediction":
+        x0 = alpha_t.sqrt() * sample - (1 - alpha_t).sqrt() * model_output
+        eps = alpha_t.sqrt() * model_output + (1 - alpha_t).sqrt() * sample
+    else:
+        raise ValueError(f"unsupported prediction_type '{kind}'")
+    return x0, eps
+
+
+def _clip_x0(scheduler, x0: Tensor) -> Tensor:
+    if getattr(scheduler.config, "thresholding", False):
+        return scheduler._threshold_sample(x0)
+    if getattr(scheduler.config, "clip_sample", False):
+        r = scheduler.config.clip_sample_range
+        return x0.clamp(-r, r)
+    return x0
+
+
+def transition_stats(
+    scheduler, model_output: Tensor, timestep: int | Tensor, sample: Tensor, eta: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Mean and std of ``x_{t-1} | x_t`` for a DDIM (with ``eta``) or DDPM scheduler.
+
+    ``timestep`` is an int or a (B,) tensor; ``std`` has shape (B, 1, ..., 1), or is 0 where the
+    step is deterministic (DDPM's last step, DDIM with eta 0).
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(...) before computing transitions")
+    x = sample.float()
+    out = model_output.float()
+    acp = scheduler.alphas_cumprod
+    t = torch.as_tensor(timestep, device=acp.device).long().reshape(-1)
+    alpha_t = _broadcast(acp[t], x)
+    if isinstance(scheduler, DDIMScheduler):
+        prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        final = torch.as_tensor(float(scheduler.final_alpha_cumprod))
+        alpha_prev = _broadcast(torch.where(prev_t >= 0, acp[prev_t.clamp(min=0)], final), x)
+        x0, eps = _predicted_x0_eps(scheduler, out, x, alpha_t)
+        x0 = _clip_x0(scheduler, x0)
+        variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+        std = eta * variance.sqrt()
+        mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).clamp(min=0).sqrt() * eps
+        return mean, std
+    if isinstance(scheduler, DDPMScheduler):
+        if scheduler.config.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
+            raise ValueError(f"DDPM variance_type '{scheduler.config.variance_type}' is not supported")
+        prev_t = torch.stack([torch.as_tensor(scheduler.previous_timestep(int(ti))) for ti in t]).to(
+            acp.device
+        )
+        alpha_prev = _broadcast(torch.where(prev_t >= 0, acp[prev_t.clamp(min=0)], torch.ones(())), x)
+        current_alpha = alpha_t / alpha_prev
+        current_beta = 1 - current_alpha
+        x0, _ = _predicted_x0_eps(scheduler, out, x, alpha_t)
+        x0 = _clip_x0(scheduler, x0)
+        mean = (alpha_prev.sqrt() * current_beta / (1 - alpha_t)) * x0 + (
+            current_alpha.sqrt() * (1 - alpha_prev) / (1 - alpha_t)
+        ) * x
+        if scheduler.config.variance_type == "fixed_large":
+            variance = current_beta
+        else:
+            variance = ((1 - alpha_prev) / (1 - alpha_t) * current_beta).clamp(min=1e-20)
+        std = torch.where(_broadcast(t, x) > 0, variance.sqrt(), 0.0)  # t = 0 adds no noise
+        return mean, std
+    raise ValueError(
+        f"log-probs need a DDIM or DDPM scheduler, got {type(scheduler).__name__} "
+        "(DPM-Solver++ is available for sampling without log-probs)"
+    )
+
+
+def step_logprob(
+    scheduler,
+    model_output: Tensor,
+    timestep: int | Tensor,
+    sample: Tensor,
+    prev_sample: Tensor,
+    eta: float = 1.0,
+) -> Tensor:
+    """Log-density of ``prev_sample`` under the sampler's Gaussian step from ``sample``: (B,),
+    the mean over latent dimensions. Needs a stochastic step (DDIM eta > 0, DDPM with t > 0)."""
+    if prev_sample.shape != sample.shape or model_output.shape != sample.shape:
+        raise ValueError(
+            f"shape mismatch: sample {tuple(sample.shape)}, prev_sample {tuple(prev_sample.shape)}, "
+            f"model_output {tuple(model_output.shape)}"
+        )
+    mean, std = transition_stats(scheduler, model_output, timestep, sample, eta=eta)
+    if not bool((std > 0).all()):
+        raise ValueError(
+            "this transition is deterministic (DDIM with eta = 0, or DDPM's last step): it has no "
+            "log-density; use eta > 0"
+        )
+    return gaussian_logp(prev_sample, mean, std)
+
+
+def gaussian_logp(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Mean over non-batch dims of log N(x; mean, std^2), with ``x`` detached: (B,)."""
+    x = x.detach().float()
+    logp = -((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+    return logp.mean(dim=tuple(range(1, logp.dim())))
+
+
+@dataclass
+class Trajectory:
+    """A recorded sampling run. ``latents[:, 0]`` is x_T, ``latents[:, -1]`` the final x_0."""
+
+    images: Tensor  # (N, 3, H, W) in [0, 1]
+    latents: Tensor  # (N, T + 1, C, h, w)
+    timesteps: Tensor  # (T,)
+    predictions: Tensor  # (N, T, C, h, w): the guided model outputs used by each step
+    log_probs: Tensor | None  # (N, T), None for samplers without a Gaussian step
+    conditioning: Conditioning
+    inpaint: InpaintInputs | None = None
+
+
+@torch.no_grad()
+def sample_with_trajectory(
+    policy: DiffusionPolicy,
+    prompts: list[str],
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    sampler: SamplerName = "ddim",
+    eta: float = 1.0,
+    generator: torch.Generator | None = None,
+    latents: Tensor | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    image: Tensor | None = None,
+    mask: Tensor | None = None,
+    decode: bool = True,
+) -> Trajectory:
+    """Sample like ``StableDiffusion(XL|Inpaint)Pipeline.__call__`` and record the trajectory.
+
+    The random draws happen in the pipeline's order (initial latents, then the masked image's
+    VAE posterior sample for inpainting, then each stochastic step's noise), so the same
+    ``generator`` seed gives the same images as the pipeline with the same scheduler class.
+    ``log_probs`` are recorded for DDIM with ``eta > 0`` and DDPM (0 for DDPM's deterministic
+    last step); DPM-Solver++ records none.
+    """
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if sampler == "ddim" and eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    scheduler = make_scheduler(policy, sampler)
+    scale = policy.vae_scale_factor
+    height = height or policy.unet.config.sample_size * scale
+    width = width or policy.unet.config.sample_size * scale
+    n = len(prompts)
+    device, dtype = policy.device, policy.dtype
+    cond = policy.encode_prompts(prompts, image_size=(height, width))
+    use_cfg = guidance_scale > 1.0
+    uncond = policy.unconditional(n, image_size=(height, width)) if use_cfg else None
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    shape = (n, policy.latent_channels, height // scale, width // scale)
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+    latents = latents.to(device, dtype) * scheduler.init_noise_sigma
+    inpaint = None
+    if image is not None or mask is not None:
+        if image is None or mask is None:
+            raise ValueError("inpainting needs both `image` and `mask`")
+        inpaint = policy.prepare_inpaint(image, mask, generator=generator)
+    elif policy.is_inpainting:
+        raise ValueError("this is an inpainting UNet: pass `image` and `mask`")
+    step_kwargs = {"generator": generator}
+    if sampler == "ddim":
+        step_kwargs["eta"] = eta
+    record_logp = sampler == "ddpm" or (sampler == "ddim" and eta > 0)
+    states, predictions, log_probs = [latents], [], []
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, t)
+        pred = policy.guided_prediction(model_input, t, cond, uncond, guidance_scale, inpaint)
+        new_latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+        if record_logp:
+            mean, std = transition_stats(scheduler, pred, t, latents, eta=eta)
+            deterministic = not bool((std > 0).all())  # DDPM's last step
+            log_probs.append(
+                torch.zeros(n, device=device) if deterministic else gaussian_logp(new_latents, mean, std)
+            )
+        latents = new_latents
+        states.append(latents)
+        predictions.append(pred)
+    images = policy.decode_latents(latents) if decode else torch.empty(0)
+    return Trajectory(
+        images=images,
+        latents=torch.stack(states, 1),
+        timesteps=scheduler.timesteps.clone(),
+        predictions=torch.stack(predictions, 1),
+        log_probs=torch.stack(log_probs, 1) if record_logp else None,
+        conditioning=cond,
+        inpaint=inpaint,
+    )
