@@ -87,10 +87,8 @@ def attention_backend_available(backend: str) -> tuple[bool, str]:
         try:
             import xformers.ops  # noqa: F401
         except Exception as err:  # ImportError, or its compiled extension failing to load
-            return (
-                False,
-                f"xformers is not usable here ({type(err).__name__}: {err}); pip install 'diffalign[xformers]'",
-            )
+            why = f"xformers is not usable here ({type(err).__name__}: {err})"
+            return False, f"{why}; pip install 'diffalign[xformers]' with a wheel matching your torch"
         if not torch.cuda.is_available():
             return False, "xformers has no CPU path: it needs a CUDA device"
         return True, ""
@@ -102,7 +100,7 @@ class DiffusionPolicy:
     """A diffusers UNet with its scheduler, VAE, text encoders and reference model."""
 
     unet: torch.nn.Module
-    scheduler: object  # the pipeline's scheduler; its config defines the noise schedule
+    scheduler: object  # a DDPMScheduler on the pipeline's noise schedule (samplers derive from its config)
     vae: torch.nn.Module | None = None
     text_encoders: list[torch.nn.Module] = field(default_factory=list)
     tokenizers: list[object] = field(default_factory=list)
@@ -126,7 +124,7 @@ class DiffusionPolicy:
         ``name_or_path`` is a local folder, or a hub id when a network is available. Offline, an id
         that is not in the local cache raises ``FileNotFoundError`` saying how to pass a folder.
         """
-        from diffusers import DiffusionPipeline
+        from diffusers import DDPMScheduler, DiffusionPipeline
 
         source = str(name_or_path)
         is_dir = Path(source).is_dir()
@@ -155,7 +153,7 @@ class DiffusionPolicy:
         tokenizers = [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t]
         policy = cls(
             unet=pipe.unet,
-            scheduler=pipe.scheduler,
+            scheduler=DDPMScheduler.from_config(pipe.scheduler.config),  # the training noise schedule
             vae=getattr(pipe, "vae", None),
             text_encoders=encoders,
             tokenizers=tokenizers,
