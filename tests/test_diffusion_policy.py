@@ -334,7 +334,7 @@ def test_bad_input(tiny_pipelines, tmp_path) -> None:
 
 def test_loading_errors_name_the_path_and_the_fix(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+    with pytest.raises(FileNotFoundError, match=r"no model_index\.json"):
         DiffusionPolicy.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"'someone/not-here'.*--local-dir DIR.*pass DIR"):
         DiffusionPolicy.from_pretrained("someone/not-here")

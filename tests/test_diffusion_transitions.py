@@ -91,7 +91,7 @@ def test_deterministic_transitions_have_no_log_density() -> None:
     sch = DDIMScheduler(**CONFIG, clip_sample=False, set_alpha_to_one=False)
     sch.set_timesteps(10)
     sample, out = inputs(5)
-    with pytest.raises(ValueError, match="deterministic.*eta > 0"):
+    with pytest.raises(ValueError, match=r"deterministic.*eta > 0"):
         step_logprob(sch, out, sch.timesteps[0], sample, sample, eta=0.0)
     with pytest.raises(ValueError, match="shape mismatch"):
         step_logprob(sch, out, sch.timesteps[0], sample, sample[:, :2])

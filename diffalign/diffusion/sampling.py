@@ -91,7 +91,7 @@ def transition_stats(
 ) -> tuple[Tensor, Tensor]:
     """Mean and std of ``x_{t-1} | x_t`` for a DDIM (with ``eta``) or DDPM scheduler.
 
-    ``timestep`` is an int or a (B,) tensor; ``std`` broadcasts against ``sample`` ((1 or B, 1, ..., 1)), 0 where the
+    ``timestep`` is an int or a (B,) tensor; ``std`` broadcasts against ``sample``, 0 where the
     step is deterministic (DDPM's last step, DDIM with eta 0).
     """
     from diffusers import DDIMScheduler, DDPMScheduler
