@@ -74,11 +74,14 @@ def build_tiny_pipeline(
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon",
     sample_size: int = 16,
     seed: int = 0,
+    unet_config: dict | None = None,
 ) -> Path:
     """Save a tiny pipeline of the given kind under ``path`` and return the path.
 
     ``sd``: SD1.x/2.x layout (one CLIP text encoder); ``sdxl``: two text encoders, pooled
     embeddings and added time ids; ``inpaint``: SD layout with a 9-channel UNet.
+    ``unet_config`` (``kind="sd"`` only) replaces the tiny UNet, e.g. by ``SD15_UNET_CONFIG`` for
+    an SD1.5-sized UNet; the text encoder then gets its ``cross_attention_dim``.
     Latents are ``sample_size`` wide; the two-level VAE makes images twice that (32 px by default).
     """
     from diffusers import (
@@ -149,7 +152,11 @@ def build_tiny_pipeline(
             scheduler=scheduler,
         )
     else:
-        encoder = _text_encoder(32, False, vocab, max_length, seed + 1)
+        if unet_config is not None:
+            if kind != "sd":
+                raise ValueError("unet_config is only supported for kind='sd'")
+            unet_kwargs = dict(unet_config)
+        encoder = _text_encoder(unet_kwargs["cross_attention_dim"], False, vocab, max_length, seed + 1)
         torch.manual_seed(seed + 3)
         unet = UNet2DConditionModel(**unet_kwargs)
         cls = StableDiffusionInpaintPipeline if kind == "inpaint" else StableDiffusionPipeline
