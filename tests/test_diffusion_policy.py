@@ -250,6 +250,7 @@ def test_inversion_with_recorded_noise_inverts_a_stochastic_run(tiny_pipelines) 
 
 def test_attention_backends(tiny_pipelines) -> None:
     policy = DiffusionPolicy.from_pretrained(tiny_pipelines["sd"])
+    assert set(policy.attention_processors()) == {"AttnProcessor2_0"}  # SDPA is the default
     policy.set_attention_backend("classic")
     assert set(policy.attention_processors()) == {"AttnProcessor"}
     policy.set_attention_backend("sdpa")
