@@ -10,7 +10,7 @@ from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, S
 from diffalign.diffusion.inversion import ddim_invert, renoise_invert
 from diffalign.diffusion.likelihood import denoising_logp
 from diffalign.diffusion.policy import DiffusionPolicy
-from diffalign.diffusion.sampling import make_scheduler, sample_with_trajectory
+from diffalign.diffusion.sampling import Trajectory, make_scheduler, sample_with_trajectory
 from diffalign.objectives import get_objective
 
 PROMPTS = ["a red cat", "two blue dogs"]
@@ -19,6 +19,13 @@ PIPELINES = {
     "sdxl": StableDiffusionXLPipeline,
     "inpaint": StableDiffusionInpaintPipeline,
 }
+
+
+def unguided_sample(policy: DiffusionPolicy, steps: int, eta: float, seed: int) -> Trajectory:
+    generator = torch.Generator().manual_seed(seed)
+    return sample_with_trajectory(
+        policy, PROMPTS, num_inference_steps=steps, guidance_scale=1.0, eta=eta, generator=generator
+    )
 
 
 def inpaint_inputs() -> dict[str, torch.Tensor]:
@@ -59,14 +66,7 @@ def test_trajectory_log_probs_are_the_recorded_transitions(tiny_pipelines) -> No
     from diffalign.diffusion.sampling import step_logprob
 
     policy = DiffusionPolicy.from_pretrained(tiny_pipelines["sd"])
-    traj = sample_with_trajectory(
-        policy,
-        PROMPTS,
-        num_inference_steps=3,
-        guidance_scale=1.0,
-        eta=1.0,
-        generator=torch.Generator().manual_seed(1),
-    )
+    traj = unguided_sample(policy, steps=3, eta=1.0, seed=1)
     sch = make_scheduler(policy, "ddim")
     sch.set_timesteps(3)
     for j, t in enumerate(traj.timesteps):
@@ -78,14 +78,7 @@ def test_trajectory_log_probs_are_the_recorded_transitions(tiny_pipelines) -> No
             traj.latents[:, j + 1],
         )
         torch.testing.assert_close(recomputed, traj.log_probs[:, j], atol=1e-5, rtol=1e-5)
-    again = sample_with_trajectory(
-        policy,
-        PROMPTS,
-        num_inference_steps=3,
-        guidance_scale=1.0,
-        eta=1.0,
-        generator=torch.Generator().manual_seed(1),
-    )
+    again = unguided_sample(policy, steps=3, eta=1.0, seed=1)
     assert torch.equal(again.latents, traj.latents)  # deterministic under a seed
 
 
@@ -175,14 +168,7 @@ def test_lora_reference_with_disabled_adapters_equals_the_base_model(tiny_pipeli
 
 def test_renoise_beats_ddim_inversion_at_equal_unet_calls(tiny_pipelines) -> None:
     policy = DiffusionPolicy.from_pretrained(tiny_pipelines["sd"])
-    traj = sample_with_trajectory(
-        policy,
-        PROMPTS,
-        num_inference_steps=10,
-        guidance_scale=1.0,
-        eta=0.0,
-        generator=torch.Generator().manual_seed(0),
-    )
+    traj = unguided_sample(policy, steps=10, eta=0.0, seed=0)
     x0, cond = traj.latents[:, -1], traj.conditioning
 
     def reconstruction_error(inv, steps: int) -> float:
@@ -217,14 +203,7 @@ def test_renoise_beats_ddim_inversion_at_equal_unet_calls(tiny_pipelines) -> Non
 
 def test_inversion_with_recorded_noise_inverts_a_stochastic_run(tiny_pipelines) -> None:
     policy = DiffusionPolicy.from_pretrained(tiny_pipelines["sd"])
-    traj = sample_with_trajectory(
-        policy,
-        PROMPTS,
-        num_inference_steps=6,
-        guidance_scale=1.0,
-        eta=1.0,
-        generator=torch.Generator().manual_seed(2),
-    )
+    traj = unguided_sample(policy, steps=6, eta=1.0, seed=2)
     sch = make_scheduler(policy, "ddim")
     sch.set_timesteps(6)
     # recover the noise each step added: x_{t-1} = mean + std z
