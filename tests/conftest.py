@@ -26,3 +26,10 @@ def tiny_pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "sdxl": str(build_tiny_pipeline(root / "sdxl", kind="sdxl")),
         "inpaint": str(build_tiny_pipeline(root / "inpaint", kind="inpaint")),
     }
+
+
+@pytest.fixture(scope="session")
+def reward_assets(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from reward_assets import build_reward_assets
+
+    return build_reward_assets(tmp_path_factory.mktemp("rewards"))

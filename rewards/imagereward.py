@@ -1,0 +1,46 @@
+"""ImageReward (Xu et al. 2023), through the ``image-reward`` package when it is installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from diffalign.rewards import RewardModel
+
+
+class ImageRewardModel(RewardModel):
+    """BLIP-based ImageReward; scores are the package's z-normalised rewards.
+
+    ``model``: ``"ImageReward-v1.0"`` or a local checkpoint path, as ``ImageReward.load`` takes.
+    """
+
+    needs_prompts = True
+
+    def __init__(
+        self, model: str | Path = "ImageReward-v1.0", device: str | torch.device | None = None
+    ) -> None:
+        super().__init__()
+        try:
+            import ImageReward
+        except ImportError as err:
+            raise RuntimeError(
+                "the 'imagereward' reward needs the image-reward package: pip install image-reward "
+                "(its BLIP weights then load from a local path or its hub id)"
+            ) from err
+        self._device = torch.device(device or "cpu")
+        self.model = ImageReward.load(str(model), device=str(self._device))
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
+        from PIL import Image
+
+        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        scores = [
+            float(self.model.score(p, Image.fromarray(a))) for p, a in zip(prompts, pixels, strict=True)
+        ]
+        return torch.tensor(scores, device=images.device)
