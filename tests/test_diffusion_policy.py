@@ -313,7 +313,10 @@ def test_bad_input(tiny_pipelines, tmp_path) -> None:
 
 
 def test_loading_errors_name_the_path_and_the_fix(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # the hub library reads HF_HUB_OFFLINE at import: switch the live flag (no network is tried)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match=r"no model_index\.json"):
         DiffusionPolicy.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"'someone/not-here'.*--local-dir DIR.*pass DIR"):

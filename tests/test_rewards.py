@@ -223,7 +223,10 @@ def test_imagereward_without_its_package_says_how_to_install() -> None:
 
 
 def test_offline_hub_id_says_which_file_to_place_where(monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    # the hub library reads HF_HUB_OFFLINE at import: switch the live flag (no network is tried)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     from diffalign_rewards._weights import resolve_file
 
     with pytest.raises(
