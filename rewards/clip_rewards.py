@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffalign_rewards._weights import load_state_dict, resolve_file
 from torch import Tensor
 
 from diffalign.rewards import CLIP_MEAN, CLIP_STD, RewardModel, resize_center_crop
+from diffalign_rewards._weights import load_state_dict, resolve_file
 
 
 def load_clip_vision(source: str | Path) -> torch.nn.Module:
@@ -40,6 +40,47 @@ def pooled(output: Tensor | object) -> Tensor:
     """``get_*_features`` return a tensor (transformers 4) or an output whose ``pooler_output``
     holds the projected features (transformers 5)."""
     return output if isinstance(output, Tensor) else output.pooler_output
+
+
+class ClipImageEmbedder(torch.nn.Module):
+    """Image embeddings of a CLIP image tower (transformers or open_clip), from [0, 1] tensors
+    with CLIP's preprocessing; L2-normalised unless ``normalize=False``."""
+
+    def __init__(
+        self,
+        source: str | Path,
+        backbone: str = "transformers",
+        weights: str | Path | None = None,
+        normalize: bool = True,
+    ) -> None:
+        super().__init__()
+        self.backbone, self.normalize = backbone, normalize
+        if backbone == "transformers":
+            self.model = load_clip_vision(source)
+            self.image_size = self.model.config.image_size
+            self.dim = self.model.config.projection_dim
+        elif backbone == "open_clip":
+            import open_clip
+
+            self.model = open_clip.create_model(str(source), pretrained=None).requires_grad_(False).eval()
+            if weights is not None:
+                self.model.load_state_dict(
+                    load_state_dict(resolve_file(weights, "open_clip.safetensors", "open_clip weights"))
+                )
+            size = self.model.visual.image_size
+            self.image_size = size[0] if isinstance(size, (tuple, list)) else size
+            self.dim = self.model.visual.output_dim
+        else:
+            raise ValueError(f"unknown backbone '{backbone}' (choose transformers or open_clip)")
+
+    def forward(self, images: Tensor) -> Tensor:
+        pixels = resize_center_crop(images, self.image_size)
+        if self.backbone == "transformers":
+            emb = self.model(pixel_values=pixels.to(self.model.dtype)).image_embeds
+        else:
+            emb = self.model.encode_image(pixels)
+        emb = emb.float()
+        return F.normalize(emb, dim=-1) if self.normalize else emb
 
 
 class AestheticMLP(torch.nn.Module):
@@ -79,8 +120,8 @@ class Aesthetic(RewardModel):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
-        self.clip = load_clip_vision(clip)
-        self.mlp = AestheticMLP(self.clip.config.projection_dim)
+        self.embed = ClipImageEmbedder(clip)
+        self.mlp = AestheticMLP(self.embed.dim)
         if head is not None:
             self.mlp.load_state_dict(
                 load_state_dict(resolve_file(head, "aesthetic_mlp.safetensors", "aesthetic head"))
@@ -89,9 +130,7 @@ class Aesthetic(RewardModel):
         self.to(device)
 
     def score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
-        pixels = resize_center_crop(images, self.clip.config.image_size)
-        emb = self.clip(pixel_values=pixels.to(self.clip.dtype)).image_embeds.float()
-        return self.mlp(F.normalize(emb, dim=-1)).squeeze(-1)
+        return self.mlp(self.embed(images)).squeeze(-1)
 
 
 class PickScore(RewardModel):

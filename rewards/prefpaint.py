@@ -14,11 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffalign_rewards._weights import load_state_dict, resolve_file
-from diffalign_rewards.clip_rewards import load_clip_vision
 from torch import Tensor
 
-from diffalign.rewards import RewardModel, resize_center_crop
+from diffalign.rewards import RewardModel
+from diffalign_rewards._weights import load_state_dict, resolve_file
+from diffalign_rewards.clip_rewards import ClipImageEmbedder
 
 MEAN, STD = 0.4064, 2.3021
 
@@ -62,8 +62,8 @@ class PrefPaintReward(RewardModel):
         ff_dim: int = 1024,
     ) -> None:
         super().__init__()
-        self.clip = load_clip_vision(clip)
-        self.head = PrefPaintHead(self.clip.config.projection_dim, heads, ff_dim)
+        self.embed = ClipImageEmbedder(clip, normalize=False)  # PrefPaint uses raw CLIP embeddings
+        self.head = PrefPaintHead(self.embed.dim, heads, ff_dim)
         if head is not None:
             self.head.load_state_dict(
                 load_state_dict(resolve_file(head, "prefpaint_head.safetensors", "PrefPaint head"))
@@ -71,10 +71,6 @@ class PrefPaintReward(RewardModel):
         self.head.eval()
         self.normalize = normalize
         self.to(device)
-
-    def embed(self, images: Tensor) -> Tensor:
-        pixels = resize_center_crop(images, self.clip.config.image_size)
-        return self.clip(pixel_values=pixels.to(self.clip.dtype)).image_embeds.float()
 
     def score_with_features(
         self, images: Tensor, masks: Tensor, masked_images: Tensor | None = None

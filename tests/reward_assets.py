@@ -12,12 +12,12 @@ TINY_OPEN_CLIP = "diffalign-tiny-clip"
 
 def build_reward_assets(root: Path) -> dict[str, Path]:
     import open_clip
-    from diffalign_rewards.clip_rewards import AestheticMLP
-    from diffalign_rewards.prefpaint import PrefPaintHead
     from safetensors.torch import save_file
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from diffalign.diffusion.tiny import tiny_tokenizer
+    from diffalign_rewards.clip_rewards import AestheticMLP
+    from diffalign_rewards.prefpaint import PrefPaintHead
 
     torch.manual_seed(0)
     clip_dir = root / "clip"

@@ -112,7 +112,7 @@ def test_clip_preprocessing_matches_the_pil_processor(built, reward_assets, shap
     aesthetic = built["aesthetic"]
     with torch.no_grad():
         from_pil = aesthetic.mlp(
-            F.normalize(aesthetic.clip(pixel_values=via_pil).image_embeds, dim=-1)
+            F.normalize(aesthetic.embed.model(pixel_values=via_pil).image_embeds, dim=-1)
         ).squeeze(-1)
     torch.testing.assert_close(aesthetic(images), from_pil, atol=1e-3, rtol=0)
 
