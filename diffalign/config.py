@@ -30,7 +30,7 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "build", "load_config", "parse_overrides", "to_dict"]
+__all__ = ["ConfigError", "build", "describe", "load_config", "parse_overrides", "to_dict"]
 
 
 class ConfigError(ValueError):
@@ -137,6 +137,8 @@ def build(cls: type[T], data: Mapping[str, Any], source: str = "<dict>", prefix:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -242,3 +244,26 @@ def to_dict(config: Any) -> dict[str, Any]:
         return v
 
     return plain(config)
+
+
+def describe(cls: type, prefix: str = "") -> str:
+    """One line per key of a config dataclass: dotted name, type, default, and its ``help``
+    metadata (for ``--help`` epilogs, so that every option is documented where it is used)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(describe(tp, f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f"default {f.default!r}"
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f"default {f.default_factory()!r}"
+        else:
+            default = "required"
+        name = _type_name(tp).replace("pathlib.", "")
+        lines.append(f"  {prefix}{f.name} ({name}; {default}): {f.metadata.get('help', '')}".rstrip(": "))
+    return "\n".join(lines)
