@@ -18,7 +18,7 @@ from diffalign.rewards import RewardInputError, RewardModel, list_rewards, load_
 
 BUILT_INS = {
     "jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "pickscore", "hpsv2", "clipscore",
-    "imagereward", "prefpaint",
+    "imagereward", "prefpaint", "bradley_terry",
 }  # fmt: skip
 PROMPTS = ["a red cat", "a blue dog", "three apples"]
 
