@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import pickle
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from convert_reward_weights import convert  # noqa: E402
+from script_loader import load_script
 
 from diffalign.rewards import load_reward
 from diffalign_rewards.clip_rewards import AestheticMLP
 from diffalign_rewards.prefpaint import PrefPaintHead
+
+convert = load_script("convert_reward_weights").convert
 
 
 def test_aesthetic_checkpoint_round_trip(tmp_path: Path, reward_assets) -> None:

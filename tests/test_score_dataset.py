@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from script_loader import SCRIPTS, load_script
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from score_dataset import ScoreDatasetConfig, score_dataset  # noqa: E402
+script = load_script("score_dataset")
+ScoreDatasetConfig, score_dataset = script.ScoreDatasetConfig, script.score_dataset
 
 
 def png(seed: int) -> bytes:
@@ -95,7 +95,7 @@ def test_help_documents_every_option() -> None:
     import dataclasses
 
     text = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "score_dataset.py"), "--help"],
+        [sys.executable, str(SCRIPTS / "score_dataset.py"), "--help"],
         capture_output=True,
         text=True,
         check=True,
