@@ -96,7 +96,7 @@ class RewardModel(torch.nn.Module):
             raise RewardInputError(
                 f"images must be float in [0, 1], got {images.dtype} (divide uint8 images by 255)"
             )
-        low, high = float(images.min()), float(images.max())
+        low, high = (float(v) for v in images.detach().aminmax())
         if low < -1e-3 or high > 1 + 1e-3:
             hint = " (they look like [0, 255]: divide by 255)" if high > 2 else ""
             raise RewardInputError(

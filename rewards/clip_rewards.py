@@ -42,6 +42,22 @@ def pooled(output: Tensor | object) -> Tensor:
     return output if isinstance(output, Tensor) else output.pooler_output
 
 
+def load_open_clip(model_name: str, weights: str | Path | None, filename: str, what: str) -> torch.nn.Module:
+    """An open_clip model built from its config (``pretrained=None``: nothing is downloaded)
+    with ``weights`` (a file, a folder holding ``filename``, or a hub repo) loaded into it."""
+    import open_clip
+
+    model = open_clip.create_model(str(model_name), pretrained=None).requires_grad_(False).eval()
+    if weights is not None:
+        model.load_state_dict(load_state_dict(resolve_file(weights, filename, what)))
+    return model
+
+
+def open_clip_image_size(model: torch.nn.Module) -> int:
+    size = model.visual.image_size
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
 class ClipImageEmbedder(torch.nn.Module):
     """Image embeddings of a CLIP image tower (transformers or open_clip), from [0, 1] tensors
     with CLIP's preprocessing; L2-normalised unless ``normalize=False``."""
@@ -60,15 +76,8 @@ class ClipImageEmbedder(torch.nn.Module):
             self.image_size = self.model.config.image_size
             self.dim = self.model.config.projection_dim
         elif backbone == "open_clip":
-            import open_clip
-
-            self.model = open_clip.create_model(str(source), pretrained=None).requires_grad_(False).eval()
-            if weights is not None:
-                self.model.load_state_dict(
-                    load_state_dict(resolve_file(weights, "open_clip.safetensors", "open_clip weights"))
-                )
-            size = self.model.visual.image_size
-            self.image_size = size[0] if isinstance(size, (tuple, list)) else size
+            self.model = load_open_clip(str(source), weights, "open_clip.safetensors", "open_clip weights")
+            self.image_size = open_clip_image_size(self.model)
             self.dim = self.model.visual.output_dim
         else:
             raise ValueError(f"unknown backbone '{backbone}' (choose transformers or open_clip)")
@@ -199,17 +208,9 @@ class OpenClipReward(RewardModel):
         super().__init__()
         import open_clip
 
-        # pretrained=None: build the architecture only (never download a base checkpoint first)
-        self.model = open_clip.create_model(model_name, pretrained=None).requires_grad_(False).eval()
-        if weights is not None:
-            state = load_state_dict(
-                resolve_file(weights, self.weights_file, f"{type(self).__name__} weights")
-            )
-            self.model.load_state_dict(state)
+        self.model = load_open_clip(model_name, weights, self.weights_file, f"{type(self).__name__} weights")
         self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.image_size = self.model.visual.image_size
-        if isinstance(self.image_size, (tuple, list)):
-            self.image_size = self.image_size[0]
+        self.image_size = open_clip_image_size(self.model)
         self.to(device)
 
     def preprocess(self, images: Tensor) -> Tensor:

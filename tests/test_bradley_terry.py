@@ -107,6 +107,22 @@ def test_inpainting_variant_needs_masks(tmp_path: Path, reward_assets) -> None:
         reward(images)
 
 
+def test_open_clip_backbone(tmp_path: Path, reward_assets) -> None:
+    from reward_assets import TINY_OPEN_CLIP
+
+    from diffalign_rewards.bradley_terry import ModelSpec
+
+    data = write_jsonl(tmp_path / "data", n_images=30, n_pairs=40)
+    spec = ModelSpec(
+        backbone="open_clip", backbone_path=TINY_OPEN_CLIP, backbone_weights=str(reward_assets["open_clip"])
+    )
+    out = tmp_path / "bt"
+    train_bradley_terry(TrainRewardConfig(data=data, output_dir=out, model=spec, epochs=1))
+    reward = load_reward("bradley_terry", path=out)
+    assert reward.embed.dim == 16
+    assert reward(torch.stack(synthetic_images(3, seed=4))).shape == (3,)
+
+
 def test_pick_a_pic_parquet_and_ties(tmp_path: Path) -> None:
     images = [png(im) for im in synthetic_images(4, seed=3)]
     table = pa.table({
