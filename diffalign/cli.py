@@ -3,6 +3,7 @@
 ``diffalign selfcheck [--config FILE] [key=value ...]`` trains a toy policy with every
 registered objective and fails when one of them does not align it.
 ``diffalign objectives`` lists the registered objectives with their hyper-parameters.
+``diffalign train --config FILE [key=value ...]`` trains a method (as ``scripts/train.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,20 @@ def _selfcheck(args: argparse.Namespace) -> int:
     results = run_selfcheck(cfg)
     print(format_results(results))
     return 0 if all(r["passed"] for r in results) else 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+
+    from diffalign.api import train
+
+    result = train(args.config, args.overrides)
+    print(
+        json.dumps(
+            {"output_dir": str(result.output_dir), "step": result.global_step, "metrics": result.metrics}
+        )
+    )
+    return 0
 
 
 def _objectives(args: argparse.Namespace) -> int:
@@ -46,6 +61,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="YAML config (see configs/selfcheck.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed")
     p.set_defaults(func=_selfcheck)
+    from diffalign.config import describe
+    from diffalign.training.config import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="train a method from a YAML config (also: accelerate launch scripts/train.py)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (YAML or key=value):\n" + describe(TrainConfig),
+    )
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/diffusion_dpo/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed")
+    p.set_defaults(func=_train)
     p = sub.add_parser("objectives", help="list the registered objectives and their defaults")
     p.set_defaults(func=_objectives)
     args = parser.parse_args(argv)

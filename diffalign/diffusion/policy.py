@@ -107,6 +107,8 @@ class DiffusionPolicy:
     reference_unet: torch.nn.Module | None = None
     force_zeros_for_empty_prompt: bool = False
     source: str = ""
+    # the UNet as the training loop prepared it (DDP/FSDP wrapper); policy forwards go through it
+    train_unet: torch.nn.Module | None = None
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -417,7 +419,7 @@ class DiffusionPolicy:
         if cond.added_cond_kwargs is not None:
             kwargs["added_cond_kwargs"] = cond.added_cond_kwargs
         if not reference:
-            return self.unet(x, timesteps, **kwargs)[0]
+            return (self.train_unet or self.unet)(x, timesteps, **kwargs)[0]
         with torch.no_grad(), self._reference() as ref:
             return ref(x, timesteps, **kwargs)[0]
 

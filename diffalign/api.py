@@ -1,0 +1,19 @@
+"""The Python API: ``diffalign.train(config)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffalign.config import load_config
+from diffalign.training.config import TrainConfig
+from diffalign.training.loop import TrainResult, run_training
+
+
+def train(config: TrainConfig | str | Path, overrides: Sequence[str] = ()) -> TrainResult:
+    """Train with a config (a ``TrainConfig`` or a YAML path plus ``key=value`` overrides); returns
+    the output directory, the final logged metrics and the step reached."""
+    from diffalign.methods import get_method
+
+    cfg = config if isinstance(config, TrainConfig) else load_config(TrainConfig, config, overrides)
+    return run_training(cfg, get_method(cfg.method)(cfg))

@@ -1,0 +1,152 @@
+"""Diffusion-DPO (Wallace et al. 2023): DPO on the denoising-error likelihood proxy.
+
+Algorithm (the paper's Eq. 14; the official code's reductions), per batch of pairs (c, x_w, x_l):
+
+1. encode x_w and x_l to latents; encode c, replaced by "" with probability ``caption_dropout``;
+2. draw one timestep t and one noise eps per pair, shared by x_w and x_l and by policy and
+   reference (``denoising_logp``), and run the policy UNet once over [x_w; x_l];
+3. ``logp = -0.5 * MSE`` for the policy and, under no-grad, for the reference (a frozen copy
+   for full fine-tuning, the same UNet with adapters disabled for LoRA);
+4. ``loss = objective(logp_w, logp_l, ref_w, ref_l)``: ``dpo`` at beta 5000 is exactly
+   ``-log sigma(-0.5 beta ((mse_w - mse_l) - (ref_w - ref_l)))``; any registered pairwise
+   objective (``ipo``, ``mappo``, ``simpo``, ...) works unchanged.
+
+``sft: true`` trains the plain denoising loss on the chosen images instead (the paper's SFT
+baseline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from diffalign.config import build
+from diffalign.data.pairs import PreferencePairDataset, collate_pairs
+from diffalign.data.preference import read_preference_pairs
+from diffalign.diffusion.likelihood import denoising_logp
+from diffalign.diffusion.policy import DiffusionPolicy
+from diffalign.diffusion.sampling import sample_with_trajectory
+from diffalign.objectives import get_objective
+from diffalign.training.config import TrainConfig
+from diffalign.training.loop import Method
+
+
+@dataclass
+class DiffusionDPOOptions:
+    sft: bool = False
+    timestep_weighting: Literal["constant", "min_snr"] = "constant"
+    validation_guidance: float = 5.0
+
+
+class DiffusionDPO(Method):
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.options = build(DiffusionDPOOptions, cfg.method_options, source="method_options")
+        self.objective = get_objective(**cfg.objective)
+        if self.objective.kind != "pairwise":
+            raise ValueError(f"diffusion_dpo needs a pairwise objective, got '{self.objective.name}'")
+        policy = DiffusionPolicy.from_pretrained(cfg.model.pretrained)
+        policy.set_attention_backend(cfg.model.attention)
+        if cfg.model.lora is not None:
+            lora = cfg.model.lora
+            policy.add_lora(lora.rank, lora.alpha, tuple(lora.target_modules))
+        if self.objective.uses_reference and not self.options.sft:
+            mode = cfg.model.reference
+            policy.make_reference(("adapters" if cfg.model.lora else "copy") if mode == "auto" else mode)
+        if cfg.model.gradient_checkpointing:
+            policy.enable_gradient_checkpointing()
+        self.policy = policy
+        self.records = read_preference_pairs(cfg.data.path, ties=cfg.data.ties)
+        self._dataset: PreferencePairDataset | None = None
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.policy.unet
+
+    def use_prepared(self, module: torch.nn.Module) -> None:
+        self.policy.train_unet = module
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.policy.unet.to(device)
+        for frozen in (self.policy.vae, self.policy.reference_unet, *self.policy.text_encoders):
+            if frozen is not None:
+                frozen.to(device)
+                if weight_dtype != torch.float32:  # frozen parts run in the autocast dtype
+                    frozen.to(dtype=weight_dtype)
+
+    def dataset(self) -> tuple[Dataset, Any]:
+        d = self.cfg.data
+        self._dataset = PreferencePairDataset(
+            self.records, d.resolution, d.random_crop, d.hflip, d.on_bad_sample
+        )
+        return self._dataset, collate_pairs
+
+    def dropped_samples(self) -> int:
+        return self._dataset.skipped if self._dataset is not None else 0
+
+    def step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        policy = self.policy
+        images = torch.cat([batch["chosen"], batch["rejected"]])
+        with torch.no_grad():
+            latents = torch.stack(
+                policy.encode_images(images).chunk(2), dim=1
+            )  # (B, 2, C, h, w): chosen first
+        size = tuple(images.shape[-2:])
+        cond = policy.encode_prompts(batch["prompts"], dropout=self.cfg.data.caption_dropout, image_size=size)
+        if self.options.sft:
+            out = denoising_logp(
+                policy, latents[:, :1], cond, with_reference=False, weighting=self.options.timestep_weighting
+            )
+            loss = out.policy_mse.mean()
+            return loss, {"mse/policy_chosen": float(out.policy_mse.detach().mean())}
+        out = denoising_logp(
+            policy,
+            latents,
+            cond,
+            with_reference=self.objective.uses_reference,
+            weighting=self.options.timestep_weighting,
+        )
+        ref = out.reference
+        result = self.objective(
+            policy_chosen_logps=out.policy[:, 0],
+            policy_rejected_logps=out.policy[:, 1],
+            reference_chosen_logps=None if ref is None else ref[:, 0],
+            reference_rejected_logps=None if ref is None else ref[:, 1],
+            preference_probs=batch["labels"].to(out.policy.device),
+        )
+        metrics = dict(result.metrics)
+        mse = out.policy_mse.detach()
+        metrics.update(
+            {"mse/policy_chosen": float(mse[:, 0].mean()), "mse/policy_rejected": float(mse[:, 1].mean())}
+        )
+        if out.reference_mse is not None:
+            metrics["mse/reference_chosen"] = float(out.reference_mse[:, 0].mean())
+            metrics["mse/reference_rejected"] = float(out.reference_mse[:, 1].mean())
+        return result.loss, metrics
+
+    def export(self, path: Path) -> None:
+        """LoRA: ``pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(path)``;
+        full fine-tuning: ``path/unet`` for ``UNet2DConditionModel.from_pretrained``."""
+        unet = self.policy.unet
+        path.mkdir(parents=True, exist_ok=True)
+        if self.policy.has_lora:
+            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=layers)
+        else:
+            unet.save_pretrained(path / "unet")
+
+    def sample_grid(self, prompts: list[str], seed: int, steps: int) -> torch.Tensor:
+        generator = torch.Generator(self.policy.device).manual_seed(seed)
+        with torch.no_grad():
+            traj = sample_with_trajectory(
+                self.policy, prompts, num_inference_steps=steps, guidance_scale=self.options.validation_guidance,
+                eta=0.0, generator=generator,
+            )  # fmt: skip
+        return traj.images

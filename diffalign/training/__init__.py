@@ -1,0 +1,15 @@
+"""The method-agnostic training loop and its configuration."""
+
+from diffalign.training.config import DataConfig, LoraSettings, ModelConfig, OptimConfig, TrainConfig
+from diffalign.training.loop import Method, TrainResult, run_training
+
+__all__ = [
+    "DataConfig",
+    "LoraSettings",
+    "Method",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "TrainResult",
+    "run_training",
+]
