@@ -144,9 +144,14 @@ class DiffusionDPO(Method):
 
     def sample_grid(self, prompts: list[str], seed: int, steps: int) -> torch.Tensor:
         generator = torch.Generator(self.policy.device).manual_seed(seed)
+        guidance = self.options.validation_guidance
         with torch.no_grad():
             traj = sample_with_trajectory(
-                self.policy, prompts, num_inference_steps=steps, guidance_scale=self.options.validation_guidance,
-                eta=0.0, generator=generator,
-            )  # fmt: skip
+                self.policy,
+                prompts,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                eta=0.0,
+                generator=generator,
+            )
         return traj.images

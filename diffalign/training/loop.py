@@ -175,9 +175,13 @@ def run_training(cfg: TrainConfig, method: Method) -> TrainResult:
     )
     dataset, collate = method.dataset()
     loader = DataLoader(
-        dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, num_workers=cfg.data.num_workers,
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
         drop_last=len(dataset) >= cfg.batch_size * accelerator.num_processes,
-    )  # fmt: skip
+    )
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
     method.use_prepared(module)
     ema = None
