@@ -6,6 +6,10 @@ random), and flipped horizontally with probability 1/2 (the same flip and crop f
 of a pair, so that they stay comparable). Bad rows (missing or corrupt images) raise an error
 naming the row (``on_bad_sample="error"``) or are replaced by another row and counted
 (``"skip"``): ``dataset.skipped`` is the number seen so far in this process.
+
+Crops and flips are drawn from a generator seeded by (seed, epoch, index), not from the global
+RNG: an item's augmentation does not depend on when it is loaded, so a resumed run sees exactly
+the batches the interrupted run would have.
 """
 
 from __future__ import annotations
@@ -31,27 +35,31 @@ class PreferencePairDataset(Dataset):
         random_crop: bool = False,
         hflip: bool = True,
         on_bad_sample: Literal["error", "skip"] = "error",
+        seed: int = 0,
     ) -> None:
         if not records:
             raise ValueError("no preference pairs to train on")
         self.records, self.resolution = records, resolution
         self.random_crop, self.hflip, self.on_bad_sample = random_crop, hflip, on_bad_sample
-        self.skipped = 0
+        self.seed, self.epoch, self.skipped = seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def _transform(self, images: Tensor) -> Tensor:
+    def _transform(self, images: Tensor, rng: random.Random) -> Tensor:
         r = self.resolution
         h, w = images.shape[-2:]
         scale = r / min(h, w)
         size = (max(r, round(h * scale)), max(r, round(w * scale)))
         if size != (h, w):
             images = F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-        top = random.randint(0, size[0] - r) if self.random_crop else (size[0] - r) // 2
-        left = random.randint(0, size[1] - r) if self.random_crop else (size[1] - r) // 2
+        top = rng.randint(0, size[0] - r) if self.random_crop else (size[0] - r) // 2
+        left = rng.randint(0, size[1] - r) if self.random_crop else (size[1] - r) // 2
         images = images[..., top : top + r, left : left + r]
-        if self.hflip and random.random() < 0.5:
+        if self.hflip and rng.random() < 0.5:
             images = images.flip(-1)
         return images.clamp(0, 1)
 
@@ -68,7 +76,8 @@ class PreferencePairDataset(Dataset):
                 continue
             if chosen.shape != rejected.shape:  # resize the rejected to the chosen's size first
                 rejected = F.interpolate(rejected[None], size=chosen.shape[-2:], mode="bilinear")[0]
-            pair = self._transform(torch.stack([chosen, rejected]))
+            rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
+            pair = self._transform(torch.stack([chosen, rejected]), rng)
             return {"prompt": record.prompt, "chosen": pair[0], "rejected": pair[1], "label": record.label}
         raise ValueError("every preference pair failed to load")
 

@@ -107,17 +107,19 @@ def denoising_logp(
             f"timesteps must be ({b},) and noise {tuple(latents[:, 0].shape)}, got "
             f"{tuple(timesteps.shape)} and {tuple(noise.shape)}"
         )
-    flat = latents.reshape(b * k, *latents.shape[2:])
-    t_flat = timesteps.repeat_interleave(k)
-    noise_flat = noise.repeat_interleave(k, dim=0)
+    # candidate-major, as the official code's [winners; losers]: the same batch layout makes the
+    # UNet's float arithmetic identical, so beta 5000 does not amplify layout-dependent rounding
+    flat = latents.transpose(0, 1).reshape(k * b, *latents.shape[2:])
+    t_flat = timesteps.repeat(k)
+    noise_flat = noise.repeat(k, 1, 1, 1)
     noisy = policy.scheduler.add_noise(flat, noise_flat, t_flat)
     target = denoising_target(policy, flat, noise_flat, t_flat).float()
-    cond_flat = cond.repeat_interleave(k)
-    inpaint_flat = inpaint.repeat_interleave(k) if inpaint is not None else None
+    cond_flat = Conditioning.cat([cond] * k)
+    inpaint_flat = inpaint.repeat(k) if inpaint is not None else None
     weight = _weights(policy, timesteps, weighting, snr_gamma)[:, None]
 
     def logp_of(prediction: Tensor) -> tuple[Tensor, Tensor]:
-        mse = ((prediction.float() - target) ** 2).mean(dim=(1, 2, 3)).reshape(b, k)
+        mse = ((prediction.float() - target) ** 2).mean(dim=(1, 2, 3)).reshape(k, b).T
         return -0.5 * weight * mse, mse
 
     policy_logp, policy_mse = logp_of(policy.unet_forward(noisy, t_flat, cond_flat, inpaint_flat))

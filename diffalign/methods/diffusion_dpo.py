@@ -80,7 +80,7 @@ class DiffusionDPO(Method):
     def dataset(self) -> tuple[Dataset, Any]:
         d = self.cfg.data
         self._dataset = PreferencePairDataset(
-            self.records, d.resolution, d.random_crop, d.hflip, d.on_bad_sample
+            self.records, d.resolution, d.random_crop, d.hflip, d.on_bad_sample, seed=self.cfg.seed
         )
         return self._dataset, collate_pairs
 

@@ -137,12 +137,14 @@ def _save_grid(images: torch.Tensor, path: Path) -> None:
 
 def run_training(cfg: TrainConfig, method: Method) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     trackers = [t for t in cfg.report_to if _tracker_available(t)]
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
+        # data order from (seed, epoch) alone: a resumed run sees the batches the interrupted one would have
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         log_with=trackers or None,
         project_config=ProjectConfiguration(
             project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs")
@@ -215,13 +217,19 @@ def run_training(cfg: TrainConfig, method: Method) -> TrainResult:
     epoch = global_step // steps_per_epoch
     # a resumed run continues mid-epoch where the checkpoint was taken
     skip = (global_step % steps_per_epoch) * cfg.gradient_accumulation_steps
+    micro = 0
     while global_step < cfg.max_steps:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
+        for has_epoch in (loader, dataset):
+            if hasattr(has_epoch, "set_epoch"):
+                has_epoch.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         skip = 0
         for batch in batches:
             module.train()
+            # the method's random draws (noise, timesteps, caption dropout) are a function of
+            # (seed, step, micro-batch, rank): resuming reproduces them whatever ran before
+            torch.manual_seed(_draw_seed(cfg.seed, global_step, micro, accelerator.process_index))
+            micro += 1
             with accelerator.accumulate(module):
                 loss, metrics = method.step(batch)
                 accelerator.backward(loss)
@@ -238,6 +246,7 @@ def run_training(cfg: TrainConfig, method: Method) -> TrainResult:
             pairs_seen += cfg.batch_size * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
+            micro = 0
             global_step += 1
             if ema is not None:
                 ema.step(params)
@@ -264,6 +273,10 @@ def run_training(cfg: TrainConfig, method: Method) -> TrainResult:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(cfg.output_dir, last, global_step)
+
+
+def _draw_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + micro * 104_729 + rank * 15_485_863) % (2**63)
 
 
 def _tracker_available(name: str) -> bool:

@@ -1,0 +1,212 @@
+"""Diffusion-DPO end to end on tiny pipelines: the loss, training runs, exports, resume, bad data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from script_loader import load_script
+
+from diffalign.cli import main
+from diffalign.config import ConfigError, load_config
+from diffalign.methods import get_method
+from diffalign.training.config import TrainConfig
+
+make_pairs = load_script("make_tiny_assets").make_pairs
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pairs(tmp_path_factory.mktemp("pairs"), n_pairs=16)
+
+
+def overrides(pipeline: str, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "method=diffusion_dpo", f"model.pretrained={pipeline}", f"data.path={data}", "data.resolution=32",
+        f"output_dir={out}", "max_steps=4", "batch_size=2", "checkpoint_every=2", "log_every=1",
+        "optim.lr=1e-5", "optim.warmup_steps=1", "report_to=[]", *extra,
+    ]  # fmt: skip
+
+
+def config(*args: str) -> TrainConfig:
+    return load_config(TrainConfig, None, list(args))
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd_v"])
+def test_loss_equals_the_official_formula(
+    tiny_pipelines, pairs: Path, tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The method's loss is -logsigmoid(-0.5 * beta * ((mse_w - mse_l) - (ref_w - ref_l))) of its
+    per-element-mean MSEs (to 1e-6), and those MSEs are the official procedure's: VAE posterior
+    sample, one t and one noise per pair, [winners; losers] through the UNet (replayed here)."""
+    import diffalign.methods.diffusion_dpo as recipe
+
+    cfg = config(
+        *overrides(tiny_pipelines[kind], pairs, tmp_path, "data.caption_dropout=0.0", "data.hflip=false")
+    )
+    method = get_method("diffusion_dpo")(cfg)
+    method.setup(torch.device("cpu"), torch.float32)
+    with torch.no_grad():  # make the policy differ from its frozen reference
+        for p in method.policy.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    seen = {}
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["out"] = recipe.denoising_logp.__wrapped__(*args, **kwargs)
+        return seen["out"]
+
+    spy.__wrapped__ = recipe.denoising_logp  # type: ignore[attr-defined]
+    monkeypatch.setattr(recipe, "denoising_logp", spy)
+    dataset, collate = method.dataset()
+    batch = collate([dataset[0], dataset[1]])
+    torch.manual_seed(123)
+    loss, metrics = method.step(batch)
+
+    mse_w, mse_l = seen["out"].policy_mse.double().unbind(1)
+    ref_w, ref_l = seen["out"].reference_mse.double().unbind(1)
+    official = -F.logsigmoid(-0.5 * 5000 * ((mse_w - mse_l) - (ref_w - ref_l))).mean()
+    torch.testing.assert_close(loss.detach().double(), official, atol=1e-6, rtol=0)
+
+    policy = method.policy
+    torch.manual_seed(123)  # replay the official procedure's random draws: VAE samples, t, noise
+    x = torch.cat([batch["chosen"], batch["rejected"]]) * 2 - 1
+    latents = policy.vae.encode(x).latent_dist.sample() * policy.vae.config.scaling_factor
+    t = torch.randint(0, 1000, (2,))
+    noise = torch.randn(latents[:2].shape)
+    tt, nn = t.repeat(2), noise.repeat(2, 1, 1, 1)
+    noisy = policy.scheduler.add_noise(latents, nn, tt)
+    target = nn if kind == "sd" else policy.scheduler.get_velocity(latents, nn, tt)
+    states = policy.encode_prompts(batch["prompts"]).encoder_hidden_states.repeat(2, 1, 1)
+    with torch.no_grad():
+        mse = (policy.unet(noisy, tt, states).sample - target).pow(2).mean(dim=[1, 2, 3])
+        ref = (policy.reference_unet(noisy, tt, states).sample - target).pow(2).mean(dim=[1, 2, 3])
+    # equal up to float32 kernel rounding (different but equal-valued tensor constructions)
+    torch.testing.assert_close(torch.cat([mse_w, mse_l]).float(), mse, rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.cat([ref_w, ref_l]).float(), ref, rtol=1e-5, atol=0)
+    assert torch.equal(seen["out"].timesteps, t) and torch.equal(seen["out"].noise, noise)
+    assert metrics["rewards/accuracies"] == float(((mse_w - mse_l) - (ref_w - ref_l) < 0).double().mean())
+
+
+@pytest.mark.parametrize(("kind", "lora"), [("sd", False), ("sd", True), ("sdxl", False), ("sdxl", True)])
+def test_train_and_load_the_export(
+    tiny_pipelines, pairs: Path, tmp_path: Path, kind: str, lora: bool
+) -> None:
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    out = tmp_path / "run"
+    extra = ["model.lora={rank: 4}"] if lora else []
+    assert main(["train", "--config", _write_config(tmp_path, tiny_pipelines[kind], pairs, out, *extra)]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    assert {
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "mse/reference_chosen",
+        "pairs_per_second",
+    } <= set(lines[-1])
+    export = out / "checkpoints" / "checkpoint-4" / "export"
+    base = DiffusionPipeline.from_pretrained(tiny_pipelines[kind])
+    base.set_progress_bar_config(disable=True)
+    kwargs = {"num_inference_steps": 2, "output_type": "pt", "height": 32, "width": 32}
+    before = base("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
+    if lora:
+        base.load_lora_weights(str(export))
+        pipe = base
+    else:
+        pipe = DiffusionPipeline.from_pretrained(
+            tiny_pipelines[kind], unet=UNet2DConditionModel.from_pretrained(export / "unet")
+        )
+        pipe.set_progress_bar_config(disable=True)
+    after = pipe("a red square", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert after.shape == before.shape and bool(after.isfinite().all())
+    assert not torch.allclose(after, before)  # the trained weights are in use
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def _write_config(root: Path, pipeline: str, data: Path, out: Path, *extra: str) -> str:
+    import yaml
+
+    from diffalign.config import parse_overrides
+
+    path = root / "config.yaml"
+    nested: dict = {}
+    for key, value in parse_overrides(overrides(pipeline, data, out, *extra)).items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = (
+            yaml.safe_load(value.raw)
+            if key not in ("model.pretrained", "data.path", "output_dir")
+            else value.raw
+        )
+    path.write_text(yaml.safe_dump(nested))
+    return str(path)
+
+
+def test_resume_restores_optimizer_scheduler_and_step(tiny_pipelines, pairs: Path, tmp_path: Path) -> None:
+    from diffalign.api import train
+
+    full = train(
+        config(
+            *overrides(tiny_pipelines["sd"], pairs, tmp_path / "full", "max_steps=6", "checkpoint_every=3")
+        )
+    )
+    # an interrupted run: only checkpoint-3 survived
+    cut = tmp_path / "cut"
+    (cut / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-3", cut / "checkpoints" / "checkpoint-3")
+    resumed = train(
+        config(
+            *overrides(
+                tiny_pipelines["sd"], pairs, cut, "max_steps=6", "checkpoint_every=3", "resume_from=latest"
+            )
+        )
+    )
+    assert resumed.global_step == full.global_step == 6
+    assert resumed.metrics["lr"] == full.metrics["lr"]
+    # same data order, same draws, restored optimiser: the resumed steps are the uninterrupted ones
+    full_log = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    cut_log = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in cut_log] == [4, 5, 6]
+    assert [m["loss"] for m in cut_log] == [m["loss"] for m in full_log[3:]]
+    a = torch.load(tmp_path / "full" / "checkpoints" / "checkpoint-6" / "optimizer.bin", weights_only=True)
+    b = torch.load(cut / "checkpoints" / "checkpoint-6" / "optimizer.bin", weights_only=True)
+    assert a["state"][0]["step"] == b["state"][0]["step"] == 6  # Adam continued, not restarted
+    for k in a["state"]:
+        torch.testing.assert_close(a["state"][k]["exp_avg"], b["state"][k]["exp_avg"])
+        torch.testing.assert_close(a["state"][k]["exp_avg_sq"], b["state"][k]["exp_avg_sq"])
+
+
+def test_bad_data_is_named_or_skipped(tiny_pipelines, pairs: Path, tmp_path: Path) -> None:
+    from diffalign.api import train
+
+    data = tmp_path / "data"
+    shutil.copytree(pairs.parent, data)
+    lines = (data / "pairs.jsonl").read_text().splitlines()
+    (data / "images" / "corrupt.png").write_bytes(b"not a png")
+    lines[0] = json.dumps({"prompt": "x", "chosen": "images/corrupt.png", "rejected": "images/0_1.png"})
+    lines[1] = json.dumps({"prompt": "x", "chosen": "images/missing.png", "rejected": "images/0_1.png"})
+    (data / "pairs.jsonl").write_text("\n".join(lines))
+    base = overrides(
+        tiny_pipelines["sd"], data / "pairs.jsonl", tmp_path / "out", "max_steps=8", "batch_size=4"
+    )
+    with pytest.raises((ValueError, FileNotFoundError), match=r"pairs\.jsonl:[12]: "):
+        train(config(*base))
+    result = train(config(*base, "data.on_bad_sample=skip", "output_dir=" + str(tmp_path / "out2")))
+    assert result.global_step == 8 and result.metrics["dropped_samples"] >= 1
+    table = pa.table({"caption": ["a"], "jpg_0": [b""], "jpg_1": [b""]})
+    pq.write_table(table, tmp_path / "nolabel.parquet")
+    with pytest.raises(ValueError, match=r"nolabel\.parquet: missing column 'label_0'"):
+        get_method("diffusion_dpo")(
+            config(*overrides(tiny_pipelines["sd"], tmp_path / "nolabel.parquet", tmp_path / "o"))
+        )
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.learning_rate'; known keys: name, lr"):
+        config(*base, "optim.learning_rate=1")
