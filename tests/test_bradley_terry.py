@@ -180,3 +180,25 @@ def test_script_help_documents_every_option() -> None:
         assert f"  {f.name} (" in text or f.name == "model", f.name
     for f in dataclasses.fields(ModelSpec):
         assert f"  model.{f.name} (" in text, f.name
+
+
+def test_hf_dataset_folder(tmp_path: Path) -> None:
+    import datasets
+
+    images = [png(im) for im in synthetic_images(3, seed=6)]
+    data = datasets.Dataset.from_dict(
+        {
+            "caption": ["a", "b"],
+            "jpg_0": images[:2],
+            "jpg_1": images[1:],
+            "label_0": [0.0, 0.5],
+            "label_1": [1.0, 0.5],
+        }
+    )
+    datasets.DatasetDict({"train": data}).save_to_disk(str(tmp_path / "ds"))
+    records = read_preference_pairs(tmp_path / "ds")
+    assert [r.prompt for r in records] == ["a"] and records[0].chosen == images[1]
+    with pytest.raises(ValueError, match="no split 'validation'"):
+        read_preference_pairs(tmp_path / "ds", split="validation")
+    with pytest.raises(FileNotFoundError, match="preference data not found"):
+        read_preference_pairs(tmp_path / "missing.parquet")

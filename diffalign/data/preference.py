@@ -6,6 +6,9 @@ Two sources, one record type:
   bytes), ``label_0``, ``label_1``): the image with label 1 is the chosen one; a 0.5/0.5 row is
   a tie, dropped by default (``ties="drop"``, as the official Diffusion-DPO code does) or kept
   with label 0.5 (``ties="half"``);
+- a Hugging Face dataset with those columns: a folder written by ``save_to_disk`` or, where a
+  network exists, a hub id (``split`` chooses the split; Pick-a-Pic's public copy is gone, so
+  local files are the usual case);
 - a JSONL file, one object per line: ``prompt``, ``chosen`` and ``rejected`` (image paths,
   relative to the JSONL's folder), optional ``label`` (1, or 0.5 for a tie) and ``mask`` (for
   inpainting, white = repainted region).
@@ -50,33 +53,67 @@ def _tie_or_win(label_0: float, where: str) -> float | None:
     raise ValueError(f"{where}: label_0 must be 0, 0.5 or 1, got {label_0!r}")
 
 
-def read_preference_pairs(path: str | Path, ties: Literal["drop", "half"] = "drop") -> list[PairRecord]:
-    """All pairs of a ``.parquet`` (Pick-a-Pic columns) or ``.jsonl`` file; images stay encoded."""
-    path = Path(path)
+PICK_A_PIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+
+
+def read_preference_pairs(
+    path: str | Path, ties: Literal["drop", "half"] = "drop", split: str = "train"
+) -> list[PairRecord]:
+    """All pairs of a ``.parquet`` / ``.jsonl`` file, a ``save_to_disk`` folder or a hub dataset id;
+    images stay encoded until ``load_image``."""
     if ties not in ("drop", "half"):
         raise ValueError(f"ties must be 'drop' or 'half', got {ties!r}")
-    if not path.is_file():
-        raise FileNotFoundError(f"preference data not found: {path}")
+    path = Path(path)
+    if path.is_dir() and not (path / "dataset_dict.json").is_file() and any(path.glob("*.parquet")):
+        # a folder of parquet shards (how Pick-a-Pic v2 is distributed)
+        return [r for shard in sorted(path.glob("*.parquet")) for r in read_preference_pairs(shard, ties)]
+    if path.is_dir():
+        return _read_hf_dataset(str(path), ties, split, local=True)
+    if not path.exists():
+        if path.suffix or str(path).count("/") != 1:
+            raise FileNotFoundError(f"preference data not found: {path}")
+        return _read_hf_dataset(str(path), ties, split, local=False)
     if path.suffix == ".parquet":
-        return _read_parquet(path, ties)
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        _check_columns(table.column_names, str(path))
+        return _pick_a_pic(table.select(list(PICK_A_PIC_COLUMNS)).to_pylist(), str(path), ties)
     if path.suffix in (".jsonl", ".json"):
         return _read_jsonl(path, ties)
-    raise ValueError(f"{path}: unsupported preference data format (use .parquet or .jsonl)")
+    raise ValueError(f"{path}: unsupported preference data format (use .parquet, .jsonl or a dataset folder)")
 
 
-def _read_parquet(path: Path, ties: str) -> list[PairRecord]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
-    missing = [c for c in ("caption", "jpg_0", "jpg_1", "label_0") if c not in table.column_names]
+def _check_columns(names: list[str], source: str) -> None:
+    missing = [c for c in PICK_A_PIC_COLUMNS if c not in names]
     if missing:
-        raise ValueError(
-            f"{path}: missing column '{missing[0]}' (Pick-a-Pic columns: caption, jpg_0, jpg_1, label_0)"
-        )
-    rows = table.select(["caption", "jpg_0", "jpg_1", "label_0"]).to_pylist()
+        columns = ", ".join(PICK_A_PIC_COLUMNS)
+        raise ValueError(f"{source}: missing column '{missing[0]}' (Pick-a-Pic columns: {columns})")
+
+
+def _read_hf_dataset(name: str, ties: str, split: str, local: bool) -> list[PairRecord]:
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(name) if local else datasets.load_dataset(name, split=split)
+    except Exception as err:
+        where = "is not a datasets folder" if local else "could not be loaded from the hub"
+        raise FileNotFoundError(
+            f"preference data '{name}' {where} ({type(err).__name__}: {err}); pass a .parquet or .jsonl "
+            "file, or a folder written by datasets' save_to_disk"
+        ) from err
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"{name}: no split '{split}' (has {', '.join(data)})")
+        data = data[split]
+    _check_columns(data.column_names, name)
+    return _pick_a_pic(data.select_columns(list(PICK_A_PIC_COLUMNS)).to_list(), name, ties)
+
+
+def _pick_a_pic(rows: list[dict], source: str, ties: str) -> list[PairRecord]:
     out = []
     for i, row in enumerate(rows):
-        where = f"{path}:{i}"
+        where = f"{source}:{i}"
         win = _tie_or_win(row["label_0"], where)
         if win is None and ties == "drop":
             continue

@@ -60,7 +60,7 @@ class DiffusionDPO(Method):
         if cfg.model.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
         self.policy = policy
-        self.records = read_preference_pairs(cfg.data.path, ties=cfg.data.ties)
+        self.records = read_preference_pairs(cfg.data.path, ties=cfg.data.ties, split=cfg.data.split)
         self._dataset: PreferencePairDataset | None = None
 
     def trainable_module(self) -> torch.nn.Module:

@@ -41,7 +41,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: Path = field(metadata={"help": "preference pairs: Pick-a-Pic-style .parquet or .jsonl + images"})
+    path: Path = field(
+        metadata={
+            "help": "preference pairs: Pick-a-Pic .parquet, .jsonl + images, a save_to_disk folder or hub id"
+        }
+    )
+    split: str = field(default="train", metadata={"help": "split of a datasets folder or hub dataset"})
     resolution: int = field(default=512, metadata={"help": "training image size (short side, then cropped)"})
     random_crop: bool = field(default=False, metadata={"help": "random instead of center crop"})
     hflip: bool = field(default=True, metadata={"help": "random horizontal flip (same for both images)"})
