@@ -23,8 +23,8 @@ def main() -> None:
     pipeline, pairs, out = sys.argv[1:4]
     cfg = load_config(TrainConfig, None, [
         "method=diffusion_dpo", f"model.pretrained={pipeline}", f"data.path={pairs}", "data.resolution=32",
-        f"output_dir={out}", "max_steps=3", "batch_size=2", "checkpoint_every=3", "log_every=1", "optim.lr=1e-4",
-        "optim.warmup_steps=0", "optim.schedule=constant", "report_to=[]",
+        f"output_dir={out}", "max_steps=3", "batch_size=2", "checkpoint_every=3", "log_every=1",
+        "optim.lr=1e-4", "optim.warmup_steps=0", "optim.schedule=constant", "report_to=[]",
     ])  # fmt: skip
     method = get_method(cfg.method)(cfg)
     initial = torch.cat([p.detach().flatten() for p in method.policy.unet.parameters()]).clone()
