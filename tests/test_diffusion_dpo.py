@@ -280,3 +280,24 @@ def test_accelerate_configs_parse() -> None:
     for path in (Path(__file__).parents[1] / "configs" / "accelerate").glob("*.yaml"):
         config = yaml.safe_load(path.read_text())
         assert config["distributed_type"] in ("NO", "MULTI_GPU", "FSDP"), path
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["optim.name=adafactor"],
+        ["mixed_precision=bf16", "optim.schedule=cosine", "gradient_accumulation_steps=2"],
+        ["method_options={sft: true}"],
+        ["objective={name: ipo, beta: 0.1}", "model.lora={rank: 2}", "model.gradient_checkpointing=true"],
+    ],
+    ids=["adafactor", "bf16-cosine-accumulation", "sft", "ipo-lora-checkpointing"],
+)
+def test_training_options_run(tiny_pipelines, pairs: Path, tmp_path: Path, extra: list[str]) -> None:
+    from diffalign.api import train
+
+    result = train(config(*overrides(tiny_pipelines["sd"], pairs, tmp_path / "run", "max_steps=2", *extra)))
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.metrics["loss"]))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    if "sft" in extra[0]:
+        assert "rewards/margins" not in result.metrics and "mse/policy_chosen" in result.metrics

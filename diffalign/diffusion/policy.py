@@ -421,7 +421,14 @@ class DiffusionPolicy:
         if not reference:
             return (self.train_unet or self.unet)(x, timesteps, **kwargs)[0]
         with torch.no_grad(), self._reference() as ref:
-            return ref(x, timesteps, **kwargs)[0]
+            dtype = next(ref.parameters()).dtype  # a frozen copy may run in the mixed-precision dtype
+            cast = Conditioning(kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs")).map(
+                lambda t: t.to(dtype) if t.is_floating_point() else t
+            )
+            kwargs["encoder_hidden_states"] = cast.encoder_hidden_states
+            if cast.added_cond_kwargs is not None:
+                kwargs["added_cond_kwargs"] = cast.added_cond_kwargs
+            return ref(x.to(dtype), timesteps, **kwargs)[0]
 
     def guided_prediction(
         self,

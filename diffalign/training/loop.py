@@ -137,8 +137,13 @@ def _save_grid(images: torch.Tensor, path: Path) -> None:
 
 def run_training(cfg: TrainConfig, method: Method) -> TrainResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
+    # a second run in one process (the Python API) may ask for another precision or accumulation:
+    # forget the previous run's settings, keep the process group
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     trackers = [t for t in cfg.report_to if _tracker_available(t)]
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
