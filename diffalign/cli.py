@@ -13,14 +13,13 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from diffalign.config import ConfigError, load_config
+from diffalign.config import add_config_arguments, config_from_args
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
     from diffalign.selfcheck import SelfCheckConfig, format_results, run_selfcheck
 
-    cfg = load_config(SelfCheckConfig, args.config, args.overrides)
-    results = run_selfcheck(cfg)
+    results = run_selfcheck(config_from_args(SelfCheckConfig, args, "diffalign selfcheck"))
     print(format_results(results))
     return 0 if all(r["passed"] for r in results) else 1
 
@@ -29,8 +28,9 @@ def _train(args: argparse.Namespace) -> int:
     import json
 
     from diffalign.api import train
+    from diffalign.training.config import TrainConfig
 
-    result = train(args.config, args.overrides)
+    result = train(config_from_args(TrainConfig, args, "diffalign train"))
     print(
         json.dumps(
             {"output_dir": str(result.output_dir), "step": result.global_step, "metrics": result.metrics}
@@ -57,30 +57,24 @@ def _objectives(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("selfcheck", help="align a toy policy with every objective")
-    p.add_argument("--config", default=None, help="YAML config (see configs/selfcheck.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed")
-    p.set_defaults(func=_selfcheck)
-    from diffalign.config import describe
+    from diffalign.selfcheck import SelfCheckConfig
     from diffalign.training.config import TrainConfig
 
+    p = sub.add_parser("selfcheck", help="align a toy policy with every objective")
+    add_config_arguments(p, SelfCheckConfig)
+    p.set_defaults(func=_selfcheck)
     p = sub.add_parser(
-        "train",
-        help="train a method from a YAML config (also: accelerate launch scripts/train.py)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML or key=value):\n" + describe(TrainConfig),
+        "train", help="train a method from a YAML config (as accelerate launch scripts/train.py)"
     )
-    p.add_argument("--config", required=True, help="YAML config, e.g. configs/diffusion_dpo/tiny.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed")
+    add_config_arguments(p, TrainConfig, required=True)
     p.set_defaults(func=_train)
     p = sub.add_parser("objectives", help="list the registered objectives and their defaults")
     p.set_defaults(func=_objectives)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"diffalign: config error: {err}", file=sys.stderr)
-        return 2
+    except SystemExit as exit_:  # a config error (already reported)
+        return int(exit_.code or 0)
 
 
 if __name__ == "__main__":

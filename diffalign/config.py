@@ -18,8 +18,10 @@ Two conveniences, both because YAML and shells make them necessary:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -30,7 +32,16 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "build", "describe", "load_config", "parse_overrides", "to_dict"]
+__all__ = [
+    "ConfigError",
+    "add_config_arguments",
+    "build",
+    "config_from_args",
+    "describe",
+    "load_config",
+    "parse_overrides",
+    "to_dict",
+]
 
 
 class ConfigError(ValueError):
@@ -267,3 +278,20 @@ def describe(cls: type, prefix: str = "") -> str:
         name = _type_name(tp).replace("pathlib.", "")
         lines.append(f"  {prefix}{f.name} ({name}; {default}): {f.metadata.get('help', '')}".rstrip(": "))
     return "\n".join(lines)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, required: bool = False) -> None:
+    """``--config FILE`` and ``key=value`` overrides for ``cls``, with every key in ``--help``."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "config keys (YAML or key=value):\n" + describe(cls)
+    parser.add_argument("--config", required=required, default=None, help="YAML config file (keys below)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys allowed (a.b=1)")
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, prog: str) -> T:
+    """The config named by parsed ``add_config_arguments``; a config error exits with status 2."""
+    try:
+        return load_config(cls, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"{prog}: config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err

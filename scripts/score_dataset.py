@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from diffalign.config import ConfigError, describe, load_config
+from diffalign.config import add_config_arguments, config_from_args
 from diffalign.data.preference import load_image
 from diffalign.rewards import load_reward
 
@@ -127,20 +127,9 @@ def score_dataset(cfg: ScoreDatasetConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML or key=value):\n" + describe(ScoreDatasetConfig),
-    )
-    parser.add_argument("--config", default=None, help="YAML file with the keys below")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(ScoreDatasetConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"score_dataset: config error: {err}", file=sys.stderr)
-        return 2
-    print(score_dataset(cfg))
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_config_arguments(parser, ScoreDatasetConfig)
+    print(score_dataset(config_from_args(ScoreDatasetConfig, parser.parse_args(argv), "score_dataset")))
     return 0
 
 

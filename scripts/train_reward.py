@@ -13,26 +13,14 @@ import argparse
 import json
 import sys
 
-from diffalign.config import ConfigError, describe, load_config
+from diffalign.config import add_config_arguments, config_from_args
 from diffalign_rewards.bradley_terry import TrainRewardConfig, train_bradley_terry
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="config keys (YAML or key=value):\n" + describe(TrainRewardConfig),
-    )
-    parser.add_argument("--config", default=None, help="YAML file with the keys below")
-    parser.add_argument(
-        "overrides", nargs="*", help="key=value overrides (dotted keys: model.hidden_dim=128)"
-    )
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(TrainRewardConfig, args.config, args.overrides)
-    except ConfigError as err:
-        print(f"train_reward: config error: {err}", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_config_arguments(parser, TrainRewardConfig)
+    cfg = config_from_args(TrainRewardConfig, parser.parse_args(argv), "train_reward")
     print(json.dumps(train_bradley_terry(cfg), indent=2))
     return 0
 
