@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -136,11 +137,16 @@ class DiffusionPolicy:
             )
         if is_dir and not (Path(source) / "model_index.json").is_file():
             raise FileNotFoundError(f"{source} has no model_index.json: not a diffusers pipeline folder")
-        kwargs = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+        kwargs: dict = {"safety_checker": None}
+        if torch_dtype is not None:
+            kwargs["torch_dtype"] = torch_dtype
         if local_files_only is not None:
             kwargs["local_files_only"] = local_files_only
+        if is_dir:  # components saved as null (a pixel-space model has no VAE) load as None
+            index = json.loads((Path(source) / "model_index.json").read_text())
+            kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v[0] is None})
         try:
-            pipe = DiffusionPipeline.from_pretrained(source, safety_checker=None, **kwargs)
+            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
         except (OSError, ValueError) as err:
             if is_dir:
                 raise
