@@ -39,6 +39,30 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    import json
+
+    from diffalign.demo.run import DemoConfig, run_demo
+
+    if args.method:
+        args.overrides.append(f"method={args.method}")
+    if args.objective:
+        args.overrides.append(f"train_overrides=['objective={{name: {args.objective}}}']")
+    report = run_demo(config_from_args(DemoConfig, args, "diffalign demo"))
+    keys = (
+        "win_rate",
+        "win_rate_95ci",
+        "base",
+        "aligned",
+        "fidelity_drop_points",
+        "diversity_ratio",
+        "seconds",
+    )
+    print(json.dumps({k: report[k] for k in keys}, indent=2))
+    print(f"report: {report['config']['output_dir']}/report.json")
+    return 0
+
+
 def _objectives(args: argparse.Namespace) -> int:
     from diffalign.objectives import list_objectives, objective_class
 
@@ -68,6 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_config_arguments(p, TrainConfig, required=True)
     p.set_defaults(func=_train)
+    from diffalign.demo.run import DemoConfig
+
+    p = sub.add_parser("demo", help="pretrain a tiny model on the embedded world, align it, evaluate")
+    add_config_arguments(p, DemoConfig)
+    p.add_argument("--method", default=None, help="method to align with (default: diffusion_dpo)")
+    p.add_argument("--objective", default=None, help="objective name for the method (default: its config's)")
+    p.set_defaults(func=_demo)
     p = sub.add_parser("objectives", help="list the registered objectives and their defaults")
     p.set_defaults(func=_objectives)
     args = parser.parse_args(argv)

@@ -1,0 +1,169 @@
+"""Pretraining the demo's base model, and the classifier that measures prompt fidelity.
+
+The base model is a pixel-space text-to-image pipeline in diffusers format (no VAE): a
+~1.7M-parameter ``UNet2DConditionModel`` (attention at 8x8 and 4x4), a frozen random CLIP text
+encoder with a locally built character tokenizer, and a cosine-schedule DDPM scheduler. It is
+trained on the world for ``steps`` steps (10% of prompts dropped for classifier-free guidance,
+EMA weights saved) and cached, keyed on everything that defines it, so later runs load it through
+``DiffusionPolicy.from_pretrained`` like SD1.5.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from diffalign.demo.world import SIZE, World, class_of, prompts
+
+__all__ = ["FidelityClassifier", "PretrainConfig", "cache_dir", "pretrained_base", "trained_classifier"]
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    lr: float = 2e-3
+    cond_dropout: float = 0.1
+    ema_decay: float = 0.995
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(
+            json.dumps({**asdict(self), "version": 1}, sort_keys=True).encode()
+        ).hexdigest()[:12]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DIFFALIGN_CACHE", Path.home() / ".cache" / "diffalign")) / "demo"
+
+
+def _build_pipeline(seed: int):  # type: ignore[no-untyped-def]
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    from diffalign.diffusion.tiny import _text_encoder, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(16)
+    encoder = _text_encoder(32, False, len(tokenizer), 16, seed + 1)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=SIZE,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+    )
+    scheduler = DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2", clip_sample=True, prediction_type="epsilon", steps_offset=1
+    )
+    return StableDiffusionPipeline(
+        vae=None, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def pretrained_base(cfg: PretrainConfig, progress: bool = True) -> Path:
+    """The cached base pipeline for ``cfg``, trained first if it is not cached yet."""
+    folder = cache_dir() / f"base-{cfg.key()}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    pipe = _build_pipeline(cfg.seed)
+    unet, encoder, tokenizer, scheduler = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+    encoder.requires_grad_(False).eval()
+    all_prompts = prompts() + [""]
+    with torch.no_grad():
+        ids = tokenizer(
+            all_prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
+        )
+        table = encoder(ids.input_ids)[0]  # the 13 conditionings, computed once
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps)
+    ema = [p.detach().clone() for p in unet.parameters()]
+    world, g = World(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    empty = len(all_prompts) - 1
+    for _ in tqdm(range(cfg.steps), desc="pretraining the demo's base model", disable=not progress):
+        images, chosen = world.dataset(cfg.batch_size, g)
+        cls = torch.tensor([class_of(p) for p in chosen])
+        cls = torch.where(torch.rand(cfg.batch_size, generator=g) < cfg.cond_dropout, empty, cls)
+        x0 = images * 2 - 1
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
+        pred = unet(scheduler.add_noise(x0, noise, t), t, table[cls]).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        with torch.no_grad():
+            for e, p in zip(ema, unet.parameters(), strict=True):
+                e.lerp_(p, 1 - cfg.ema_decay)
+    with torch.no_grad():
+        for e, p in zip(ema, unet.parameters(), strict=True):
+            p.copy_(e)
+    tmp = folder.with_name(folder.name + ".tmp")
+    pipe.save_pretrained(tmp)
+    tmp.replace(folder)  # a cached model is complete or absent
+    return folder
+
+
+class FidelityClassifier(torch.nn.Module):
+    """A small CNN that names an image's (colour, shape) class among the world's 12."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 64, 3, padding=1, stride=2), torch.nn.ReLU(),
+            torch.nn.Conv2d(64, 64, 3, padding=1, stride=2), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, len(prompts())),
+        )  # fmt: skip
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images * 2 - 1)
+
+    def accuracy(self, images: torch.Tensor, prompt_list: list[str]) -> float:
+        with torch.no_grad():
+            predicted = self(images).argmax(-1)
+        return float((predicted == torch.tensor([class_of(p) for p in prompt_list])).float().mean())
+
+
+def trained_classifier(
+    seed: int = 0, steps: int = 600, progress: bool = True
+) -> tuple[FidelityClassifier, float]:
+    """The cached fidelity classifier and its accuracy on 2000 held-out real images."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir() / f"classifier-{seed}-{steps}.safetensors"
+    model = FidelityClassifier()
+    world = World(seed)
+    held_out, held_prompts = world.dataset(2000, torch.Generator().manual_seed(seed + 10_000))
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval(), model.eval().accuracy(held_out, held_prompts)
+    g = torch.Generator().manual_seed(seed + 1)
+    torch.manual_seed(seed)
+    model = FidelityClassifier()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for _ in tqdm(range(steps), desc="training the fidelity classifier", disable=not progress):
+        images, chosen = world.dataset(128, g)
+        loss = F.cross_entropy(model(images), torch.tensor([class_of(p) for p in chosen]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), str(path))
+    return model, model.accuracy(held_out, held_prompts)
