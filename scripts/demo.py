@@ -1,4 +1,4 @@
-"""``python scripts/demo.py [--method ...] [--objective ...] [key=value ...]``: the same as ``diffalign demo``."""
+"""``python scripts/demo.py [--method M] [--objective O] [key=value ...]``: as ``diffalign demo``."""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ def pretrained_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     pipe = _build_pipeline(cfg.seed)
     unet, encoder, tokenizer, scheduler = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
     encoder.requires_grad_(False).eval()
-    all_prompts = prompts() + [""]
+    all_prompts = [*prompts(), ""]
     with torch.no_grad():
         ids = tokenizer(
             all_prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt"

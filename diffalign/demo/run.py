@@ -250,15 +250,6 @@ def run_demo(cfg: DemoConfig) -> dict:
 def _load_export(policy: Any, export: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    if (export / "unet").is_dir():
-        policy.unet = UNet2DConditionModel.from_pretrained(export / "unet")
-        return
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig  # noqa: F401  (LoRA exports load through diffusers' loader)
-
-    pipe = StableDiffusionPipeline(
-        vae=None, text_encoder=policy.text_encoders[0], tokenizer=policy.tokenizers[0], unet=policy.unet,
-        scheduler=policy.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
-    pipe.load_lora_weights(str(export))
-    pipe.fuse_lora()
+    if not (export / "unet").is_dir():
+        raise FileNotFoundError(f"{export}: no unet/ export (the demo configs fine-tune the full UNet)")
+    policy.unet = UNet2DConditionModel.from_pretrained(export / "unet")
