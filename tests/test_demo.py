@@ -32,8 +32,8 @@ def render(prompt: str, radius: float) -> torch.Tensor:
 @pytest.mark.parametrize("prompt", ["a red circle", "a green square", "a blue triangle"])
 def test_bigger_is_better_up_to_the_largest_shape(prompt: str) -> None:
     reward = load_reward("demo_size")
-    scores = [float(reward(render(prompt, r), [prompt])) for r in (2.0, 3.0, 4.0, 5.0, 6.0)]
-    assert scores == sorted(scores) and scores[-1] - scores[0] > 0.3
+    scores = [float(reward(render(prompt, r), [prompt])) for r in (3.0, 4.0, 5.0, 6.0)]
+    assert scores == sorted(scores) and scores[-1] - scores[0] > 0.25
 
 
 def test_shortcuts_do_not_pay() -> None:
@@ -45,7 +45,7 @@ def test_shortcuts_do_not_pay() -> None:
     canvas = torch.tensor(COLOURS["red"])[None, :, None, None].expand(1, 3, 16, 16)
     assert brighter < honest - 0.3  # a brighter background costs more than a size step gains
     assert float(reward(tinted, prompt)) < honest
-    assert float(reward(canvas, prompt)) < float(reward(render("a red circle", 2.0), prompt))
+    assert float(reward(canvas, prompt)) < float(reward(render("a red circle", 3.0), prompt))
     assert (
         float(reward(render("a red circle", 5.0), ["a blue circle"])) < 0.1
     )  # the wrong colour scores nothing

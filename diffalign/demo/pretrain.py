@@ -27,7 +27,7 @@ __all__ = ["FidelityClassifier", "PretrainConfig", "cache_dir", "pretrained_base
 
 @dataclass
 class PretrainConfig:
-    steps: int = 1000
+    steps: int = 600
     batch_size: int = 64
     lr: float = 2e-3
     cond_dropout: float = 0.1
@@ -126,7 +126,8 @@ class FidelityClassifier(torch.nn.Module):
             torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU(),
             torch.nn.Conv2d(32, 64, 3, padding=1, stride=2), torch.nn.ReLU(),
             torch.nn.Conv2d(64, 64, 3, padding=1, stride=2), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, len(prompts())),
+            torch.nn.Flatten(), torch.nn.Linear(64 * (SIZE // 4) ** 2, 128), torch.nn.ReLU(),
+            torch.nn.Linear(128, len(prompts())),
         )  # fmt: skip
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,7 @@ class FidelityClassifier(torch.nn.Module):
 
 
 def trained_classifier(
-    seed: int = 0, steps: int = 600, progress: bool = True
+    seed: int = 0, steps: int = 800, progress: bool = True
 ) -> tuple[FidelityClassifier, float]:
     """The cached fidelity classifier and its accuracy on 2000 held-out real images."""
     from safetensors.torch import load_file, save_file
@@ -154,7 +155,7 @@ def trained_classifier(
     g = torch.Generator().manual_seed(seed + 1)
     torch.manual_seed(seed)
     model = FidelityClassifier()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for _ in tqdm(range(steps), desc="training the fidelity classifier", disable=not progress):
         images, chosen = world.dataset(128, g)

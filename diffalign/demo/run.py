@@ -43,7 +43,7 @@ class DemoConfig:
     pretrain: PretrainConfig = field(
         default_factory=PretrainConfig, metadata={"help": "base model pretraining"}
     )
-    classifier_steps: int = field(default=600, metadata={"help": "training steps of the fidelity classifier"})
+    classifier_steps: int = field(default=800, metadata={"help": "training steps of the fidelity classifier"})
     held_out_prompts: list[str] = field(
         default_factory=lambda: ["a red triangle", "a green square", "a blue circle"],
         metadata={"help": "prompts never seen in the preference data (evaluation)"},

@@ -1,7 +1,7 @@
 """The embedded world: 16x16 images of one filled shape, drawn from a text prompt.
 
 A prompt is ``"a {colour} {shape}"`` with 4 colours and 3 shapes (12 classes). An image is the
-shape, in its colour, at a random position with a random size (radius 2-6 px), on a fixed dark
+shape, in its colour, at a random position with a random size (radius 3-6 px), on a fixed dark
 grey background. Everything is generated from a seed; nothing is stored or downloaded.
 
 The "human" preference of the demo (``diffalign_rewards.demo``): bigger shapes are better, up
@@ -26,7 +26,7 @@ COLOURS = {
     "yellow": (0.95, 0.85, 0.15),
 }
 SHAPES = ("circle", "square", "triangle")
-RADIUS = (2.0, 6.0)
+RADIUS = (3.0, 6.0)  # below 3 px a circle and a square are hard to tell apart at 16x16
 
 
 def prompts() -> list[str]:
