@@ -21,7 +21,7 @@ import contextlib
 import copy
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -42,15 +42,11 @@ class Conditioning:
     def __len__(self) -> int:
         return self.encoder_hidden_states.shape[0]
 
-    def map(self, fn) -> Conditioning:  # type: ignore[no-untyped-def]
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Conditioning:
         extra = (
             None if self.added_cond_kwargs is None else {k: fn(v) for k, v in self.added_cond_kwargs.items()}
         )
         return Conditioning(fn(self.encoder_hidden_states), extra)
-
-    def repeat_interleave(self, k: int) -> Conditioning:
-        """Each row ``k`` times in a row: prompt i's K candidates are rows i*K .. i*K+K-1."""
-        return self.map(lambda t: t.repeat_interleave(k, dim=0))
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
@@ -72,11 +68,6 @@ class InpaintInputs:
     def repeat(self, times: int) -> InpaintInputs:
         return InpaintInputs(
             self.mask.repeat(times, 1, 1, 1), self.masked_image_latents.repeat(times, 1, 1, 1)
-        )
-
-    def repeat_interleave(self, k: int) -> InpaintInputs:
-        return InpaintInputs(
-            self.mask.repeat_interleave(k, 0), self.masked_image_latents.repeat_interleave(k, 0)
         )
 
 
