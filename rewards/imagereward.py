@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from diffalign.images import to_pil
 from diffalign.rewards import RewardModel
 
 
@@ -37,10 +38,5 @@ class ImageRewardModel(RewardModel):
         return self._device
 
     def score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
-        from PIL import Image
-
-        pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        scores = [
-            float(self.model.score(p, Image.fromarray(a))) for p, a in zip(prompts, pixels, strict=True)
-        ]
+        scores = [float(self.model.score(p, im)) for p, im in zip(prompts, to_pil(images), strict=True)]
         return torch.tensor(scores, device=images.device)

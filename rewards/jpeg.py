@@ -6,20 +6,17 @@ from __future__ import annotations
 import io
 
 import torch
-from PIL import Image
 from torch import Tensor
 
+from diffalign.images import to_pil
 from diffalign.rewards import RewardModel
 
 
 def jpeg_kilobytes(images: Tensor, quality: int = 95) -> Tensor:
-    pixels = (
-        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    )
     sizes = []
-    for array in pixels:
+    for image in to_pil(images):
         buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
+        image.save(buffer, format="JPEG", quality=quality)
         sizes.append(buffer.tell() / 1000)
     return torch.tensor(sizes, dtype=torch.float32, device=images.device)
 

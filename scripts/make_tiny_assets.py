@@ -14,9 +14,9 @@ import json
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from diffalign.diffusion.tiny import build_tiny_pipeline
+from diffalign.images import to_pil
 
 
 def make_pairs(out: Path, n_pairs: int, seed: int = 0, size: int = 32) -> Path:
@@ -29,8 +29,7 @@ def make_pairs(out: Path, n_pairs: int, seed: int = 0, size: int = 32) -> Path:
         for side in range(2):
             image = torch.rand(3, size, size, generator=g) * (0.5 + 0.5 * torch.rand(1, generator=g))
             name = f"images/{i}_{side}.png"
-            array = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            Image.fromarray(array).save(out / name)
+            to_pil(image[None])[0].save(out / name)
             pair.append((float(image.mean()), name))
         (_, chosen), (_, rejected) = sorted(pair, reverse=True)
         rows.append({"prompt": prompts[i % len(prompts)], "chosen": chosen, "rejected": rejected})

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 
 from diffalign.demo.pretrain import PretrainConfig, pretrained_base, trained_classifier
 from diffalign.demo.world import prompts
+from diffalign.images import save_grid, to_pil
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -92,8 +93,8 @@ def _annotate(
     scores = reward(images, prompt_list)
     g = torch.Generator().manual_seed(cfg.seed + 7)
     folder.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        Image.fromarray((im.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / f"{i}.png")
+    for i, im in enumerate(to_pil(images)):
+        im.save(folder / f"{i}.png")
     rows, disagree, ties = [], 0, 0
     by_prompt: dict[str, list[int]] = {}
     for i, p in enumerate(prompt_list):
@@ -147,12 +148,6 @@ def _evaluate(
         "diversity": _diversity(images, eval_prompts),
     }
     return stats, scores, eval_prompts, images
-
-
-def _grid(rows: list[torch.Tensor], path: Path, scale: int = 4) -> None:
-    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)
-    image = Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy())
-    image.resize((image.width * scale, image.height * scale), Image.NEAREST).save(path)
 
 
 def _curve(values: list[float], path: Path, title: str) -> None:
@@ -219,7 +214,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         len(cfg.held_out_prompts),
     )
     rows = [imgs[i * per : i * per + k] for imgs in (base_images, aligned_images) for i in range(n_prompts)]
-    _grid(rows, out / "before_after.png")  # base rows, then aligned rows: same prompts and seeds
+    save_grid(rows, out / "before_after.png", scale=4)  # base rows, then aligned rows: same prompts and seeds
     _curve([m["loss"] for m in log], out / "loss.png", "training loss")
     _curve(
         [m["rewards/margins"] for m in log if "rewards/margins" in m],

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from diffalign.config import to_dict
+from diffalign.images import save_grid
 from diffalign.training.config import OptimConfig, TrainConfig
 
 __all__ = ["Method", "TrainResult", "run_training"]
@@ -119,20 +120,6 @@ def _resume_path(cfg: TrainConfig) -> Path | None:
     if not (path.is_dir() and CHECKPOINT.match(path.name)):
         raise FileNotFoundError(f"resume_from: {path} is not a checkpoint-N folder")
     return path
-
-
-def _save_grid(images: torch.Tensor, path: Path) -> None:
-    from PIL import Image
-
-    n = images.shape[0]
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    h, w = images.shape[-2:]
-    grid = torch.zeros(3, rows * h, cols * w)
-    for i, im in enumerate(images.float().cpu()):
-        r, c = divmod(i, cols)
-        grid[:, r * h : (r + 1) * h, c * w : (c + 1) * w] = im
-    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
 
 
 def run_training(cfg: TrainConfig, method: Method) -> TrainResult:
@@ -346,6 +333,10 @@ def _validate(accelerator: Any, method: Method, cfg: TrainConfig, step: int, ema
     def run() -> None:
         images = method.sample_grid(cfg.validation_prompts, cfg.seed, cfg.validation_steps)
         if images is not None:
-            _save_grid(images, folder / f"step-{step:06d}.png")
+            cols = math.ceil(math.sqrt(len(images)))
+            rows = list(images.split(cols))
+            if len(rows) > 1 and len(rows[-1]) < cols:  # pad the last row with black tiles
+                rows[-1] = torch.cat([rows[-1], images.new_zeros(cols - len(rows[-1]), *images.shape[1:])])
+            save_grid(rows, folder / f"step-{step:06d}.png")
 
     _with_ema(ema, params, run)
