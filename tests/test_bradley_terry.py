@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from diffalign.data import read_preference_pairs
+from diffalign.images import to_pil
 from diffalign.rewards import load_reward
 from diffalign_rewards.bradley_terry import TrainRewardConfig, train_bradley_terry
 
@@ -31,7 +31,7 @@ def synthetic_images(n: int, seed: int) -> list[torch.Tensor]:
 
 def png(image: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray((image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    to_pil(image[None])[0].save(buffer, format="PNG")
     return buffer.getvalue()
 
 

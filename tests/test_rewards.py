@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from reward_assets import TINY_OPEN_CLIP
 
 from diffalign import rewards as registry
+from diffalign.images import to_pil
 from diffalign.rewards import RewardInputError, RewardModel, list_rewards, load_reward, register_reward
 
 BUILT_INS = {
@@ -28,11 +28,6 @@ def quantised_images(n: int = 3, shape: tuple[int, int] = (60, 80), seed: int = 
     g = torch.Generator().manual_seed(seed)
     x = F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=shape, mode="bilinear")
     return (x * 255).round() / 255
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    arrays = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arrays]
 
 
 @pytest.fixture(scope="module")
