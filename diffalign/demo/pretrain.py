@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffalign.demo.world import SIZE, World, class_of, prompts
+from diffalign.diffusion.policy import DiffusionPolicy
 
 __all__ = ["FidelityClassifier", "PretrainConfig", "cache_dir", "pretrained_base", "trained_classifier"]
 
@@ -82,11 +83,9 @@ def pretrained_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     unet, encoder, tokenizer, scheduler = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
     encoder.requires_grad_(False).eval()
     all_prompts = [*prompts(), ""]
-    with torch.no_grad():
-        ids = tokenizer(
-            all_prompts, padding="max_length", max_length=16, truncation=True, return_tensors="pt"
-        )
-        table = encoder(ids.input_ids)[0]  # the 13 conditionings, computed once
+    # the 13 conditionings, computed once, exactly as the loaded policy will compute them
+    policy = DiffusionPolicy(unet=unet, scheduler=scheduler, text_encoders=[encoder], tokenizers=[tokenizer])
+    table = policy.encode_prompts(all_prompts).encoder_hidden_states
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps)
     ema = [p.detach().clone() for p in unet.parameters()]
