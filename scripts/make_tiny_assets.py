@@ -1,10 +1,16 @@
-"""Make the tiny pipeline and a small synthetic preference dataset that configs/*/tiny.yaml use.
+"""Make the tiny models and small synthetic preference datasets that the tiny configs use.
 
-    python scripts/make_tiny_assets.py [OUT_DIR] [--kind sd|sdxl] [--pairs 64]
+    python scripts/make_tiny_assets.py [OUT_DIR] [--kind sd|sdxl|text] [--pairs 64]
 
-Writes OUT_DIR/pipeline (a ~1M-parameter diffusers pipeline built from configs) and
-OUT_DIR/pairs.jsonl with OUT_DIR/images/*.png (32x32 images; the chosen image of each pair is
-the brighter one). Nothing is downloaded.
+sd / sdxl (OUT_DIR default outputs/tiny): OUT_DIR/pipeline (a ~1M-parameter diffusers pipeline
+built from configs) and OUT_DIR/pairs.jsonl with OUT_DIR/images/*.png (32x32 images; the chosen
+image of each pair is the brighter one).
+
+text (OUT_DIR default outputs/tiny_text; configs/text/*.yaml): OUT_DIR/lm (a tiny Llama and a
+word-level tokenizer), OUT_DIR/pairs.jsonl (prompt, chosen, rejected, chosen_reward,
+rejected_reward) and OUT_DIR/candidates.jsonl (prompt, 4 completions, rewards).
+
+Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 
 from diffalign.diffusion.tiny import build_tiny_pipeline
 from diffalign.images import to_pil
+from diffalign.text.tiny import build_tiny_causal_lm, synthetic_preferences
 
 
 def make_pairs(out: Path, n_pairs: int, seed: int = 0, size: int = 32) -> Path:
@@ -42,13 +49,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("out", type=Path, nargs="?", default=Path("outputs/tiny"), help="output folder")
-    parser.add_argument("--kind", choices=["sd", "sdxl"], default="sd", help="pipeline layout")
-    parser.add_argument("--pairs", type=int, default=64, help="number of preference pairs")
+    parser.add_argument("out", type=Path, nargs="?", default=None, help="output folder")
+    parser.add_argument("--kind", choices=["sd", "sdxl", "text"], default="sd", help="model kind")
+    parser.add_argument("--pairs", type=int, default=64, help="number of preference pairs (rows)")
     args = parser.parse_args()
-    build_tiny_pipeline(args.out / "pipeline", kind=args.kind)
-    make_pairs(args.out, args.pairs)
-    print(args.out)
+    out = args.out or Path("outputs/tiny_text" if args.kind == "text" else "outputs/tiny")
+    if args.kind == "text":
+        build_tiny_causal_lm(out / "lm")
+        synthetic_preferences(out / "pairs.jsonl", args.pairs, rewards=True)
+        synthetic_preferences(out / "candidates.jsonl", args.pairs, candidates=4)
+    else:
+        build_tiny_pipeline(out / "pipeline", kind=args.kind)
+        make_pairs(out, args.pairs)
+    print(out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ corrupt image (when it is decoded).
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -29,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+
+from diffalign.data.rows import read_rows
 
 __all__ = ["PairRecord", "load_image", "read_preference_pairs"]
 
@@ -64,95 +65,38 @@ def read_preference_pairs(
     if ties not in ("drop", "half"):
         raise ValueError(f"ties must be 'drop' or 'half', got {ties!r}")
     path = Path(path)
-    if path.is_dir() and not (path / "dataset_dict.json").is_file() and any(path.glob("*.parquet")):
-        # a folder of parquet shards (how Pick-a-Pic v2 is distributed)
-        return [r for shard in sorted(path.glob("*.parquet")) for r in read_preference_pairs(shard, ties)]
-    if path.is_dir():
-        return _read_hf_dataset(str(path), ties, split, local=True)
-    if not path.exists():
-        if path.suffix or str(path).count("/") != 1:
-            raise FileNotFoundError(f"preference data not found: {path}")
-        return _read_hf_dataset(str(path), ties, split, local=False)
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        _check_columns(table.column_names, str(path))
-        return _pick_a_pic(table.select(list(PICK_A_PIC_COLUMNS)).to_pylist(), str(path), ties)
     if path.suffix in (".jsonl", ".json"):
-        return _read_jsonl(path, ties)
-    raise ValueError(f"{path}: unsupported preference data format (use .parquet, .jsonl or a dataset folder)")
+        return [
+            r
+            for where, row in read_rows(path, what="preference data")
+            if (r := _jsonl_pair(row, where, path.parent, ties))
+        ]
+    rows = read_rows(path, split, columns=PICK_A_PIC_COLUMNS, what="preference data")
+    return [r for where, row in rows if (r := _pick_a_pic(row, where, ties))]
 
 
-def _check_columns(names: list[str], source: str) -> None:
-    missing = [c for c in PICK_A_PIC_COLUMNS if c not in names]
-    if missing:
-        columns = ", ".join(PICK_A_PIC_COLUMNS)
-        raise ValueError(f"{source}: missing column '{missing[0]}' (Pick-a-Pic columns: {columns})")
+def _pick_a_pic(row: dict, where: str, ties: str) -> PairRecord | None:
+    win = _tie_or_win(row["label_0"], where)
+    if win is None and ties == "drop":
+        return None
+    first_wins = row["label_0"] >= 0.5
+    chosen, rejected = (row["jpg_0"], row["jpg_1"]) if first_wins else (row["jpg_1"], row["jpg_0"])
+    return PairRecord(str(row["caption"] or ""), chosen, rejected, win or 0.5, where)
 
 
-def _read_hf_dataset(name: str, ties: str, split: str, local: bool) -> list[PairRecord]:
-    import datasets
-
-    try:
-        data = datasets.load_from_disk(name) if local else datasets.load_dataset(name, split=split)
-    except Exception as err:
-        where = "is not a datasets folder" if local else "could not be loaded from the hub"
-        raise FileNotFoundError(
-            f"preference data '{name}' {where} ({type(err).__name__}: {err}); pass a .parquet or .jsonl "
-            "file, or a folder written by datasets' save_to_disk"
-        ) from err
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise ValueError(f"{name}: no split '{split}' (has {', '.join(data)})")
-        data = data[split]
-    _check_columns(data.column_names, name)
-    return _pick_a_pic(data.select_columns(list(PICK_A_PIC_COLUMNS)).to_list(), name, ties)
-
-
-def _pick_a_pic(rows: list[dict], source: str, ties: str) -> list[PairRecord]:
-    out = []
-    for i, row in enumerate(rows):
-        where = f"{source}:{i}"
-        win = _tie_or_win(row["label_0"], where)
-        if win is None and ties == "drop":
-            continue
-        first_wins = row["label_0"] >= 0.5
-        chosen, rejected = (row["jpg_0"], row["jpg_1"]) if first_wins else (row["jpg_1"], row["jpg_0"])
-        out.append(PairRecord(str(row["caption"] or ""), chosen, rejected, win or 0.5, where))
-    return out
-
-
-def _read_jsonl(path: Path, ties: str) -> list[PairRecord]:
-    out = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
-        for key in ("prompt", "chosen", "rejected"):
-            if key not in row:
-                raise ValueError(f"{where}: missing key '{key}' (need prompt, chosen, rejected)")
-        label = float(row.get("label", 1.0))
-        if label not in (0.5, 1.0):
-            raise ValueError(f"{where}: label must be 1 or 0.5 (a tie), got {row['label']!r}")
-        if label == 0.5 and ties == "drop":
-            continue
-        mask = path.parent / row["mask"] if row.get("mask") else None
-        out.append(
-            PairRecord(
-                str(row["prompt"]),
-                path.parent / row["chosen"],
-                path.parent / row["rejected"],
-                label,
-                where,
-                mask,
-            )
-        )
-    return out
+def _jsonl_pair(row: dict, where: str, folder: Path, ties: str) -> PairRecord | None:
+    for key in ("prompt", "chosen", "rejected"):
+        if key not in row:
+            raise ValueError(f"{where}: missing key '{key}' (need prompt, chosen, rejected)")
+    label = float(row.get("label", 1.0))
+    if label not in (0.5, 1.0):
+        raise ValueError(f"{where}: label must be 1 or 0.5 (a tie), got {row['label']!r}")
+    if label == 0.5 and ties == "drop":
+        return None
+    mask = folder / row["mask"] if row.get("mask") else None
+    return PairRecord(
+        str(row["prompt"]), folder / row["chosen"], folder / row["rejected"], label, where, mask
+    )
 
 
 def load_image(ref: ImageRef, where: str, size: int | None = None, grey: bool = False) -> Tensor:

@@ -1,11 +1,17 @@
 """Pretraining the demo's base model, and the classifier that measures prompt fidelity.
 
 The base model is a pixel-space text-to-image pipeline in diffusers format (no VAE): a
-~1.7M-parameter ``UNet2DConditionModel`` (attention at 8x8 and 4x4), a frozen random CLIP text
-encoder with a locally built character tokenizer, and a cosine-schedule DDPM scheduler. It is
-trained on the world for ``steps`` steps (10% of prompts dropped for classifier-free guidance,
-EMA weights saved) and cached, keyed on everything that defines it, so later runs load it through
-``DiffusionPolicy.from_pretrained`` like SD1.5.
+~1.7M-parameter ``UNet2DConditionModel`` (attention at 8x8 and 4x4), a 2-layer CLIP text encoder
+with a locally built character tokenizer, and a cosine-schedule DDPM scheduler predicting v (as
+SD2). UNet and text encoder train together on the world for ``steps`` steps (10% of prompts
+dropped for classifier-free guidance, EMA weights saved) and are cached, keyed on everything that
+defines them, so later runs load the pipeline through ``DiffusionPolicy.from_pretrained`` like
+SD1.5.
+
+Why these choices (measured at 400 steps): with a frozen random encoder the 12 prompts' hidden
+states were 0.81 cosine-similar on average and samples hardly followed them; epsilon-prediction
+samples kept visible noise and x0-prediction samples collapsed to one blurred mean per prompt,
+while v-prediction samples were clean and varied.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from diffalign.demo.world import SIZE, World, class_of, prompts
+from diffalign.demo.world import SIZE, World, class_of, fingerprint, prompts
+from diffalign.diffusion.likelihood import denoising_target
 from diffalign.diffusion.policy import DiffusionPolicy
 
 __all__ = ["FidelityClassifier", "PretrainConfig", "cache_dir", "pretrained_base", "trained_classifier"]
@@ -28,8 +35,8 @@ __all__ = ["FidelityClassifier", "PretrainConfig", "cache_dir", "pretrained_base
 
 @dataclass
 class PretrainConfig:
-    steps: int = 600
-    batch_size: int = 64
+    steps: int = 800
+    batch_size: int = 32
     lr: float = 2e-3
     cond_dropout: float = 0.1
     ema_decay: float = 0.995
@@ -37,7 +44,7 @@ class PretrainConfig:
 
     def key(self) -> str:
         return hashlib.sha256(
-            json.dumps({**asdict(self), "version": 1}, sort_keys=True).encode()
+            json.dumps({**asdict(self), "world": fingerprint(), "version": 2}, sort_keys=True).encode()
         ).hexdigest()[:12]
 
 
@@ -66,7 +73,7 @@ def _build_pipeline(seed: int):  # type: ignore[no-untyped-def]
         cross_attention_dim=32,
     )
     scheduler = DDPMScheduler(
-        beta_schedule="squaredcos_cap_v2", clip_sample=True, prediction_type="epsilon", steps_offset=1
+        beta_schedule="squaredcos_cap_v2", clip_sample=True, prediction_type="v_prediction", steps_offset=1
     )
     return StableDiffusionPipeline(
         vae=None, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
@@ -81,14 +88,17 @@ def pretrained_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         return folder
     pipe = _build_pipeline(cfg.seed)
     unet, encoder, tokenizer, scheduler = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
-    encoder.requires_grad_(False).eval()
-    all_prompts = [*prompts(), ""]
-    # the 13 conditionings, computed once, exactly as the loaded policy will compute them
     policy = DiffusionPolicy(unet=unet, scheduler=scheduler, text_encoders=[encoder], tokenizers=[tokenizer])
-    table = policy.encode_prompts(all_prompts).encoder_hidden_states
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    all_prompts = [*prompts(), ""]
+    # the 13 prompts tokenized once as the policy tokenizes them; the encoder trains with the UNet
+    ids = tokenizer(
+        all_prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids  # fmt: skip
+    params = [*unet.parameters(), *encoder.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps)
-    ema = [p.detach().clone() for p in unet.parameters()]
+    ema = [p.detach().clone() for p in params]
     world, g = World(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     empty = len(all_prompts) - 1
     for _ in tqdm(range(cfg.steps), desc="pretraining the demo's base model", disable=not progress):
@@ -98,17 +108,18 @@ def pretrained_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         x0 = images * 2 - 1
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
+        table = encoder(ids)[0]
         pred = unet(scheduler.add_noise(x0, noise, t), t, table[cls]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = F.mse_loss(pred, denoising_target(policy, x0, noise, t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         with torch.no_grad():
-            for e, p in zip(ema, unet.parameters(), strict=True):
+            for e, p in zip(ema, params, strict=True):
                 e.lerp_(p, 1 - cfg.ema_decay)
     with torch.no_grad():
-        for e, p in zip(ema, unet.parameters(), strict=True):
+        for e, p in zip(ema, params, strict=True):
             p.copy_(e)
     tmp = folder.with_name(folder.name + ".tmp")
     pipe.save_pretrained(tmp)
@@ -144,7 +155,7 @@ def trained_classifier(
     """The cached fidelity classifier and its accuracy on 2000 held-out real images."""
     from safetensors.torch import load_file, save_file
 
-    path = cache_dir() / f"classifier-{seed}-{steps}.safetensors"
+    path = cache_dir() / f"classifier-{fingerprint()}-{seed}-{steps}.safetensors"
     model = FidelityClassifier()
     world = World(seed)
     held_out, held_prompts = world.dataset(2000, torch.Generator().manual_seed(seed + 10_000))

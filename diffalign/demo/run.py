@@ -46,7 +46,7 @@ class DemoConfig:
     )
     classifier_steps: int = field(default=800, metadata={"help": "training steps of the fidelity classifier"})
     held_out_prompts: list[str] = field(
-        default_factory=lambda: ["a red triangle", "a green square", "a blue circle"],
+        default_factory=lambda: ["a red ring", "a green cross", "a blue circle"],
         metadata={"help": "prompts never seen in the preference data (evaluation)"},
     )
     samples_per_prompt: int = field(default=24, metadata={"help": "base samples per training prompt"})

@@ -1,8 +1,10 @@
-"""The embedded world: 16x16 images of one filled shape, drawn from a text prompt.
+"""The embedded world: 16x16 images of one shape, drawn from a text prompt.
 
-A prompt is ``"a {colour} {shape}"`` with 4 colours and 3 shapes (12 classes). An image is the
-shape, in its colour, at a random position with a random size (radius 3-6 px), on a fixed dark
-grey background. Everything is generated from a seed; nothing is stored or downloaded.
+A prompt is ``"a {colour} {shape}"`` with 4 colours and 3 shapes (circle, ring, cross: 12
+classes). An image is the shape, in its colour, near the centre (within 1 px) with a random size
+(radius 3-6 px), on a fixed dark grey background. Everything is generated from a seed; nothing
+is stored or downloaded. The shapes differ in topology rather than in outline (a disc, an
+annulus, a plus sign) because at 16x16 a small model blurs a square or a triangle into a disc.
 
 The "human" preference of the demo (``diffalign_rewards.demo``): bigger shapes are better, up
 to the largest the world draws, on a clean background.
@@ -10,12 +12,23 @@ to the largest the world draws, on a clean background.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["BACKGROUND", "COLOURS", "SHAPES", "SIZE", "World", "class_of", "prompts"]
+__all__ = [
+    "BACKGROUND",
+    "COLOURS",
+    "SHAPES",
+    "SIZE",
+    "World",
+    "class_of",
+    "fingerprint",
+    "prompts",
+    "shape_masks",
+]
 
 SIZE = 16
 BACKGROUND = (0.2, 0.2, 0.2)
@@ -25,8 +38,16 @@ COLOURS = {
     "blue": (0.2, 0.35, 0.95),
     "yellow": (0.95, 0.85, 0.15),
 }
-SHAPES = ("circle", "square", "triangle")
-RADIUS = (3.0, 6.0)  # below 3 px a circle and a square are hard to tell apart at 16x16
+SHAPES = ("circle", "ring", "cross")
+RADIUS = (3.0, 6.0)  # below 3 px a ring has no hole
+RING_WIDTH = 1.6
+JITTER = 1.0
+
+
+def fingerprint() -> str:
+    """Identifies everything that defines the world (cache keys of models trained on it)."""
+    spec = (SIZE, BACKGROUND, sorted(COLOURS.items()), SHAPES, RADIUS, RING_WIDTH, JITTER, 2)
+    return hashlib.sha256(repr(spec).encode()).hexdigest()[:8]
 
 
 def prompts() -> list[str]:
@@ -52,13 +73,13 @@ def shape_masks(shapes: list[str], cx: Tensor, cy: Tensor, r: Tensor, size: int 
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]
     rr = r[:, None, None]
-    circle = dx**2 + dy**2 <= rr**2
-    square = (dx.abs() <= rr * 0.886) & (dy.abs() <= rr * 0.886)  # the circle's area
-    # an upward triangle inscribed in the circle of radius 1.2 r (about the circle's area)
-    t = 1.2 * rr
-    triangle = (dy <= t * 0.5) & (dy >= -t) & (dx.abs() <= (dy + t) / (1.5 * t) * (t * 0.866))
+    d = (dx**2 + dy**2).sqrt()
+    circle = d <= rr
+    ring = (d <= rr) & (d >= rr - RING_WIDTH)
+    arm = 0.35 * rr
+    cross = ((dx.abs() <= arm) & (dy.abs() <= rr)) | ((dy.abs() <= arm) & (dx.abs() <= rr))
     kind = torch.tensor([SHAPES.index(sh) for sh in shapes])[:, None, None]
-    fine = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle)).float()
+    fine = torch.where(kind == 0, circle, torch.where(kind == 1, ring, cross)).float()
     return fine.reshape(n, size, s, size, s).mean(dim=(2, 4))[:, None]
 
 
@@ -74,9 +95,8 @@ class World:
         n = len(prompt_list)
         parsed = [parse(p) for p in prompt_list]
         r = RADIUS[0] + (RADIUS[1] - RADIUS[0]) * torch.rand(n, generator=g)
-        margin = r + 1.0
-        cx = margin + (SIZE - 2 * margin) * torch.rand(n, generator=g)
-        cy = margin + (SIZE - 2 * margin) * torch.rand(n, generator=g)
+        cx = SIZE / 2 + JITTER * (2 * torch.rand(n, generator=g) - 1)
+        cy = SIZE / 2 + JITTER * (2 * torch.rand(n, generator=g) - 1)
         masks = shape_masks([s for _, s in parsed], cx, cy, r)
         colour = torch.tensor([COLOURS[c] for c, _ in parsed])[:, :, None, None]
         background = torch.tensor(BACKGROUND)[None, :, None, None]

@@ -10,6 +10,7 @@ import importlib
 
 METHODS = {
     "diffusion_dpo": "diffalign.methods.diffusion_dpo:DiffusionDPO",
+    "text_preference": "diffalign.methods.text_preference:TextPreference",
 }
 
 

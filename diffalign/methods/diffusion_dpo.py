@@ -56,6 +56,11 @@ class DiffusionDPO(Method):
             policy.add_lora(lora.rank, lora.alpha, tuple(lora.target_modules))
         if self.objective.uses_reference and not self.options.sft:
             mode = cfg.model.reference
+            if mode == "precomputed":
+                raise ValueError(
+                    "model.reference: 'precomputed' is for text methods; diffusion_dpo draws fresh noise "
+                    "each step, so its reference runs live (copy or adapters)"
+                )
             policy.make_reference(("adapters" if cfg.model.lora else "copy") if mode == "auto" else mode)
         if cfg.model.gradient_checkpointing:
             policy.enable_gradient_checkpointing()

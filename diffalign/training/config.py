@@ -29,9 +29,12 @@ class ModelConfig:
     lora: LoraSettings | None = field(
         default=None, metadata={"help": "train LoRA adapters instead of the full UNet"}
     )
-    reference: Literal["auto", "copy", "adapters"] = field(
+    reference: Literal["auto", "copy", "adapters", "precomputed"] = field(
         default="auto",
-        metadata={"help": "reference model: frozen copy, or adapters disabled (auto: by LoRA)"},
+        metadata={
+            "help": "reference model: frozen copy, adapters disabled (auto: by LoRA), or log-probs "
+            "precomputed once before training (text methods)"
+        },
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for UNet memory"})
     attention: Literal["sdpa", "xformers", "classic"] = field(

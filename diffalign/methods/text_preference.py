@@ -1,0 +1,189 @@
+"""Preference optimisation of a causal LM with any objective of the library (TRL's DPOTrainer shape).
+
+Per batch of rows (x, y_1 .. y_K), K = 2 for (chosen, rejected) pairs:
+
+1. score all B*K candidates in one forward: summed completion-token log-probs and lengths
+   (``completion_logps``; prompt and padding masked);
+2. reference log-probs: precomputed once before training (``model.reference: precomputed``; the
+   reference model is then never loaded again), or live under no-grad from a frozen copy
+   (``copy``) or the same model with its LoRA adapters disabled (``adapters``);
+3. the objective on those tensors: pairwise objectives (``dpo`` (Rafailov et al. 2023, Eq. 7),
+   ``ipo``, ``simpo``, ``cpo``, ``orpo``, ``mappo``, ``madpo``, ``fdpo``, ``kldo``, ``rso``, ...)
+   get candidate 0 as chosen and candidate 1 as rejected, or, for K > 2 rows with rewards, the
+   best and the worst; listwise objectives (``nca``, ``infonca``) get all K with their rewards.
+
+Metrics as TRL names them: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
+``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from diffalign.config import build
+from diffalign.objectives import get_objective
+from diffalign.text.data import read_text_preferences
+from diffalign.text.dataset import TextPreferenceDataset
+from diffalign.text.logps import Tokenization, completion_logps, pad_sequences
+from diffalign.training.config import TrainConfig
+from diffalign.training.loop import Method
+
+__all__ = ["TextPreference", "TextPreferenceOptions"]
+
+
+@dataclass
+class TextPreferenceOptions:
+    tokenization: Tokenization = field(default_factory=Tokenization)
+    disable_dropout: bool = True  # as TRL: dropout would make policy and reference disagree at step 0
+    reference_batch_size: int = 16
+
+
+class TextPreference(Method):
+    def __init__(self, cfg: TrainConfig) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        super().__init__(cfg)
+        self.options = build(TextPreferenceOptions, cfg.method_options, source="method_options")
+        self.objective = get_objective(**cfg.objective)
+        if self.objective.kind not in ("pairwise", "listwise"):
+            raise ValueError(
+                f"text_preference needs a pairwise or listwise objective, got '{self.objective.name}'"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.pretrained)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained)
+        if self.options.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        self.reference_mode = cfg.model.reference
+        if self.reference_mode == "auto":
+            self.reference_mode = "adapters" if cfg.model.lora else "copy"
+        if self.reference_mode == "adapters" and cfg.model.lora is None:
+            raise ValueError(
+                "model.reference 'adapters' needs model.lora (the reference is the model without them)"
+            )
+        self.reference = None
+        if self.objective.uses_reference and self.reference_mode == "copy":
+            self.reference = copy.deepcopy(model).requires_grad_(False).eval()
+        if cfg.model.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = cfg.model.lora
+            targets = lora.target_modules
+            model = get_peft_model(model, LoraConfig(
+                r=lora.rank, lora_alpha=lora.alpha or lora.rank, task_type="CAUSAL_LM",
+                target_modules="all-linear" if targets == ["all-linear"] else targets,
+            ))  # fmt: skip
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.model = self.train_model = model
+        records = read_text_preferences(cfg.data.path, cfg.data.split)
+        self.data = TextPreferenceDataset(records, self.tokenizer, self.options.tokenization)
+        rows = [r for r in records if r.rewards is None]
+        if rows and (self.objective.kind == "listwise" or len(records[0].completions) > 2):
+            raise ValueError(
+                f"{rows[0].where}: objective '{self.objective.name}' with K candidates needs rewards"
+            )
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.model
+
+    def use_prepared(self, module: torch.nn.Module) -> None:
+        self.train_model = module
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        self.model.to(device)
+        if self.reference is not None:
+            self.reference.to(device, dtype=weight_dtype)
+        if self.objective.uses_reference and self.reference_mode == "precomputed":
+            self.data.reference_logps = self._precomputed_reference(device)
+
+    def dataset(self) -> tuple[Dataset, Any]:
+        return self.data, self.data.collate
+
+    def step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        device = next(self.model.parameters()).device
+        tokens = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")}
+        k = batch["num_candidates"]
+        policy = completion_logps(self.train_model, **tokens)
+        reference = None
+        if self.objective.uses_reference:
+            reference = batch["reference_logps"]
+            reference = (
+                reference.to(device) if reference is not None else self._reference_logps(tokens).view(-1, k)
+            )
+        logps, lengths = policy.summed.view(-1, k), policy.lengths.view(-1, k)
+        rewards = None if batch["rewards"] is None else batch["rewards"].to(device)
+        if self.objective.kind == "listwise":
+            result = self.objective(policy_logps=logps, reference_logps=reference, rewards=rewards)
+        else:
+            pick = _chosen_rejected(k, rewards, len(logps), logps.device)
+            two = lambda x: None if x is None else x.gather(1, pick)  # noqa: E731
+            lp, ref, rw, ln = two(logps), two(reference), two(rewards), two(lengths)
+            result = self.objective(
+                policy_chosen_logps=lp[:, 0], policy_rejected_logps=lp[:, 1],
+                reference_chosen_logps=None if ref is None else ref[:, 0],
+                reference_rejected_logps=None if ref is None else ref[:, 1],
+                chosen_rewards=None if rw is None else rw[:, 0],
+                rejected_rewards=None if rw is None else rw[:, 1],
+                chosen_lengths=ln[:, 0], rejected_lengths=ln[:, 1],
+            )  # fmt: skip
+        return result.loss, dict(result.metrics)
+
+    def _reference_logps(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            if self.reference is not None:
+                return completion_logps(self.reference, **tokens).summed
+            if self.cfg.model.lora is not None:
+                with self.model.disable_adapter():
+                    return completion_logps(self.model, **tokens).summed
+            # precomputing, before any update: the model is its own reference
+            return completion_logps(self.model, **tokens).summed
+
+    def _precomputed_reference(self, device: torch.device) -> torch.Tensor:
+        """Reference log-probs of every candidate, computed once (the model before any update, its
+        adapters disabled) and cached in the output folder, keyed on the model and the tokens."""
+        from safetensors.torch import load_file, save_file
+
+        # the tokens are what the log-probs depend on (besides the model): data, template and truncation
+        key = hashlib.sha256(
+            repr((str(self.cfg.model.pretrained), self.data.sequences)).encode()
+        ).hexdigest()[:16]
+        path = Path(self.cfg.output_dir) / f"reference_logps-{key}.safetensors"
+        if path.is_file():
+            return load_file(str(path))["logps"]
+        values = []
+        self.model.eval()
+        for start in range(0, len(self.data), self.options.reference_batch_size):
+            rows = self.data.sequences[start : start + self.options.reference_batch_size]
+            tokens = pad_sequences([s for row in rows for s in row], self.data.pad_id, self.data.padding_side)
+            tokens = {name: t.to(device) for name, t in tokens.items()}
+            values.append(self._reference_logps(tokens).view(len(rows), -1).cpu())
+        self.model.train()
+        logps = torch.cat(values)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        save_file({"logps": logps}, str(tmp))
+        tmp.replace(path)
+        return logps
+
+    def export(self, path: Path) -> None:
+        """The model (or its LoRA adapter) and the tokenizer, for ``from_pretrained``."""
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+def _chosen_rejected(k: int, rewards: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
+    """Indices (B, 2) of the candidates a pairwise objective compares."""
+    if k == 2:
+        return torch.tensor([[0, 1]], device=device).expand(rows, 2)
+    return torch.stack([rewards.argmax(1), rewards.argmin(1)], dim=1)

@@ -1,0 +1,86 @@
+"""Text preference data: TRL-style rows, in one record type.
+
+Accepted rows (JSONL, parquet, a ``save_to_disk`` folder or a hub id; see ``diffalign.data.rows``):
+
+- pairs: ``prompt``, ``chosen``, ``rejected`` (strings, or TRL's conversational form: a list of
+  ``{"role", "content"}`` messages), optional rewards ``chosen_reward`` / ``rejected_reward``
+  (UltraFeedback's ``score_chosen`` / ``score_rejected`` are read as well), for ``mappo`` and
+  ``madpo``;
+- K candidates: ``prompt``, ``completions`` (a list), ``rewards`` (a list of scalars of the same
+  length), for ``nca`` / ``infonca`` (or any pairwise objective, on the best and worst).
+
+A record keeps its candidates in a fixed order (pairs: chosen first). Bad rows raise an error
+naming the source and row: a missing column, an empty completion (whose log-probability would be
+a sum over nothing), rewards of the wrong count or not finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffalign.data.rows import read_rows
+
+__all__ = ["TextRecord", "read_text_preferences"]
+
+Message = dict[str, str]
+Text = str | list[Message]
+
+_REWARD_ALIASES = (("chosen_reward", "rejected_reward"), ("score_chosen", "score_rejected"))
+
+
+@dataclass
+class TextRecord:
+    prompt: Text
+    completions: list[Text]  # pairs: [chosen, rejected]
+    rewards: list[float] | None
+    where: str
+
+
+def read_text_preferences(path: str | Path, split: str = "train") -> list[TextRecord]:
+    records = [_record(row, where) for where, row in read_rows(path, split, what="text preference data")]
+    if not records:
+        raise ValueError(f"{path}: no rows")
+    kinds = {len(r.completions) for r in records}
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: rows have different numbers of candidates ({sorted(kinds)}); use one form")
+    return records
+
+
+def _record(row: dict, where: str) -> TextRecord:
+    if "prompt" not in row:
+        raise ValueError(f"{where}: missing 'prompt'")
+    if "completions" in row:
+        completions, rewards = list(row["completions"]), row.get("rewards")
+        if len(completions) < 2:
+            raise ValueError(f"{where}: 'completions' needs at least 2 candidates, got {len(completions)}")
+        if rewards is not None and len(rewards) != len(completions):
+            raise ValueError(f"{where}: {len(rewards)} rewards for {len(completions)} completions")
+        names = [f"completions[{i}]" for i in range(len(completions))]
+    else:
+        for key in ("chosen", "rejected"):
+            if key not in row:
+                raise ValueError(
+                    f"{where}: missing '{key}' (a row needs prompt, chosen, rejected; or prompt, completions)"
+                )
+        completions, names = [row["chosen"], row["rejected"]], ["chosen", "rejected"]
+        keys = next((k for k in _REWARD_ALIASES if k[0] in row and k[1] in row), None)
+        rewards = [row[keys[0]], row[keys[1]]] if keys else None
+    for name, completion in zip(names, completions, strict=True):
+        if not _content(completion).strip():
+            raise ValueError(f"{where}: '{name}' is empty (an empty completion has no tokens to score)")
+    if rewards is not None:
+        try:
+            rewards = [float(r) for r in rewards]
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: rewards must be numbers, got {rewards!r}") from err
+        if not all(math.isfinite(r) for r in rewards):
+            raise ValueError(f"{where}: rewards must be finite, got {rewards}")
+    return TextRecord(row["prompt"], completions, rewards, where)
+
+
+def _content(text: Text) -> str:
+    if isinstance(text, str):
+        return text
+    return "".join(str(m.get("content", "")) for m in text)

@@ -1,0 +1,149 @@
+"""Token log-probabilities of completions under a causal LM: the text side's estimator.
+
+``encode_candidates`` turns a prompt and its K completions into token ids as TRL's DPOTrainer
+does: the chat template (when the tokenizer has one and ``chat_template="auto"``) renders the
+prompt as a user turn with the generation prompt and the completion as the assistant's reply;
+without one the completion ends with EOS. Truncation, in TRL's order: the prompt keeps its last
+``max_prompt_length`` tokens, a completion its first ``max_completion_length``, and the
+concatenation its first (``keep_start``) or last (``keep_end``) ``max_length``. A candidate with no
+completion token left is an error naming the row, never a log-probability of 0.
+
+``completion_logps`` scores all candidates of a batch in one forward: sequences padded on either
+side (position ids follow the attention mask, so left padding changes nothing), prompt and
+padding tokens masked out, the sum and the count of completion-token log-probabilities returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from diffalign.text.data import Text
+
+__all__ = [
+    "CompletionLogps",
+    "Tokenization",
+    "completion_logps",
+    "encode_candidates",
+    "pad_sequences",
+    "render_prompt",
+]
+
+
+@dataclass
+class Tokenization:
+    max_prompt_length: int | None = 512
+    max_completion_length: int | None = None
+    max_length: int | None = 1024
+    truncation_mode: Literal["keep_end", "keep_start"] = "keep_end"
+    chat_template: Literal["auto", "never"] = "auto"
+    padding_side: Literal["right", "left"] = "right"
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_length", "max_completion_length", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or null for no limit), got {value}")
+
+
+Sequence = tuple[list[int], int]  # token ids, number of prompt tokens among them
+
+
+def _uses_template(tokenizer: Any, cfg: Tokenization) -> bool:
+    return cfg.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+
+
+def _messages(prompt: Text, templated: bool, where: str) -> list[dict]:
+    if not isinstance(prompt, str) and not templated:
+        raise ValueError(f"{where}: the prompt is a list of messages but the tokenizer has no chat template")
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def render_prompt(tokenizer: Any, prompt: Text, cfg: Tokenization, where: str = "row") -> str:
+    """The prompt as the model sees it: a user turn plus the generation prompt, or the text itself."""
+    templated = _uses_template(tokenizer, cfg)
+    messages = _messages(prompt, templated, where)
+    if not templated:
+        return str(prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def encode_candidates(
+    tokenizer: Any, prompt: Text, completions: list[Text], cfg: Tokenization, where: str = "row"
+) -> list[Sequence]:
+    templated = _uses_template(tokenizer, cfg)
+    messages = _messages(prompt, templated, where)
+    prompt_text = render_prompt(tokenizer, prompt, cfg, where)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
+    if cfg.max_prompt_length is not None:
+        prompt_ids = prompt_ids[-cfg.max_prompt_length :]
+    out = []
+    for k, completion in enumerate(completions):
+        reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        if templated:
+            full = tokenizer.apply_chat_template(messages + reply, tokenize=False)
+            if not full.startswith(prompt_text):
+                raise ValueError(f"{where}: the chat template does not render the prompt as a prefix")
+            ids = tokenizer(full[len(prompt_text) :], add_special_tokens=False).input_ids
+        else:
+            text = "".join(str(m["content"]) for m in reply)
+            ids = [*tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+        if cfg.max_completion_length is not None:
+            ids = ids[: cfg.max_completion_length]
+        sequence, n_prompt = prompt_ids + ids, len(prompt_ids)
+        if cfg.max_length is not None and len(sequence) > cfg.max_length:
+            cut = len(sequence) - cfg.max_length
+            if cfg.truncation_mode == "keep_start":
+                sequence, n_prompt = sequence[: cfg.max_length], min(n_prompt, cfg.max_length)
+            else:
+                sequence, n_prompt = sequence[cut:], max(n_prompt - cut, 0)
+        # the first token has no prediction: a completion starting the sequence loses it
+        if len(sequence) - max(n_prompt, 1) < 1:
+            raise ValueError(
+                f"{where}: candidate {k} has no completion token left after truncation "
+                f"(max_prompt_length {cfg.max_prompt_length}, max_length {cfg.max_length})"
+            )
+        out.append((sequence, n_prompt))
+    return out
+
+
+def pad_sequences(
+    sequences: list[Sequence], pad_id: int, side: Literal["right", "left"] = "right"
+) -> dict[str, Tensor]:
+    """``input_ids``, ``attention_mask`` and ``completion_mask`` (N, L), padded to the longest."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, (ids, n_prompt) in enumerate(sequences):
+        start = 0 if side == "right" else width - len(ids)
+        input_ids[i, start : start + len(ids)] = torch.tensor(ids)
+        attention[i, start : start + len(ids)] = 1
+        completion[i, start + n_prompt : start + len(ids)] = True
+    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+
+
+@dataclass
+class CompletionLogps:
+    summed: Tensor  # (N,) sum of completion-token log-probabilities
+    lengths: Tensor  # (N,) completion tokens scored
+
+    @property
+    def mean(self) -> Tensor:
+        return self.summed / self.lengths
+
+
+def completion_logps(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+) -> CompletionLogps:
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits, labels, mask = logits[:, :-1], input_ids[:, 1:], completion_mask[:, 1:]
+    # log_softmax at the labels only, in float32 whatever the model's dtype
+    picked = logits.gather(-1, labels[..., None]).squeeze(-1).float()
+    token_logps = picked - torch.logsumexp(logits.float(), dim=-1)
+    token_logps = token_logps.masked_fill(~mask, 0.0)
+    return CompletionLogps(token_logps.sum(-1), mask.sum(-1).to(token_logps.dtype))
