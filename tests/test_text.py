@@ -189,3 +189,95 @@ def test_every_objective_trains_through_the_train_script(
             assert sum(m[key] for m in last) > sum(m[key] for m in first), key
     after = _heldout_accuracy(out / "checkpoints" / "checkpoint-40" / "export", heldout)
     assert after >= 0.9 and after > before, (before, after)
+
+
+def _method(lm_path: Path, data: Path, out: Path, *overrides: str):  # type: ignore[no-untyped-def]
+    from diffalign.config import load_config
+    from diffalign.methods.text_preference import TextPreference
+    from diffalign.training.config import TrainConfig
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "text" / "dpo.yaml"
+    cfg = load_config(
+        TrainConfig,
+        config,
+        [f"model.pretrained={lm_path}", f"data.path={data}", f"output_dir={out}", *overrides],
+    )
+    method = TextPreference(cfg)
+    method.setup(torch.device("cpu"), torch.float32)
+    return method
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_precomputed_reference_gives_the_live_reference_loss(
+    lora: bool, lm_path: Path, tmp_path: Path
+) -> None:
+    data = synthetic_preferences(tmp_path / "d.jsonl", rows=12)
+    lora_args = ["model.lora={rank: 4, target_modules: [q_proj, v_proj]}"] if lora else []
+    live = _method(lm_path, data, tmp_path / "live", "model.reference=auto", *lora_args)
+    pre = _method(lm_path, data, tmp_path / "pre", "model.reference=precomputed", *lora_args)
+    assert pre.reference is None and (live.reference is None) == lora  # LoRA: adapters disabled, no copy
+    cached = list((tmp_path / "pre").glob("reference_logps-*.safetensors"))
+    assert len(cached) == 1
+    with torch.no_grad():  # move the policy away from the reference so that the reference term matters
+        for p in live.model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+        for a, b in zip(pre.model.parameters(), live.model.parameters(), strict=True):
+            a.copy_(b)
+    dataset, collate = pre.dataset()
+    batch = collate([dataset[i] for i in range(6)])
+    assert batch["reference_logps"] is not None
+    loss_pre, metrics = pre.step(batch)
+    loss_live, _ = live.step({**batch, "reference_logps": None})
+    assert float(loss_pre.detach()) == pytest.approx(float(loss_live.detach()), abs=1e-6)
+    assert abs(metrics["rewards/margins"]) > 1e-4  # the policy really differs from the reference
+    again = _method(lm_path, data, tmp_path / "pre", "model.reference=precomputed", *lora_args)
+    assert torch.equal(again.data.reference_logps, pre.data.reference_logps)  # read from the cache
+
+
+def test_lora_training_exports_an_adapter(lm_path: Path, tmp_path: Path) -> None:
+    from diffalign.cli import main
+
+    data = synthetic_preferences(tmp_path / "d.jsonl", rows=16)
+    config = Path(__file__).resolve().parents[1] / "configs" / "text" / "dpo.yaml"
+    out = tmp_path / "run"
+    code = main([
+        "train", "--config", str(config), f"model.pretrained={lm_path}", f"data.path={data}",
+        f"output_dir={out}", "model.lora={rank: 4, target_modules: [all-linear]}", "max_steps=3", "checkpoint_every=3",
+        "optim.lr=1e-2", "report_to=[]",
+    ])  # fmt: skip
+    assert code == 0
+    export = out / "checkpoints" / "checkpoint-3" / "export"
+    assert (export / "adapter_config.json").is_file() and (export / "tokenizer.json").is_file()
+    from peft import AutoPeftModelForCausalLM
+
+    trained = AutoPeftModelForCausalLM.from_pretrained(export)
+    base, _ = _load(lm_path)
+    x = torch.tensor([[1, 7, 8, 9]])
+    with torch.no_grad():
+        assert not torch.allclose(trained(x).logits, base(x).logits)  # the adapter changed the model
+
+
+def test_rso_data_step_pairs_the_accepted_samples(lm_path: Path, tmp_path: Path) -> None:
+    from script_loader import load_script
+
+    from diffalign.text.tiny import yes_fraction
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"t{i} t{i + 1}"}) for i in range(6)))
+    out = load_script("rso_data").main([
+        "--model", str(lm_path), "--prompts", str(prompts), "--reward", "diffalign.text.tiny:yes_fraction",
+        "--out", str(tmp_path / "rso.jsonl"), "--num-candidates", "12", "--num-accepted", "4",
+        "--max-new-tokens", "6", "--beta", "0.05",
+    ])  # fmt: skip
+    records = read_text_preferences(out)
+    assert 1 <= len(records) <= 6 * 2
+    for r in records:
+        chosen, rejected = r.completions
+        assert r.rewards == yes_fraction([], [chosen, rejected])  # rewards are the reward's scores
+        assert r.rewards[0] > r.rewards[1]
+    with pytest.raises(ValueError, match="num_accepted must be even"):
+        load_script("rso_data").main([
+            "--model", str(lm_path), "--prompts", str(prompts), "--reward",
+            "diffalign.text.tiny:yes_fraction", "--out", str(tmp_path / "x.jsonl"), "--num-accepted", "3",
+        ])  # fmt: skip
