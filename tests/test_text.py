@@ -243,8 +243,8 @@ def test_lora_training_exports_an_adapter(lm_path: Path, tmp_path: Path) -> None
     out = tmp_path / "run"
     code = main([
         "train", "--config", str(config), f"model.pretrained={lm_path}", f"data.path={data}",
-        f"output_dir={out}", "model.lora={rank: 4, target_modules: [all-linear]}", "max_steps=3", "checkpoint_every=3",
-        "optim.lr=1e-2", "report_to=[]",
+        f"output_dir={out}", "model.lora={rank: 4, target_modules: [all-linear]}", "max_steps=3",
+        "checkpoint_every=3", "optim.lr=1e-2", "report_to=[]",
     ])  # fmt: skip
     assert code == 0
     export = out / "checkpoints" / "checkpoint-3" / "export"
