@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,10 +76,14 @@ def _build_pipeline(seed: int):  # type: ignore[no-untyped-def]
     scheduler = DDPMScheduler(
         beta_schedule="squaredcos_cap_v2", clip_sample=True, prediction_type="v_prediction", steps_offset=1
     )
-    return StableDiffusionPipeline(
-        vae=None, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    with warnings.catch_warnings():
+        # diffusers warns that clip_sample is set: right for latents, but this model works in pixel
+        # space, where clipping the predicted image to [-1, 1] is what we want
+        warnings.simplefilter("ignore", FutureWarning)
+        return StableDiffusionPipeline(
+            vae=None, text_encoder=encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
 
 
 def pretrained_base(cfg: PretrainConfig, progress: bool = True) -> Path:
