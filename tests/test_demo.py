@@ -29,7 +29,7 @@ def render(prompt: str, radius: float) -> torch.Tensor:
     return mask * c + (1 - mask) * torch.tensor(BACKGROUND)[None, :, None, None]
 
 
-@pytest.mark.parametrize("prompt", ["a red circle", "a green square", "a blue triangle"])
+@pytest.mark.parametrize("prompt", ["a red circle", "a green ring", "a blue cross"])
 def test_bigger_is_better_up_to_the_largest_shape(prompt: str) -> None:
     reward = load_reward("demo_size")
     scores = [float(reward(render(prompt, r), [prompt])) for r in (3.0, 4.0, 5.0, 6.0)]
