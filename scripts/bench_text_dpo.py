@@ -76,8 +76,8 @@ def bench_trl(model_path: Path, data: Path, out: Path, args: argparse.Namespace)
     config = DPOConfig(
         output_dir=str(out), per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, beta=0.1, max_length=1024,
-        logging_steps=args.warmup + args.steps, save_strategy="no", report_to=[], use_cpu=True, seed=0, max_grad_norm=1.0,
-        dataloader_drop_last=True,
+        logging_steps=args.warmup + args.steps, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+        max_grad_norm=1.0, dataloader_drop_last=True,
     )  # fmt: skip
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model_path),
