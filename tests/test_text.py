@@ -111,7 +111,7 @@ def test_bad_rows_are_named(tmp_path: Path) -> None:
         read_text_preferences(
             write(
                 [
-                    {"prompt": "a", "chosen": "b", "rejected": "c"},
+                    {"prompt": "a", "chosen": "b", "rejected": "c", "chosen_reward": 1, "rejected_reward": 0},
                     {"prompt": "a", "completions": ["x", "y", "z"], "rewards": [1, 2, 3]},
                 ]
             )
@@ -281,3 +281,10 @@ def test_rso_data_step_pairs_the_accepted_samples(lm_path: Path, tmp_path: Path)
             "--model", str(lm_path), "--prompts", str(prompts), "--reward",
             "diffalign.text.tiny:yes_fraction", "--out", str(tmp_path / "x.jsonl"), "--num-accepted", "3",
         ])  # fmt: skip
+
+
+def test_objectives_that_need_rewards_refuse_rows_without_them(lm_path: Path, tmp_path: Path) -> None:
+    data = synthetic_preferences(tmp_path / "d.jsonl", rows=4)  # pairs, no reward columns
+    with pytest.raises(ValueError, match=r"d\.jsonl:1: objective 'mappo' needs rewards per candidate"):
+        _method(lm_path, data, tmp_path / "out", "objective={name: mappo}")
+    _method(lm_path, data, tmp_path / "out", "objective={name: infonca}")  # K = 2: the hard label suffices

@@ -87,11 +87,14 @@ class TextPreference(Method):
         self.model = self.train_model = model
         records = read_text_preferences(cfg.data.path, cfg.data.split)
         self.data = TextPreferenceDataset(records, self.tokenizer, self.options.tokenization)
-        rows = [r for r in records if r.rewards is None]
-        if rows and (self.objective.kind == "listwise" or len(records[0].completions) > 2):
-            raise ValueError(
-                f"{rows[0].where}: objective '{self.objective.name}' with K candidates needs rewards"
+        wants_rewards = {"chosen_rewards", "rewards"} & set(self.objective.required_inputs())
+        if records[0].rewards is None and (wants_rewards or len(records[0].completions) > 2):
+            why = (
+                "K > 2 candidates"
+                if len(records[0].completions) > 2
+                else f"objective '{self.objective.name}'"
             )
+            raise ValueError(f"{records[0].where}: {why} needs rewards per candidate, and the rows have none")
 
     def trainable_module(self) -> torch.nn.Module:
         return self.model

@@ -42,6 +42,11 @@ def read_text_preferences(path: str | Path, split: str = "train") -> list[TextRe
     records = [_record(row, where) for where, row in read_rows(path, split, what="text preference data")]
     if not records:
         raise ValueError(f"{path}: no rows")
+    unscored = [r for r in records if r.rewards is None]
+    if unscored and len(unscored) < len(records):
+        raise ValueError(
+            f"{unscored[0].where}: no rewards, while other rows have them; give all rows or none"
+        )
     kinds = {len(r.completions) for r in records}
     if len(kinds) > 1:
         raise ValueError(f"{path}: rows have different numbers of candidates ({sorted(kinds)}); use one form")
