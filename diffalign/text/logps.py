@@ -75,6 +75,10 @@ def encode_candidates(
     tokenizer: Any, prompt: Text, completions: list[Text], cfg: Tokenization, where: str = "row"
 ) -> list[Sequence]:
     templated = _uses_template(tokenizer, cfg)
+    if not templated and tokenizer.eos_token_id is None:
+        raise ValueError(
+            "the tokenizer has no EOS token to end completions with (set one, or a chat template)"
+        )
     messages = _messages(prompt, templated, where)
     prompt_text = render_prompt(tokenizer, prompt, cfg, where)
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False).input_ids
