@@ -301,3 +301,15 @@ def test_training_options_run(tiny_pipelines, pairs: Path, tmp_path: Path, extra
     assert len(lines) == 2
     if "sft" in extra[0]:
         assert "rewards/margins" not in result.metrics and "mse/policy_chosen" in result.metrics
+
+
+def test_precomputed_reference_is_refused_with_the_reason(
+    tiny_pipelines, pairs: Path, tmp_path: Path
+) -> None:
+    from diffalign.methods.diffusion_dpo import DiffusionDPO
+
+    cfg = config(*overrides(tiny_pipelines["sd"], pairs, tmp_path / "out", "model.reference=precomputed"))
+    with pytest.raises(
+        ValueError, match="'precomputed' is for text methods; diffusion_dpo draws fresh noise"
+    ):
+        DiffusionDPO(cfg)
