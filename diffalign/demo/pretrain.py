@@ -95,11 +95,6 @@ def pretrained_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     unet, encoder, tokenizer, scheduler = pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
     policy = DiffusionPolicy(unet=unet, scheduler=scheduler, text_encoders=[encoder], tokenizers=[tokenizer])
     all_prompts = [*prompts(), ""]
-    # the 13 prompts tokenized once as the policy tokenizes them; the encoder trains with the UNet
-    ids = tokenizer(
-        all_prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
-    ).input_ids  # fmt: skip
     params = [*unet.parameters(), *encoder.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps)
@@ -113,7 +108,8 @@ def pretrained_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         x0 = images * 2 - 1
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
-        table = encoder(ids)[0]
+        # the 13 conditionings as the loaded policy will compute them; the encoder trains with the UNet
+        table = policy.encode_prompts(all_prompts, grad=True).encoder_hidden_states
         pred = unet(scheduler.add_noise(x0, noise, t), t, table[cls]).sample
         loss = F.mse_loss(pred, denoising_target(policy, x0, noise, t))
         optimizer.zero_grad(set_to_none=True)

@@ -285,8 +285,10 @@ class DiffusionPolicy:
         dropout: float = 0.0,
         generator: torch.Generator | None = None,
         image_size: tuple[int, int] | None = None,
+        grad: bool = False,
     ) -> Conditioning:
         """Text conditioning; each prompt becomes "" with probability ``dropout`` (caption dropout).
+        ``grad=True`` keeps the graph through the text encoders, to train them.
 
         SDXL: hidden states of both encoders' penultimate layers concatenated, the second encoder's
         pooled projection, and time ids (original size, crop (0, 0), target size) for ``image_size``.
@@ -308,7 +310,7 @@ class DiffusionPolicy:
                 if getattr(encoder.config, "use_attention_mask", False)
                 else None
             )
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad):
                 if self.is_sdxl:
                     out = encoder(ids.input_ids.to(device), output_hidden_states=True)
                     pooled = out[0]

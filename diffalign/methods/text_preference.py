@@ -32,7 +32,7 @@ from diffalign.config import build
 from diffalign.objectives import get_objective
 from diffalign.text.data import read_text_preferences
 from diffalign.text.dataset import TextPreferenceDataset
-from diffalign.text.logps import Tokenization, completion_logps, pad_sequences
+from diffalign.text.logps import Tokenization, completion_logps
 from diffalign.training.config import TrainConfig
 from diffalign.training.loop import Method
 
@@ -114,7 +114,7 @@ class TextPreference(Method):
 
     def step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         device = next(self.model.parameters()).device
-        tokens = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")}
+        tokens = _tokens(batch, device)
         k = batch["num_candidates"]
         policy = completion_logps(self.train_model, **tokens)
         reference = None
@@ -166,10 +166,9 @@ class TextPreference(Method):
         values = []
         self.model.eval()
         for start in range(0, len(self.data), self.options.reference_batch_size):
-            rows = self.data.sequences[start : start + self.options.reference_batch_size]
-            tokens = pad_sequences([s for row in rows for s in row], self.data.pad_id, self.data.padding_side)
-            tokens = {name: t.to(device) for name, t in tokens.items()}
-            values.append(self._reference_logps(tokens).view(len(rows), -1).cpu())
+            stop = min(start + self.options.reference_batch_size, len(self.data))
+            batch = self.data.collate([self.data[i] for i in range(start, stop)])
+            values.append(self._reference_logps(_tokens(batch, device)).view(stop - start, -1).cpu())
         self.model.train()
         logps = torch.cat(values)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +182,10 @@ class TextPreference(Method):
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+
+
+def _tokens(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")}
 
 
 def _chosen_rejected(k: int, rewards: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:
