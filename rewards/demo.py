@@ -1,6 +1,6 @@
 """The demo world's "human" preference, computed from pixels: bigger shapes, clean background.
 
-``demo_size``: ``area / max_area - 4 * mess - 8 * max(area - max_area, 0) / max_area`` where
+``demo_size``: ``area / max_area - 2 * mess - 3 * max(area - max_area, 0) / max_area`` where
 ``area`` is the fraction of pixels close to the prompt's colour, ``max_area`` that of the
 largest shape of the prompt's kind the world draws, and ``mess`` the mean distance of each
 pixel to the nearer of the prompt's colour and the background. Shortcuts do not pay:
@@ -40,4 +40,4 @@ class DemoShapeSize(RewardModel):
         to_background = (images - background).norm(dim=1)
         area = torch.sigmoid((0.25 - to_colour) / 0.05).mean(dim=(1, 2))
         mess = torch.minimum(to_colour, to_background).mean(dim=(1, 2))
-        return area / max_area - 4 * mess - 8 * torch.relu(area - max_area) / max_area
+        return area / max_area - 2 * mess - 3 * torch.relu(area - max_area) / max_area

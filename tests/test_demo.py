@@ -22,6 +22,22 @@ def test_world_is_deterministic_and_covers_every_prompt() -> None:
         World().sample(["a purple cat"])
 
 
+def test_inpainting_variant_hides_part_of_the_shape() -> None:
+    ex = World(0).inpainting(256, torch.Generator().manual_seed(5))
+    again = World(0).inpainting(256, torch.Generator().manual_seed(5))
+    assert torch.equal(ex.masks, again.masks) and ex.prompts == again.prompts
+    assert ex.masks.shape == (256, 1, 16, 16) and set(ex.masks.unique().tolist()) == {0.0, 1.0}
+    hole = ex.masks.bool().expand_as(ex.images)
+    assert torch.all(ex.masked_images[hole] == 0.5) and torch.equal(ex.masked_images[~hole], ex.images[~hole])
+    assert torch.all(ex.masks[:, 0, 8, 8] == 1)  # the centre pixel is always hidden
+    sides = ex.masks.sum(dim=(1, 2, 3)).sqrt()
+    assert sides.min() == 5 and sides.max() == 9  # square holes of every size drawn
+    # every hole hides shape pixels (colour, not background), so there is something to inpaint
+    background = torch.tensor(BACKGROUND)[None, :, None, None]
+    shape_pixels = ((ex.images - background).abs().sum(dim=1, keepdim=True) > 0.3) & ex.masks.bool()
+    assert torch.all(shape_pixels.flatten(1).sum(dim=1) >= 3)
+
+
 def render(prompt: str, radius: float) -> torch.Tensor:
     colour, shape = prompt.split()[1:]
     mask = shape_masks([shape], torch.tensor([8.0]), torch.tensor([8.0]), torch.tensor([radius]))

@@ -2,8 +2,9 @@
 
 A prompt is ``"a {colour} {shape}"`` with 4 colours and 3 shapes (circle, ring, cross: 12
 classes). An image is the shape, in its colour, near the centre (within 1 px) with a random size
-(radius 3-6 px), on a fixed dark grey background. Everything is generated from a seed; nothing
-is stored or downloaded. The shapes differ in topology rather than in outline (a disc, an
+(radius 3-6 px), on a fixed dark grey background. The inpainting variant (``World.inpainting``)
+hides a random box over part of the shape. Everything is generated from a seed; nothing is
+stored or downloaded. The shapes differ in topology rather than in outline (a disc, an
 annulus, a plus sign) because at 16x16 a small model blurs a square or a triangle into a disc.
 
 The "human" preference of the demo (``diffalign_rewards.demo``): bigger shapes are better, up
@@ -23,6 +24,7 @@ __all__ = [
     "COLOURS",
     "SHAPES",
     "SIZE",
+    "InpaintingExamples",
     "World",
     "class_of",
     "fingerprint",
@@ -84,6 +86,17 @@ def shape_masks(shapes: list[str], cx: Tensor, cy: Tensor, r: Tensor, size: int 
 
 
 @dataclass
+class InpaintingExamples:
+    """What an inpainting model sees and should restore; ``masked_images`` are grey (0.5) under the
+    mask, as diffusers' inpainting pipelines prepare them."""
+
+    images: Tensor  # (N, 3, SIZE, SIZE) in [0, 1]: the full pictures
+    masks: Tensor  # (N, 1, SIZE, SIZE), 1 where the model paints
+    masked_images: Tensor
+    prompts: list[str]
+
+
+@dataclass
 class World:
     seed: int = 0
 
@@ -101,6 +114,18 @@ class World:
         colour = torch.tensor([COLOURS[c] for c, _ in parsed])[:, :, None, None]
         background = torch.tensor(BACKGROUND)[None, :, None, None]
         return masks * colour + (1 - masks) * background, r
+
+    def inpainting(self, n: int, generator: torch.Generator) -> InpaintingExamples:
+        """``n`` pictures with uniformly drawn prompts, each with a square hole of side 5-9 px that
+        contains the centre pixel, so that it always hides part of the shape."""
+        images, chosen = self.dataset(n, generator)
+        side = torch.randint(5, 10, (n,), generator=generator)
+        x0, y0 = (SIZE // 2 - (torch.rand(n, generator=generator) * side).long() for _ in range(2))
+        pos = torch.arange(SIZE)
+        inside_x = (pos[None] >= x0[:, None]) & (pos[None] < (x0 + side)[:, None])
+        inside_y = (pos[None] >= y0[:, None]) & (pos[None] < (y0 + side)[:, None])
+        masks = (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None]
+        return InpaintingExamples(images, masks, torch.where(masks > 0, 0.5, images), chosen)
 
     def dataset(self, n: int, generator: torch.Generator) -> tuple[Tensor, list[str]]:
         """``n`` images with uniformly drawn prompts."""
