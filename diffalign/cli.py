@@ -4,6 +4,8 @@
 registered objective and fails when one of them does not align it.
 ``diffalign objectives`` lists the registered objectives with their hyper-parameters.
 ``diffalign train --config FILE [key=value ...]`` trains a method (as ``scripts/train.py``).
+``diffalign demo [--method M] [--objective O] [key=value ...]`` pretrains (or loads) the demo
+world's base model, aligns it and writes a report (as ``scripts/demo.py``).
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     if args.method:
         args.overrides.append(f"method={args.method}")
-    if args.objective:
-        args.overrides.append(f"train_overrides=['objective={{name: {args.objective}}}']")
-    report = run_demo(config_from_args(DemoConfig, args, "diffalign demo"))
+    cfg = config_from_args(DemoConfig, args, "diffalign demo")
+    if args.objective:  # before the user's own train_overrides, which may set its hyper-parameters
+        cfg.train_overrides.insert(0, f"objective={{name: {args.objective}}}")
+    report = run_demo(cfg)
     keys = (
         "win_rate",
         "win_rate_95ci",

@@ -49,15 +49,15 @@ class DemoConfig:
         default_factory=lambda: ["a red ring", "a green cross", "a blue circle"],
         metadata={"help": "prompts never seen in the preference data (evaluation)"},
     )
-    samples_per_prompt: int = field(default=24, metadata={"help": "base samples per training prompt"})
-    pairs_per_prompt: int = field(default=48, metadata={"help": "annotated pairs per training prompt"})
+    samples_per_prompt: int = field(default=48, metadata={"help": "base samples per training prompt"})
+    pairs_per_prompt: int = field(default=96, metadata={"help": "annotated pairs per training prompt"})
     annotator_temperature: float = field(
         default=0.05, metadata={"help": "Bradley-Terry temperature (label noise)"}
     )
     tie_margin: float = field(
         default=0.01, metadata={"help": "reward gap under which the annotator says 'tie'"}
     )
-    eval_samples_per_prompt: int = field(default=32, metadata={"help": "evaluation samples per prompt"})
+    eval_samples_per_prompt: int = field(default=64, metadata={"help": "evaluation samples per prompt"})
     guidance_scale: float = field(default=2.0, metadata={"help": "classifier-free guidance when sampling"})
     sampler_steps: int = field(default=20, metadata={"help": "DDIM steps when sampling"})
     train_overrides: list[str] = field(
