@@ -31,7 +31,14 @@ from diffalign.demo.world import SIZE, World, class_of, fingerprint, prompts
 from diffalign.diffusion.likelihood import denoising_target
 from diffalign.diffusion.policy import DiffusionPolicy
 
-__all__ = ["FidelityClassifier", "PretrainConfig", "cache_dir", "pretrained_base", "trained_classifier"]
+__all__ = [
+    "FidelityClassifier",
+    "PretrainConfig",
+    "base_folder",
+    "cache_dir",
+    "pretrained_base",
+    "trained_classifier",
+]
 
 
 @dataclass
@@ -86,9 +93,14 @@ def _build_pipeline(seed: int):  # type: ignore[no-untyped-def]
         )  # fmt: skip
 
 
+def base_folder(cfg: PretrainConfig) -> Path:
+    """Where the base pipeline pretrained with ``cfg`` is cached."""
+    return cache_dir() / f"base-{cfg.key()}"
+
+
 def pretrained_base(cfg: PretrainConfig, progress: bool = True) -> Path:
     """The cached base pipeline for ``cfg``, trained first if it is not cached yet."""
-    folder = cache_dir() / f"base-{cfg.key()}"
+    folder = base_folder(cfg)
     if (folder / "model_index.json").is_file():
         return folder
     pipe = _build_pipeline(cfg.seed)

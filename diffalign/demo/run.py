@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
-from diffalign.demo.pretrain import PretrainConfig, pretrained_base, trained_classifier
+from diffalign.demo.pretrain import PretrainConfig, base_folder, pretrained_base, trained_classifier
 from diffalign.demo.world import prompts
 from diffalign.images import save_grid, to_pil
 
@@ -65,11 +66,11 @@ class DemoConfig:
     )
 
 
-def _sample(policy: Any, prompt_list: list[str], seed: int, cfg: DemoConfig) -> torch.Tensor:
+def _sample(policy: Any, prompt_list: list[str], seed: int, cfg: DemoConfig, desc: str) -> torch.Tensor:
     from diffalign.diffusion.sampling import sample_with_trajectory
 
     out = []
-    for start in range(0, len(prompt_list), 128):
+    for start in tqdm(range(0, len(prompt_list), 128), desc=desc, unit="batch"):
         chunk = prompt_list[start : start + 128]
         g = torch.Generator().manual_seed(seed * 100_003 + start)
         traj = sample_with_trajectory(
@@ -84,14 +85,14 @@ def _sample(policy: Any, prompt_list: list[str], seed: int, cfg: DemoConfig) -> 
     return torch.cat(out)
 
 
-def _annotate(
-    images: torch.Tensor, prompt_list: list[str], cfg: DemoConfig, folder: Path
-) -> tuple[Path, dict]:
+def _annotate(images: torch.Tensor, prompt_list: list[str], cfg: DemoConfig, pairs_file: Path) -> dict:
+    """Writes the images to ``pairs_file``'s folder and the annotator's pairs to ``pairs_file``."""
     from diffalign.rewards import load_reward
 
     reward = load_reward("demo_size")
     scores = reward(images, prompt_list)
     g = torch.Generator().manual_seed(cfg.seed + 7)
+    folder = pairs_file.parent / "images"
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(to_pil(images)):
         im.save(folder / f"{i}.png")
@@ -113,9 +114,8 @@ def _annotate(
             disagree += int(a_wins != (gap > 0))
             w, lo = (a, b) if a_wins else (b, a)
             rows.append({"prompt": p, "chosen": f"images/{w}.png", "rejected": f"images/{lo}.png"})
-    path = folder.parent / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path, {"pairs": len(rows), "ties": ties, "label_noise": disagree / max(1, len(rows) - ties)}
+    pairs_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return {"pairs": len(rows), "ties": ties, "label_noise": disagree / max(1, len(rows) - ties)}
 
 
 def _wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -135,12 +135,12 @@ def _diversity(images: torch.Tensor, prompt_list: list[str]) -> float:
 
 
 def _evaluate(
-    policy: Any, classifier: Any, cfg: DemoConfig, seed: int
+    policy: Any, classifier: Any, cfg: DemoConfig, seed: int, name: str
 ) -> tuple[dict, torch.Tensor, list[str], torch.Tensor]:
     from diffalign.rewards import load_reward
 
     eval_prompts = [p for p in cfg.held_out_prompts for _ in range(cfg.eval_samples_per_prompt)]
-    images = _sample(policy, eval_prompts, seed, cfg)
+    images = _sample(policy, eval_prompts, seed, cfg, f"sampling the {name} model (held-out prompts)")
     scores = load_reward("demo_size")(images, eval_prompts)
     stats = {
         "reward": float(scores.mean()),
@@ -177,31 +177,36 @@ def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.training.config import TrainConfig
 
     started = time.perf_counter()
-    out = cfg.output_dir
+    config_file = CONFIGS / f"{cfg.method}.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"no demo config for method '{cfg.method}': {config_file}")
+    out, base_path = cfg.output_dir, base_folder(cfg.pretrain)
+    data = out / "data" / "pairs.jsonl"
+    # loaded first so that a wrong key fails now, not after minutes of pretraining
+    train_cfg = load_config(TrainConfig, config_file, [
+        f"model.pretrained={base_path}", f"data.path={data}", f"output_dir={out / 'training'}",
+        f"seed={cfg.seed}", *cfg.train_overrides,
+    ])  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    base_path = pretrained_base(cfg.pretrain)
+    pretrained_base(cfg.pretrain)
     classifier, classifier_accuracy = trained_classifier(cfg.pretrain.seed, cfg.classifier_steps)
     base = DiffusionPolicy.from_pretrained(base_path)
 
     train_prompts = [p for p in prompts() if p not in cfg.held_out_prompts]
     sample_prompts = [p for p in train_prompts for _ in range(cfg.samples_per_prompt)]
-    images = _sample(base, sample_prompts, cfg.seed + 1, cfg)
-    data, annotation = _annotate(images, sample_prompts, cfg, out / "data" / "images")
-
-    config_file = CONFIGS / f"{cfg.method}.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no demo config for method '{cfg.method}': {config_file}")
-    train_cfg = load_config(TrainConfig, config_file, [
-        f"model.pretrained={base_path}", f"data.path={data}", f"output_dir={out / 'training'}",
-        f"seed={cfg.seed}", *cfg.train_overrides,
-    ])  # fmt: skip
+    images = _sample(base, sample_prompts, cfg.seed + 1, cfg, "sampling the base model (training prompts)")
+    annotation = _annotate(images, sample_prompts, cfg, data)
     result = train(train_cfg)
     aligned = DiffusionPolicy.from_pretrained(base_path)
     export = out / "training" / "checkpoints" / f"checkpoint-{result.global_step}" / "export"
     _load_export(aligned, export)
 
-    base_stats, base_scores, eval_prompts, base_images = _evaluate(base, classifier, cfg, cfg.seed + 1000)
-    aligned_stats, aligned_scores, _, aligned_images = _evaluate(aligned, classifier, cfg, cfg.seed + 1000)
+    base_stats, base_scores, eval_prompts, base_images = _evaluate(
+        base, classifier, cfg, cfg.seed + 1000, "base"
+    )
+    aligned_stats, aligned_scores, _, aligned_images = _evaluate(
+        aligned, classifier, cfg, cfg.seed + 1000, "aligned"
+    )
     wins = float(
         (aligned_scores > base_scores).float().sum() + 0.5 * (aligned_scores == base_scores).float().sum()
     )
