@@ -49,7 +49,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.method:
         args.overrides.append(f"method={args.method}")
     cfg = config_from_args(DemoConfig, args, "diffalign demo")
-    if args.objective:  # before the user's own train_overrides, which may set its hyper-parameters
+    if args.objective:  # kept with the user's own train_overrides, which come after it and win
         cfg.train_overrides.insert(0, f"objective={{name: {args.objective}}}")
     report = run_demo(cfg)
     keys = (

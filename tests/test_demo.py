@@ -112,7 +112,7 @@ def test_demo_command_line_composes_method_and_objective(
     monkeypatch.setattr(demo_run, "run_demo", fake_run)
     args = ["demo", "--method", "diffusion_dpo", "--objective", "ipo", "train_overrides=[optim.lr=1e-6]"]
     assert main(args) == 0
-    # the objective comes first so that the user's own overrides can set its hyper-parameters
+    # the objective joins the user's own overrides (before them, so that theirs win)
     assert seen[0].method == "diffusion_dpo" and seen[0].train_overrides == [
         "objective={name: ipo}",
         "optim.lr=1e-6",
