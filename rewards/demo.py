@@ -6,9 +6,10 @@ largest shape of the prompt's kind the world draws, and ``mess`` the mean distan
 pixel to the nearer of the prompt's colour and the background. Shortcuts do not pay:
 brightening or tinting the background raises ``mess`` (+0.1 on the background costs more than a
 whole radius step gains); painting the canvas in the prompt's colour overshoots ``max_area`` and
-scores below the smallest honest shape. The weights are no larger than that needs: at 4 x ``mess`` and
-8 x overshoot, the base model's own sampling noise (mean ``mess`` ~0.08, against 0.02-0.04 for
-real images) and a cross 1% past the largest size outweighed a 20-point gain in size.
+scores below the smallest honest shape. The weights are no larger than that needs: at 4 x
+``mess`` the base model's own sampling noise (mean ``mess`` ~0.08, against 0.02-0.04 for real
+images) outweighed a 20-point gain in size, and at 8 x overshoot a shape 10% past the largest
+size scored below one at 40% of it.
 """
 
 from __future__ import annotations
