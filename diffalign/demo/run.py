@@ -218,8 +218,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         min(8, cfg.eval_samples_per_prompt),
         len(cfg.held_out_prompts),
     )
-    rows = [imgs[i * per : i * per + k] for imgs in (base_images, aligned_images) for i in range(n_prompts)]
-    save_grid(rows, out / "before_after.png", scale=4)  # base rows, then aligned rows: same prompts and seeds
+    # per held-out prompt, a base row above an aligned row: same prompt and seed in each column
+    rows = [imgs[i * per : i * per + k] for i in range(n_prompts) for imgs in (base_images, aligned_images)]
+    save_grid(rows, out / "before_after.png", scale=4)
     _curve([m["loss"] for m in log], out / "loss.png", "training loss")
     _curve(
         [m["rewards/margins"] for m in log if "rewards/margins" in m],
