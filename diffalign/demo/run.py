@@ -196,6 +196,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     sample_prompts = [p for p in train_prompts for _ in range(cfg.samples_per_prompt)]
     images = _sample(base, sample_prompts, cfg.seed + 1, cfg, "sampling the base model (training prompts)")
     annotation = _annotate(images, sample_prompts, cfg, data)
+    metrics_file = out / "training" / "metrics.jsonl"
+    # the training loop appends (it may resume); a rerun into this folder plots only its own steps
+    earlier = len(metrics_file.read_text().splitlines()) if metrics_file.is_file() else 0
     result = train(train_cfg)
     aligned = DiffusionPolicy.from_pretrained(base_path)
     export = out / "training" / "checkpoints" / f"checkpoint-{result.global_step}" / "export"
@@ -212,7 +215,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
     n = len(eval_prompts)
     low, high = _wilson(wins, n)
-    log = [json.loads(line) for line in (out / "training" / "metrics.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in metrics_file.read_text().splitlines()[earlier:]]
     per, k, n_prompts = (
         cfg.eval_samples_per_prompt,
         min(8, cfg.eval_samples_per_prompt),
