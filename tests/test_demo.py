@@ -69,7 +69,7 @@ def test_shortcuts_do_not_pay() -> None:
 
 def test_reduced_demo_aligns_while_fidelity_holds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole demo on reduced settings (about 2 minutes on 2 cores, from an empty cache): a base
-    model pretrained for 400 steps instead of 800, a quarter of the preference data, 60 DPO steps at
+    model pretrained for 400 steps instead of 800, a third of the preference data, 60 DPO steps at
     batch 16. Diffusion-DPO must raise the held-out reward and beat the base model seed for seed,
     while prompt fidelity and diversity hold."""
     from diffalign.cli import main
