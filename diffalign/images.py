@@ -1,4 +1,4 @@
-"""Images as tensors (float NCHW in [0, 1]) to PIL, and sample grids."""
+"""Images as tensors (float NCHW in [0, 1]): to PIL, sample grids, inpainting's masked images."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["save_grid", "to_pil"]
+__all__ = ["mask_out", "save_grid", "to_pil"]
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
@@ -24,3 +24,9 @@ def save_grid(rows: list[Tensor], path: str | Path, scale: int = 1) -> None:
     if scale != 1:
         image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     image.save(path)
+
+
+def mask_out(images: Tensor, masks: Tensor) -> Tensor:
+    """The masked image an inpainting model is given: grey (0.5) where ``masks`` >= 0.5. Diffusers'
+    inpaint pipelines zero the normalised ([-1, 1]) image there, which is grey in [0, 1]."""
+    return torch.where(masks >= 0.5, 0.5, images)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffalign.images import mask_out
+
 __all__ = [
     "BACKGROUND",
     "COLOURS",
@@ -125,7 +127,7 @@ class World:
         inside_x = (pos[None] >= x0[:, None]) & (pos[None] < (x0 + side)[:, None])
         inside_y = (pos[None] >= y0[:, None]) & (pos[None] < (y0 + side)[:, None])
         masks = (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None]
-        return InpaintingExamples(images, masks, torch.where(masks > 0, 0.5, images), chosen)
+        return InpaintingExamples(images, masks, mask_out(images, masks), chosen)
 
     def dataset(self, n: int, generator: torch.Generator) -> tuple[Tensor, list[str]]:
         """``n`` images with uniformly drawn prompts."""

@@ -29,6 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diffalign.images import mask_out
+
 __all__ = ["Conditioning", "DiffusionPolicy", "InpaintInputs", "attention_backend_available"]
 
 
@@ -384,8 +386,7 @@ class DiffusionPolicy:
                 f"masks must be (N, 1, H, W) matching images {tuple(images.shape)}, got {tuple(masks.shape)}"
             )
         binary = (masks.to(self.device) >= 0.5).to(self.dtype)
-        # the pipeline zeroes the normalised ([-1, 1]) image under the mask, i.e. grey in [0, 1]
-        masked = torch.where(binary >= 0.5, 0.5, images.to(self.device, self.dtype))
+        masked = mask_out(images.to(self.device, self.dtype), binary)
         masked_latents = self.encode_images(masked, generator=generator)
         h, w = images.shape[-2] // self.vae_scale_factor, images.shape[-1] // self.vae_scale_factor
         mask_latents = torch.nn.functional.interpolate(binary, size=(h, w))
