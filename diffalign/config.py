@@ -10,8 +10,15 @@ Supported field types: ``bool``, ``int``, ``float``, ``str``, ``pathlib.Path``, 
 ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``dict[str, X]``, ``Any`` and
 nested dataclasses.
 
-Two conveniences, both because YAML and shells make them necessary:
-- a float field accepts an int and a numeric string (PyYAML reads ``1e-4`` as a string);
+YAML is read with the YAML 1.2 core schema, not PyYAML's YAML 1.1: only ``true``/``false`` are
+booleans (1.1 also reads ``no``, ``yes``, ``on``, ``off`` as booleans, so accelerate's own
+``mixed_precision: no`` became ``False``), ``1e-4`` is a float, ``010`` is 10. And a value meets
+its field's type before it is interpreted:
+
+- a string, path or string-literal field takes an unquoted value as it is written (``no``,
+  ``0.10``, ``1984``, ``2024_01``), in files and overrides alike;
+- a bool field takes ``true``/``false`` and, as YAML 1.1 users write them, ``yes``/``no``/``on``/``off``;
+- a float field takes an int or a numeric string, and refuses NaN and infinities;
 - an override's value is parsed as YAML, except for ``str`` fields, which take the text as is
   (so ``name=123`` sets the string ``"123"``).
 """
@@ -19,8 +26,11 @@ Two conveniences, both because YAML and shells make them necessary:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
+import math
+import re
 import sys
 import types
 import typing
@@ -46,6 +56,71 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scalar:
+    """An unquoted YAML scalar: its text, kept until the field's type says how to read it."""
+
+    text: str
+
+    @property
+    def value(self) -> Any:
+        """The YAML 1.2 core-schema value: None, bool, int, float or the text itself."""
+        t = self.text
+        if t in ("", "~", "null", "Null", "NULL"):
+            return None
+        if t in ("true", "True", "TRUE", "false", "False", "FALSE"):
+            return t.lower() == "true"
+        if re.fullmatch(r"[-+]?[0-9]+", t):
+            return int(t)
+        if re.fullmatch(r"0o[0-7]+|0x[0-9a-fA-F]+", t):
+            return int(t[2:], 8 if t[1] == "o" else 16)
+        if re.fullmatch(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?", t):
+            return float(t)
+        if re.fullmatch(r"[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)", t):
+            return float(t.replace(".", ""))
+        return t
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with no implicit typing: every unquoted scalar becomes a ``_Scalar``."""
+
+    yaml_implicit_resolvers: dict = {}  # noqa: RUF012 (PyYAML's class-level registry)
+
+    def construct_yaml_str(self, node: yaml.Node) -> Any:
+        text = self.construct_scalar(node)
+        return _Scalar(text) if node.style is None else text
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        mapping = super().construct_mapping(node, deep=deep)
+        return {k.text if isinstance(k, _Scalar) else k: v for k, v in mapping.items()}
+
+
+_Loader.add_constructor("tag:yaml.org,2002:str", _Loader.construct_yaml_str)
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: safe
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every ``_Scalar`` replaced by its YAML 1.2 value (for untyped ``Any`` fields)."""
+    if isinstance(value, _Scalar):
+        return value.value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _takes_text(tp: Any) -> bool:
+    """Whether a field of type ``tp`` reads an unquoted scalar as the text written."""
+    if tp in (str, Path):
+        return True
+    args = typing.get_args(tp)
+    return typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +174,14 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = _read_yaml(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if loaded is None:
+        if loaded is None or (isinstance(loaded, _Scalar) and loaded.value is None):
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+            kind = type(_plain(loaded)).__name__
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {kind}")
         data = loaded
     return build(cls, _nest_overrides(data, parse_overrides(overrides)), source=source)
 
@@ -158,9 +234,11 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         if tp is str or (_is_optional(tp) and str in typing.get_args(tp)):
             return None if _is_optional(tp) and value.raw.strip() in ("null", "~") else value.raw
         try:
-            value = yaml.safe_load(value.raw) if value.raw.strip() else ""
+            value = _read_yaml(value.raw) if value.raw.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"{where}: cannot parse value for '{key}': {err}") from err
+    if isinstance(value, _Scalar) and typing.get_origin(tp) not in (Union, types.UnionType):
+        value = value.text if _takes_text(tp) else _plain(value)
 
     def wrong(expected: str | None = None) -> ConfigError:
         return ConfigError(
@@ -168,11 +246,11 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         )
 
     if tp is Any:
-        return value
+        return _plain(value)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is Union or origin is types.UnionType:
-        if value is None and type(None) in args:
+        if _plain(value) is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
         errors = []
@@ -181,6 +259,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
                 return _convert(value, option, key, where)
             except ConfigError as err:
                 errors.append(err)
+        value = _plain(value)  # for the message
         raise wrong(" or ".join(_type_name(a) for a in args)) from errors[0]
     if origin is Literal:
         if value in args and not isinstance(value, bool):
@@ -211,20 +290,23 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLEANS:
+            return _YAML11_BOOLEANS[value.lower()]
         raise wrong("true or false")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise wrong("an integer")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise wrong("a number")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and math.isfinite(number):
+            return number
+        raise wrong("a finite number")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -234,6 +316,9 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             return Path(value)
         raise wrong("a path")
     raise ConfigError(f"{where}: '{key}' has unsupported type {tp!r} in the config schema")
+
+
+_YAML11_BOOLEANS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False}
 
 
 def _is_optional(tp: Any) -> bool:

@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True, help="causal LM folder (or hub id when online)")
+    parser.add_argument(
+        "--model", required=True, help="causal LM folder (or hub id when online), or a peft adapter folder"
+    )
     parser.add_argument("--prompts", required=True, help="JSONL / parquet / dataset with a 'prompt' column")
     parser.add_argument("--reward", required=True, help="module:function scoring (prompts, completions)")
     parser.add_argument("--out", type=Path, required=True, help="output JSONL")
@@ -34,15 +36,15 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seed", type=int, default=0, help="seed of sampling and acceptance")
     args = parser.parse_args(argv)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from diffalign.text.loading import load_causal_lm
 
     prompts = []
     for where, row in read_rows(args.prompts, columns=("prompt",), what="prompts"):
         if not str(row["prompt"]).strip():
             raise ValueError(f"{where}: empty prompt")
         prompts.append(row["prompt"])
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model, tokenizer = load_causal_lm(args.model)  # an SFT adapter folder is merged into its base
+    model.eval()
     rows = rso_pairs(
         model, tokenizer, prompts, load_text_reward(args.reward), args.num_candidates, args.num_accepted,
         args.beta, args.max_new_tokens, args.temperature, args.seed,

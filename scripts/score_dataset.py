@@ -6,9 +6,12 @@
 A Pick-a-Pic-style parquet gets ``{column_prefix}_0`` and ``{column_prefix}_1`` (the scores of
 ``jpg_0`` and ``jpg_1``) next to its columns; a JSONL file of pairs becomes a parquet with
 ``prompt``, ``chosen``, ``rejected`` and ``{column_prefix}_chosen`` / ``{column_prefix}_rejected``.
-Work is cached in ``<output>.parts/`` one chunk at a time, so a run that stops resumes where it
-left off; the parts are merged into ``output`` at the end. SmPO's soft labels, Diffusion-DRO's
-expert ranking, MaPPO's and MADPO's reward inputs read these columns.
+Work is cached in ``<output>.parts/<key>/`` one chunk at a time, so a run that stops resumes where
+it left off; the parts are merged into ``output`` at the end. The key is a fingerprint of
+everything the scores depend on (the data file's size and modification time, the reward, its
+options and its weights, the chunking and image size), so a rerun with another reward or
+retrained weights at the same path starts afresh instead of reusing stale scores. SmPO's soft
+labels, Diffusion-DRO's expert ranking, MaPPO's and MADPO's reward inputs read these columns.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from diffalign.config import add_config_arguments, config_from_args
+from diffalign.config import add_config_arguments, config_from_args, to_dict
 from diffalign.data.preference import load_image
+from diffalign.fingerprint import file_fingerprint, fingerprint, module_fingerprint
 from diffalign.rewards import load_reward
 
 
@@ -109,7 +113,9 @@ def score_dataset(cfg: ScoreDatasetConfig) -> Path:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     reward = load_reward(cfg.reward, **cfg.reward_options).to(device)
     prefix = cfg.column_prefix or cfg.reward.replace(":", "_").replace(".", "_")
-    parts_dir = cfg.output.with_name(cfg.output.name + ".parts")
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "batch_size", "device")}
+    key = fingerprint(settings, file_fingerprint(cfg.data), module_fingerprint(reward))
+    parts_dir = cfg.output.with_name(cfg.output.name + ".parts") / key
     parts_dir.mkdir(parents=True, exist_ok=True)
     parts = []
     for c, columns, refs, prompts, suffixes, names in tqdm(_chunks(cfg), desc="scoring", unit="chunk"):

@@ -313,3 +313,67 @@ def test_precomputed_reference_is_refused_with_the_reason(
         ValueError, match="'precomputed' is for text methods; diffusion_dpo draws fresh noise"
     ):
         DiffusionDPO(cfg)
+
+
+def test_ties_kept_train_towards_one_half(
+    tiny_pipelines, pairs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pick-a-Pic `label_0 = [1, 0, 0.5, 0.5]` read with `data.ties=half`: labels [1, 1, 0.5, 0.5],
+    and the step's loss is the Bradley-Terry cross-entropy of its errors, not four wins' loss."""
+    import diffalign.methods.diffusion_dpo as recipe
+
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()][:4]
+    pq.write_table(pa.table({
+        "caption": [r["prompt"] for r in rows],
+        "jpg_0": [(pairs.parent / r["chosen"]).read_bytes() for r in rows],
+        "jpg_1": [(pairs.parent / r["rejected"]).read_bytes() for r in rows],
+        "label_0": [1.0, 0.0, 0.5, 0.5],
+    }), tmp_path / "ties.parquet")  # fmt: skip
+    args = overrides(tiny_pipelines["sd"], tmp_path / "ties.parquet", tmp_path, "data.ties=half",
+                     "data.caption_dropout=0.0", "data.hflip=false")  # fmt: skip
+    method = get_method("diffusion_dpo")(config(*args))
+    method.setup(torch.device("cpu"), torch.float32)
+    with torch.no_grad():  # make the policy differ from its frozen reference
+        for p in method.policy.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    seen = {}
+
+    def spy(*a, **k):  # type: ignore[no-untyped-def]
+        seen["out"] = recipe.denoising_logp.__wrapped__(*a, **k)
+        return seen["out"]
+
+    spy.__wrapped__ = recipe.denoising_logp  # type: ignore[attr-defined]
+    monkeypatch.setattr(recipe, "denoising_logp", spy)
+    dataset, collate = method.dataset()
+    batch = collate([dataset[i] for i in range(4)])
+    assert batch["labels"].tolist() == [1.0, 1.0, 0.5, 0.5]
+    torch.manual_seed(0)
+    tied, _ = method.step(batch)
+    mse_w, mse_l = seen["out"].policy_mse.double().unbind(1)
+    ref_w, ref_l = seen["out"].reference_mse.double().unbind(1)
+    z = -0.5 * 5000 * ((mse_w - mse_l) - (ref_w - ref_l))
+    p = batch["labels"].double()
+    expected = (-p * F.logsigmoid(z) - (1 - p) * F.logsigmoid(-z)).mean()
+    torch.testing.assert_close(tied.detach().double(), expected, atol=1e-6, rtol=0)
+    torch.manual_seed(0)
+    as_wins, _ = method.step({**batch, "labels": torch.ones(4)})
+    assert abs(float(as_wins.detach()) - float(tied.detach())) > 1e-3
+
+    method.options.sft = True  # the SFT baseline weighs a tie's two images equally
+    torch.manual_seed(0)
+    sft, _ = method.step(batch)
+    mse = seen["out"].policy_mse.double()
+    torch.testing.assert_close(sft.detach().double(), (p * mse[:, 0] + (1 - p) * mse[:, 1]).mean())
+
+
+@pytest.mark.parametrize("objective", ["dro_ranking", "kldo"])
+def test_ties_are_refused_by_objectives_without_soft_labels(
+    tiny_pipelines, pairs: Path, tmp_path: Path, objective: str
+) -> None:
+    cfg = config(
+        *overrides(
+            tiny_pipelines["sd"], pairs, tmp_path, "data.ties=half", f"objective={{name: {objective}}}"
+        )
+    )
+    with pytest.raises(ValueError, match=rf"data.ties=half .* objective '{objective}' cannot use"):
+        get_method("diffusion_dpo")(cfg)

@@ -133,7 +133,7 @@ def test_unknown_objective_suggests_close_names() -> None:
 def test_bad_hyper_parameters_are_named() -> None:
     with pytest.raises(ConfigError, match="unknown key 'betta'; did you mean 'beta'"):
         get_objective("dpo", betta=0.1)
-    with pytest.raises(ConfigError, match="'beta' must be a number, got 'high'"):
+    with pytest.raises(ConfigError, match="'beta' must be a finite number, got 'high'"):
         get_objective("dpo", beta="high")
     with pytest.raises(ConfigError, match="beta must be positive"):
         get_objective("dpo", beta=0.0)

@@ -12,11 +12,13 @@ Inverting it for ``x_s`` needs ``e`` at the unknown ``x_s``:
   step is affine, so averaging estimates is averaging the ``x_s^(k)``). With K = 1 and both
   estimates averaged this is what SmPO's training code does.
 
-Stochastic samplers add ``sigma z`` to each step; given the noises ``z`` of a recorded run
-(``step_noises``), the same inversion subtracts them (``x_p - sigma z - psi e``) with the
-eta-dependent ``psi``. Both functions use the DDIM timesteps of ``num_inference_steps``, so that
-denoising the last latent with ``DDIMScheduler`` (same steps, eta 0) walks the inverted
-trajectory back. They return latents from ``x_0`` to ``x_T``: (N, T + 1, C, h, w).
+Both solve for ``x_s`` in a form that stays finite when ``a_s = 0`` (zero-terminal-SNR
+schedules), where the step's limit is ``x_T = e``. Stochastic samplers add ``sigma z`` to each
+step; given the noises ``z`` of a recorded run (``step_noises``), the same inversion subtracts
+them (``x_p - sigma z - psi e``) with the eta-dependent ``psi``. Both functions use the DDIM
+timesteps of ``num_inference_steps``, so that denoising the last latent with ``DDIMScheduler``
+(same steps, eta 0) walks the inverted trajectory back. They return latents from ``x_0`` to
+``x_T``: (N, T + 1, C, h, w).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import Tensor
 
 from diffalign.diffusion.policy import Conditioning, DiffusionPolicy, InpaintInputs
 from diffalign.diffusion.sampling import make_scheduler
+from diffalign.diffusion.schedule import predicted_x0_eps, require_finite
 
 __all__ = ["Inversion", "ddim_invert", "renoise_invert"]
 
@@ -92,8 +95,6 @@ def renoise_invert(
         a_s = acp[s]
         a_p = acp[p] if p >= 0 else torch.as_tensor(float(scheduler.final_alpha_cumprod))
         sigma = eta * ((1 - a_p) / (1 - a_s) * (1 - a_s / a_p)).sqrt()
-        phi = (a_p / a_s).sqrt()
-        psi = (1 - a_p - sigma**2).clamp(min=0).sqrt() - phi * (1 - a_s).sqrt()
         known = x - (sigma * step_noises[:, i].float() if step_noises is not None else 0.0)
         estimate = x  # x_s^(0) = x_p
         noise_estimates = []
@@ -101,11 +102,12 @@ def renoise_invert(
             e = _epsilon(policy, estimate, s, cond, uncond, guidance_scale, inpaint)
             calls += 1
             noise_estimates.append(e)
-            estimate = (known - psi * e) / phi
-        e_avg = torch.stack(noise_estimates[first : last + 1]).mean(0)
-        x = (known - psi * e_avg) / phi
+            estimate = _solve_for_x_s(known, e, a_s, a_p, sigma)
+        x = _solve_for_x_s(known, torch.stack(noise_estimates[first : last + 1]).mean(0), a_s, a_p, sigma)
         states.append(x)
-    return Inversion(torch.stack(states, 1).to(latents.dtype), down.flip(0), calls)
+    trajectory = torch.stack(states, 1)
+    require_finite(trajectory[:, 1:], "the inverted latents", down.flip(0))
+    return Inversion(trajectory.to(latents.dtype), down.flip(0), calls)
 
 
 def ddim_invert(
@@ -125,6 +127,14 @@ def ddim_invert(
     )  # fmt: skip
 
 
+def _solve_for_x_s(known: Tensor, e: Tensor, a_s: Tensor, a_p: Tensor, sigma: Tensor) -> Tensor:
+    """``x_s`` from ``known = x_p - sigma z = phi x_s + psi e``, as
+    ``sqrt(a_s / a_p) (known - sqrt(1 - a_p - sigma^2) e) + sqrt(1 - a_s) e``: the same value as
+    ``(known - psi e) / phi``, but a_s = 0 (a zero-terminal-SNR x_T) gives its limit ``x_s = e``
+    instead of inf / inf."""
+    return (a_s / a_p).sqrt() * (known - (1 - a_p - sigma**2).clamp(min=0).sqrt() * e) + (1 - a_s).sqrt() * e
+
+
 def _epsilon(
     policy: DiffusionPolicy,
     x: Tensor,
@@ -135,8 +145,6 @@ def _epsilon(
     inpaint: InpaintInputs | None,
 ) -> Tensor:
     """The (guided) noise estimate at (x, t), whatever the model predicts."""
-    from diffalign.diffusion.sampling import _predicted_x0_eps
-
     out = policy.guided_prediction(x.to(policy.dtype), t, cond, uncond, guidance_scale, inpaint).float()
     alpha = policy.scheduler.alphas_cumprod.to(x.device, torch.float32)[t]
-    return _predicted_x0_eps(policy.scheduler, out, x, alpha)[1]
+    return predicted_x0_eps(policy.prediction_type, out, x, alpha)[1]

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from diffalign.diffusion.policy import Conditioning, DiffusionPolicy, InpaintInputs
+from diffalign.diffusion.schedule import require_finite
 
 __all__ = ["DenoisingLogp", "denoising_logp", "denoising_target"]
 
@@ -60,9 +61,10 @@ def _weights(policy: DiffusionPolicy, timesteps: Tensor, weighting: str, gamma: 
     acp = policy.scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = acp / (1 - acp)
     clipped = snr.clamp(max=gamma)
-    return {"epsilon": clipped / snr, "v_prediction": clipped / (snr + 1), "sample": clipped}[
-        policy.prediction_type
-    ]
+    kind = policy.prediction_type
+    if kind == "epsilon":  # min(SNR, gamma) / SNR, written so that SNR = 0 gives its limit 1
+        return torch.where(snr < gamma, torch.ones_like(snr), gamma / snr)
+    return {"v_prediction": clipped / (snr + 1), "sample": clipped}[kind]
 
 
 def denoising_logp(
@@ -128,4 +130,6 @@ def denoising_logp(
         ref_logp, ref_mse = logp_of(
             policy.unet_forward(noisy, t_flat, cond_flat, inpaint_flat, reference=True)
         )
+    both = policy_logp.detach() if ref_logp is None else torch.cat([policy_logp.detach(), ref_logp], 1)
+    require_finite(both.T, "denoising_logp", timesteps)  # names the prompt's timestep
     return DenoisingLogp(policy_logp, ref_logp, policy_mse, ref_mse, timesteps, noise)

@@ -73,6 +73,27 @@ class InpaintInputs:
         )
 
 
+def _fuse_lora(pipe, adapter: str | Path) -> None:  # type: ignore[no-untyped-def]
+    """Fuse a LoRA into the pipeline's weights and drop the LoRA layers (diffusers' own loaders)."""
+    if not Path(adapter).exists():
+        raise FileNotFoundError(f"model.adapter: {adapter} does not exist")
+    if not hasattr(pipe, "load_lora_weights"):
+        raise ValueError(f"model.adapter: {type(pipe).__name__} cannot load LoRA weights ({adapter})")
+    try:
+        pipe.load_lora_weights(str(adapter))
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ValueError(f"model.adapter: cannot load {adapter} into this pipeline ({err})") from err
+    components = [c for c in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, c, None) is not None]
+    loaded = sum("lora_" in name for c in components for name, _ in getattr(pipe, c).named_parameters())
+    if loaded == 0:  # diffusers only warns when no key matches: the adapter would vanish silently
+        raise ValueError(
+            f"model.adapter: {adapter} has no LoRA weights for this pipeline's UNet or text encoders "
+            "(saved for another model family?)"
+        )
+    pipe.fuse_lora(components=components)
+    pipe.unload_lora_weights()
+
+
 def attention_backend_available(backend: str) -> tuple[bool, str]:
     """Whether ``backend`` can run here, and if not, why."""
     if backend in ("sdpa", "classic"):
@@ -114,11 +135,15 @@ class DiffusionPolicy:
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         local_files_only: bool | None = None,
+        adapter: str | Path | None = None,
     ) -> DiffusionPolicy:
         """Load a diffusers pipeline folder (SD 1.x/2.x, SDXL, or their inpainting variants).
 
         ``name_or_path`` is a local folder, or a hub id when a network is available. Offline, an id
         that is not in the local cache raises ``FileNotFoundError`` saying how to pass a folder.
+        ``adapter``: a LoRA folder or file (``save_lora_weights``' format, e.g. an SFT LoRA) fused into
+        the UNet and text encoders, so that the policy and its reference both start from it;
+        ``ValueError`` if it holds no LoRA weights for this pipeline.
         """
         from diffusers import DDPMScheduler, DiffusionPipeline
 
@@ -129,6 +154,11 @@ class DiffusionPolicy:
                 f"{source} is a file; pass the pipeline folder (the one with model_index.json)"
             )
         if is_dir and not (Path(source) / "model_index.json").is_file():
+            if any(Path(source).glob("*lora*.safetensors")):
+                raise FileNotFoundError(
+                    f"{source} is a LoRA folder, not a pipeline: set model.pretrained to the base pipeline "
+                    f"it was trained on and model.adapter={source} (it is fused into the UNet)"
+                )
             raise FileNotFoundError(f"{source} has no model_index.json: not a diffusers pipeline folder")
         kwargs: dict = {"safety_checker": None}
         if torch_dtype is not None:
@@ -148,6 +178,8 @@ class DiffusionPolicy:
                 f"provide it ({type(err).__name__}: {err}). Without a network, download it elsewhere "
                 f"(e.g. `huggingface-cli download {source} --local-dir DIR`) and pass DIR instead."
             ) from err
+        if adapter is not None:
+            _fuse_lora(pipe, adapter)
         encoders = [
             e for e in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if e
         ]

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from diffalign.diffusion.policy import Conditioning, DiffusionPolicy, InpaintInputs
+from diffalign.diffusion.schedule import predicted_x0_eps, require_finite, require_sampleable
 
 __all__ = [
     "Trajectory",
@@ -59,24 +60,6 @@ def _broadcast(values: Tensor, like: Tensor) -> Tensor:
     return values.to(like.device, torch.float32).reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def _predicted_x0_eps(
-    scheduler, model_output: Tensor, sample: Tensor, alpha_t: Tensor
-) -> tuple[Tensor, Tensor]:
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        eps = model_output
-        x0 = (sample - (1 - alpha_t).sqrt() * eps) / alpha_t.sqrt()
-    elif kind == "sample":
-        x0 = model_output
-        eps = (sample - alpha_t.sqrt() * x0) / (1 - alpha_t).sqrt()
-    elif kind == "v_prediction":
-        x0 = alpha_t.sqrt() * sample - (1 - alpha_t).sqrt() * model_output
-        eps = alpha_t.sqrt() * model_output + (1 - alpha_t).sqrt() * sample
-    else:
-        raise ValueError(f"unsupported prediction_type '{kind}'")
-    return x0, eps
-
-
 def _clip_x0(scheduler, x0: Tensor) -> Tensor:
     if getattr(scheduler.config, "thresholding", False):
         return scheduler._threshold_sample(x0)
@@ -102,12 +85,13 @@ def transition_stats(
     out = model_output.float()
     acp = scheduler.alphas_cumprod
     t = torch.as_tensor(timestep, device=acp.device).long().reshape(-1)
+    require_sampleable(scheduler, t)
     alpha_t = _broadcast(acp[t], x)
     if isinstance(scheduler, DDIMScheduler):
         prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
         final = torch.as_tensor(float(scheduler.final_alpha_cumprod))
         alpha_prev = _broadcast(torch.where(prev_t >= 0, acp[prev_t.clamp(min=0)], final), x)
-        x0, eps = _predicted_x0_eps(scheduler, out, x, alpha_t)
+        x0, eps = predicted_x0_eps(scheduler.config.prediction_type, out, x, alpha_t)
         x0 = _clip_x0(scheduler, x0)
         variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
         std = eta * variance.sqrt()
@@ -122,7 +106,7 @@ def transition_stats(
         alpha_prev = _broadcast(torch.where(prev_t >= 0, acp[prev_t.clamp(min=0)], torch.ones(())), x)
         current_alpha = alpha_t / alpha_prev
         current_beta = 1 - current_alpha
-        x0, _ = _predicted_x0_eps(scheduler, out, x, alpha_t)
+        x0, _ = predicted_x0_eps(scheduler.config.prediction_type, out, x, alpha_t)
         x0 = _clip_x0(scheduler, x0)
         mean = (alpha_prev.sqrt() * current_beta / (1 - alpha_t)) * x0 + (
             current_alpha.sqrt() * (1 - alpha_prev) / (1 - alpha_t)
@@ -160,7 +144,9 @@ def step_logprob(
             "this transition is deterministic (DDIM with eta = 0, or DDPM's last step): it has no "
             "log-density; use eta > 0"
         )
-    return gaussian_logp(prev_sample, mean, std)
+    logp = gaussian_logp(prev_sample, mean, std)
+    require_finite(logp, "step_logprob")
+    return logp
 
 
 def gaussian_logp(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -222,6 +208,7 @@ def sample_with_trajectory(
     use_cfg = guidance_scale > 1.0
     uncond = policy.unconditional(n, image_size=(height, width)) if use_cfg else None
     scheduler.set_timesteps(num_inference_steps, device=device)
+    require_sampleable(scheduler, scheduler.timesteps, training_alphas=policy.scheduler.alphas_cumprod)
     shape = (n, policy.latent_channels, height // scale, width // scale)
     if latents is None:
         latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
@@ -253,9 +240,8 @@ def sample_with_trajectory(
         latents = new_latents
         states.append(latents)
         predictions.append(pred)
-    images = policy.decode_latents(latents) if decode else torch.empty(0)
-    return Trajectory(
-        images=images,
+    trajectory = Trajectory(
+        images=torch.empty(0),
         latents=torch.stack(states, 1),
         timesteps=scheduler.timesteps.clone(),
         predictions=torch.stack(predictions, 1),
@@ -263,3 +249,9 @@ def sample_with_trajectory(
         conditioning=cond,
         inpaint=inpaint,
     )
+    require_finite(trajectory.latents[:, 1:], "the sampled latents", trajectory.timesteps)
+    if trajectory.log_probs is not None:
+        require_finite(trajectory.log_probs, "the step log-probs", trajectory.timesteps)
+    if decode:
+        trajectory.images = policy.decode_latents(latents)
+    return trajectory

@@ -75,6 +75,7 @@ def build_tiny_pipeline(
     sample_size: int = 16,
     seed: int = 0,
     unet_config: dict | None = None,
+    scheduler_options: dict | None = None,
 ) -> Path:
     """Save a tiny pipeline of the given kind under ``path`` and return the path.
 
@@ -82,6 +83,8 @@ def build_tiny_pipeline(
     embeddings and added time ids; ``inpaint``: SD layout with a 9-channel UNet.
     ``unet_config`` (``kind="sd"`` only) replaces the tiny UNet, e.g. by ``SD15_UNET_CONFIG`` for
     an SD1.5-sized UNet; the text encoder then gets its ``cross_attention_dim``.
+    ``scheduler_options`` override the DDIM scheduler's config (e.g. a zero-terminal-SNR schedule:
+    ``{"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}``).
     Latents are ``sample_size`` wide; the two-level VAE makes images twice that (32 px by default).
     """
     from diffusers import (
@@ -117,6 +120,7 @@ def build_tiny_pipeline(
         set_alpha_to_one=False,
         steps_offset=1,
         prediction_type=prediction_type,
+        **(scheduler_options or {}),
     )
     unet_kwargs = {
         "sample_size": sample_size,

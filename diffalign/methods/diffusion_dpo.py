@@ -12,11 +12,13 @@ Algorithm (the paper's Eq. 14; the official code's reductions), per batch of pai
    objective (``ipo``, ``mappo``, ``simpo``, ...) works unchanged.
 
 ``sft: true`` trains the plain denoising loss on the chosen images instead (the paper's SFT
-baseline).
+baseline). Ties kept with ``data.ties=half`` carry the soft label 1/2 into the objective (see
+``diffalign.objectives.pairwise``), and into the SFT loss as equal weights on both images.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +30,7 @@ from diffalign.config import build
 from diffalign.data.pairs import PreferencePairDataset, collate_pairs
 from diffalign.data.preference import read_preference_pairs
 from diffalign.diffusion.likelihood import denoising_logp
-from diffalign.diffusion.policy import DiffusionPolicy
+from diffalign.diffusion.policy import Conditioning, DiffusionPolicy
 from diffalign.diffusion.sampling import sample_with_trajectory
 from diffalign.objectives import get_objective
 from diffalign.training.config import TrainConfig
@@ -49,7 +51,13 @@ class DiffusionDPO(Method):
         self.objective = get_objective(**cfg.objective)
         if self.objective.kind != "pairwise":
             raise ValueError(f"diffusion_dpo needs a pairwise objective, got '{self.objective.name}'")
-        policy = DiffusionPolicy.from_pretrained(cfg.model.pretrained)
+        if cfg.data.ties == "half" and not self.objective.accepts_soft_labels:
+            raise ValueError(
+                f"data.ties=half trains each tie towards 1/2, a soft label that objective "
+                f"'{self.objective.name}' cannot use; set data.ties=drop or pick an objective that "
+                "takes soft labels (dpo, ipo, cdpo, smoothed_dpo, ...)"
+            )
+        policy = DiffusionPolicy.from_pretrained(cfg.model.pretrained, adapter=cfg.model.adapter)
         policy.set_attention_backend(cfg.model.attention)
         if cfg.model.lora is not None:
             lora = cfg.model.lora
@@ -101,12 +109,9 @@ class DiffusionDPO(Method):
             )  # (B, 2, C, h, w): chosen first
         size = tuple(images.shape[-2:])
         cond = policy.encode_prompts(batch["prompts"], dropout=self.cfg.data.caption_dropout, image_size=size)
+        labels = batch["labels"].to(latents.device)
         if self.options.sft:
-            out = denoising_logp(
-                policy, latents[:, :1], cond, with_reference=False, weighting=self.options.timestep_weighting
-            )
-            loss = out.policy_mse.mean()
-            return loss, {"mse/policy_chosen": float(out.policy_mse.detach().mean())}
+            return self._sft_step(latents, cond, labels)
         out = denoising_logp(
             policy,
             latents,
@@ -120,7 +125,7 @@ class DiffusionDPO(Method):
             policy_rejected_logps=out.policy[:, 1],
             reference_chosen_logps=None if ref is None else ref[:, 0],
             reference_rejected_logps=None if ref is None else ref[:, 1],
-            preference_probs=batch["labels"].to(out.policy.device),
+            preference_probs=labels,
         )
         metrics = dict(result.metrics)
         mse = out.policy_mse.detach()
@@ -131,6 +136,20 @@ class DiffusionDPO(Method):
             metrics["mse/reference_chosen"] = float(out.reference_mse[:, 0].mean())
             metrics["mse/reference_rejected"] = float(out.reference_mse[:, 1].mean())
         return result.loss, metrics
+
+    def _sft_step(
+        self, latents: torch.Tensor, cond: Conditioning, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The denoising loss on the preferred image; with ties kept, on both images weighted by
+        the label (p, 1 - p), so that a tie teaches both halves equally."""
+        keep = 2 if self.cfg.data.ties == "half" else 1
+        out = denoising_logp(
+            self.policy, latents[:, :keep], cond, with_reference=False,
+            weighting=self.options.timestep_weighting,
+        )  # fmt: skip
+        weights = torch.stack([labels, 1 - labels], dim=1)[:, :keep]
+        loss = (weights * out.policy_mse).sum(1).mean()
+        return loss, {"mse/policy_chosen": float(out.policy_mse[:, 0].detach().mean())}
 
     def export(self, path: Path) -> None:
         """LoRA: ``pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(path)``;
@@ -144,6 +163,9 @@ class DiffusionDPO(Method):
 
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
             StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=layers)
+            if self.cfg.model.adapter:  # these LoRA weights apply on top of the fused starting adapter
+                start = {"pretrained": self.cfg.model.pretrained, "fused_adapter": self.cfg.model.adapter}
+                (path / "starting_point.json").write_text(json.dumps(start, indent=2))
         else:
             unet.save_pretrained(path / "unet")
 

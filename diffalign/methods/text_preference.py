@@ -19,8 +19,8 @@ Metrics as TRL names them: ``rewards/chosen``, ``rewards/rejected``, ``rewards/m
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,11 @@ import torch
 from torch.utils.data import Dataset
 
 from diffalign.config import build
+from diffalign.fingerprint import fingerprint, module_fingerprint, rows_fingerprint
 from diffalign.objectives import get_objective
 from diffalign.text.data import read_text_preferences
 from diffalign.text.dataset import TextPreferenceDataset
+from diffalign.text.loading import load_causal_lm
 from diffalign.text.logps import Tokenization, completion_logps
 from diffalign.training.config import TrainConfig
 from diffalign.training.loop import Method
@@ -48,8 +50,6 @@ class TextPreferenceOptions:
 
 class TextPreference(Method):
     def __init__(self, cfg: TrainConfig) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         super().__init__(cfg)
         self.options = build(TextPreferenceOptions, cfg.method_options, source="method_options")
         self.objective = get_objective(**cfg.objective)
@@ -57,8 +57,7 @@ class TextPreference(Method):
             raise ValueError(
                 f"text_preference needs a pairwise or listwise objective, got '{self.objective.name}'"
             )
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.pretrained)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.pretrained)
+        model, self.tokenizer = load_causal_lm(cfg.model.pretrained, cfg.model.adapter)
         if self.options.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -74,14 +73,7 @@ class TextPreference(Method):
         if self.objective.uses_reference and self.reference_mode == "copy":
             self.reference = copy.deepcopy(model).requires_grad_(False).eval()
         if cfg.model.lora is not None:
-            from peft import LoraConfig, get_peft_model
-
-            lora = cfg.model.lora
-            targets = lora.target_modules
-            model = get_peft_model(model, LoraConfig(
-                r=lora.rank, lora_alpha=lora.alpha or lora.rank, task_type="CAUSAL_LM",
-                target_modules="all-linear" if targets == ["all-linear"] else targets,
-            ))  # fmt: skip
+            model = self._add_lora(model)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.model = self.train_model = model
@@ -95,6 +87,19 @@ class TextPreference(Method):
                 else f"objective '{self.objective.name}'"
             )
             raise ValueError(f"{records[0].where}: {why} needs rewards per candidate, and the rows have none")
+
+    def _add_lora(self, model: torch.nn.Module) -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        if getattr(model.config, "diffalign_merged_adapter", None):
+            # the new adapter trains on base + merged adapter: exports must name that as their base
+            model.name_or_path = str(save_starting_point(model, self.tokenizer, self.cfg.output_dir))
+        lora = self.cfg.model.lora
+        targets = lora.target_modules
+        return get_peft_model(model, LoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha or lora.rank, task_type="CAUSAL_LM",
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+        ))  # fmt: skip
 
     def trainable_module(self) -> torch.nn.Module:
         return self.model
@@ -153,13 +158,17 @@ class TextPreference(Method):
 
     def _precomputed_reference(self, device: torch.device) -> torch.Tensor:
         """Reference log-probs of every candidate, computed once (the model before any update, its
-        adapters disabled) and cached in the output folder, keyed on the model and the tokens."""
+        adapters disabled) and cached in the output folder, keyed on the reference's weights and
+        the tokens: a model replaced at the same path, or other data, is a new cache entry."""
         from safetensors.torch import load_file, save_file
 
-        # the tokens are what the log-probs depend on (besides the model): data, template and truncation
-        key = hashlib.sha256(
-            repr((str(self.cfg.model.pretrained), self.data.sequences)).encode()
-        ).hexdigest()[:16]
+        # the tokens carry data, template and truncation; the weights (adapters excluded: they are
+        # disabled for the reference) carry the model, whatever path it was loaded from
+        key = fingerprint(
+            module_fingerprint(self.model, skip=("lora_",)),
+            rows_fingerprint(self.data.sequences),
+            repr(self.options.tokenization),
+        )
         path = Path(self.cfg.output_dir) / f"reference_logps-{key}.safetensors"
         if path.is_file():
             return load_file(str(path))["logps"]
@@ -182,6 +191,22 @@ class TextPreference(Method):
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+
+
+def save_starting_point(model: torch.nn.Module, tokenizer: Any, output_dir: Path) -> Path:
+    """Save the merged starting model once under ``output_dir/starting_point-<weights' fingerprint>``
+    (each rank writes its own temporary folder; the first rename wins) and return that folder."""
+    folder = Path(output_dir) / f"starting_point-{module_fingerprint(model)}"
+    if (folder / "config.json").is_file():
+        return folder.resolve()
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.replace(folder)
+    except OSError:  # another rank got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder.resolve()
 
 
 def _tokens(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:

@@ -11,9 +11,13 @@ Calling it with keyword tensors returns an :class:`ObjectiveOutput`:
 
 Objectives never see models, images or tokens: only per-sample log-likelihoods (or their
 proxies: diffusion's ``denoising_logp``), optional reference log-likelihoods, reward scores,
-lengths and weights. Known inputs that an objective does not use are ignored, so a recipe can
-pass everything it has. Inputs are checked before any arithmetic: an unknown or missing input,
-a shape mismatch, a non-finite value, a negative weight or a non-positive length raises
+soft preference labels, lengths and weights. Known inputs that an objective does not use are
+ignored, so a recipe can pass everything it has, with one exception: a soft label
+(``preference_probs``, P(chosen preferred) in [0, 1]) other than 1 is never ignored, because
+training a tie as a win is a silently wrong result. An objective declares in ``soft_label_mode``
+how it uses one (see :class:`Objective`), and one that cannot refuses it. Inputs are checked
+before any arithmetic: an unknown or missing input, a shape mismatch, a non-finite value, a
+negative weight, a non-positive length or a probability outside [0, 1] raises
 :class:`ObjectiveInputError` naming the argument. The check costs one device synchronisation.
 
 Objectives compute in float64 (float32 on MPS, which has no float64): their inputs are (B,)
@@ -28,7 +32,7 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -64,9 +68,10 @@ PAIRWISE_INPUTS = (
 LISTWISE_INPUTS = ("policy_logps", "reference_logps", "rewards", "weights")
 POLICY_GRADIENT_INPUTS = ("policy_logps", "old_policy_logps", "advantages", "trust_weights", "weights")
 
-# Inputs that must be strictly positive (lengths) or non-negative (weights).
+# Inputs that must be strictly positive (lengths), non-negative (weights) or probabilities.
 _POSITIVE = ("chosen_lengths", "rejected_lengths")
 _NON_NEGATIVE = ("weights", "trust_weights")
+_PROBABILITY = ("preference_probs",)
 
 
 class ObjectiveInputError(ValueError):
@@ -86,11 +91,28 @@ class Inputs(SimpleNamespace):
 
 @dataclass
 class Objective:
-    """Base class: subclasses define ``compute`` and declare what they accept and require."""
+    """Base class: subclasses define ``compute`` and declare what they accept and require.
+
+    ``soft_label_mode`` says how a soft preference label ``p = preference_probs`` (a tie kept with
+    ``data.ties=half`` is p = 1/2) enters the loss:
+
+    - ``"mixture"``: the loss of a pair is ``p L(w, l) + (1 - p) L(l, w)``, the expected loss when
+      the pair's order is drawn from p (the Bradley-Terry cross-entropy for DPO; p = 1 is the
+      loss itself);
+    - ``"native"``: the objective's own formula takes p (SmPO's smoothed loss, NCA's targets);
+    - ``None``: it has no use for a soft label and refuses any p other than 1.
+    """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     accepted_inputs: ClassVar[tuple[str, ...]] = ()
+    soft_label_mode: ClassVar[Literal["mixture", "native"] | None] = None
+
+    @property
+    def accepts_soft_labels(self) -> bool:
+        """Whether a soft preference label other than 1 has a meaning for this objective (recipes
+        check this before training on data with ties)."""
+        return self.soft_label_mode is not None
 
     def required_inputs(self) -> tuple[str, ...]:
         """Inputs without which this objective (with these hyper-parameters) cannot run."""
@@ -136,6 +158,13 @@ class Objective:
             tensors[name] = value.to(torch.float32 if value.device.type == "mps" else torch.float64)
         self.check_shapes(tensors)
         _check_values(tensors)
+        probs = tensors.get("preference_probs")
+        if self.soft_label_mode is None and probs is not None and not bool((probs == 1).all()):
+            raise ObjectiveInputError(
+                f"objective '{self.name}' cannot use soft preference labels (`preference_probs` other "
+                "than 1, e.g. ties kept with data.ties=half): drop the ties, or use an objective that "
+                "takes them (dpo, ipo, cdpo, smoothed_dpo, ...)"
+            )
         return Inputs(**{n: tensors.get(n) for n in self.accepted_inputs})
 
     def check_shapes(self, tensors: dict[str, Tensor]) -> None:
@@ -181,6 +210,8 @@ def _check_values(tensors: dict[str, Tensor]) -> None:
             checks.append((t > 0).all())
         if name in _NON_NEGATIVE:
             checks.append((t >= 0).all() & (t.sum() > 0))
+        if name in _PROBABILITY:
+            checks.append(((t >= 0) & (t <= 1)).all())
     device = checks[0].device
     if bool(torch.stack([c.to(device) for c in checks]).all()):  # one synchronisation
         return
@@ -192,6 +223,8 @@ def _check_values(tensors: dict[str, Tensor]) -> None:
             raise ObjectiveInputError(f"`{name}` must be positive (an empty completion has no log-prob)")
         if name in _NON_NEGATIVE and not bool((t >= 0).all() & (t.sum() > 0)):
             raise ObjectiveInputError(f"`{name}` must be non-negative with a positive sum")
+        if name in _PROBABILITY and not bool(((t >= 0) & (t <= 1)).all()):
+            raise ObjectiveInputError(f"`{name}` must lie in [0, 1]")
 
 
 def weighted_mean(losses: Tensor, weights: Tensor | None) -> Tensor:

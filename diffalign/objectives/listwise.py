@@ -10,8 +10,10 @@ candidates' reward scores ``s``.
 Defaults beta 0.01 and reward temperature alpha 0.01 (``reward_temperature``; the official
 trainer calls the same divisor ``temperature_alpha``). Listwise inputs are ``policy_logps``,
 ``reference_logps`` and ``rewards`` of shape (B, K). Pairwise inputs work too: they are
-stacked as K = 2 with the chosen candidate first, and without reward scores the label is hard
-(all mass on the chosen candidate).
+stacked as K = 2 with the chosen candidate first; without reward scores the targets are the
+soft label ``(p, 1 - p)`` from ``preference_probs`` (a tie is (1/2, 1/2)), or all mass on the
+chosen candidate when no label is given. Scores and a soft label other than 1 together are
+an error: the two would define different targets.
 
 Metrics compare the best candidate (highest reward; the chosen one for pairwise input) with
 the others: ``rewards/rejected`` is the mean over the others, ``rewards/accuracies`` the
@@ -49,6 +51,7 @@ _STACKED = {
 class ListwiseObjective(Objective):
     kind = "listwise"
     accepted_inputs = (*LISTWISE_INPUTS, *(n for n in PAIRWISE_INPUTS if n != "weights"))
+    soft_label_mode = "native"  # the targets p of the candidates
 
     beta: float = 0.01
     reward_temperature: float = 0.01
@@ -71,8 +74,8 @@ class ListwiseObjective(Objective):
                     f"objective '{self.name}' got both listwise (`{listwise[0]}`) and pairwise "
                     f"(`{pairwise[0]}`) inputs; pass one form"
                 )
-            for k in pairwise:  # lengths, preference_probs: known, unused here
-                if not any(k in pair for pair in _STACKED.values()):
+            for k in pairwise:  # lengths, previous references: known, unused here
+                if k != "preference_probs" and not any(k in pair for pair in _STACKED.values()):
                     given.pop(k)
             for stacked, (chosen, rejected) in _STACKED.items():
                 if (chosen in given) != (rejected in given):
@@ -86,22 +89,29 @@ class ListwiseObjective(Objective):
         elif "rewards" not in given:
             raise ObjectiveInputError(f"objective '{self.name}' requires `rewards` of shape (B, K)")
         x = super().validate(given)
-        x.hard_labels = None
-        if x.rewards is None:  # pairwise input without scores: all mass on the chosen candidate
-            x.hard_labels = torch.zeros_like(x.policy_logps)
-            x.hard_labels[:, 0] = 1.0
+        x.targets = None
+        p = x.preference_probs
+        if x.rewards is None:  # pairwise input without scores: (p, 1 - p), p = 1 by default
+            p = torch.ones_like(x.policy_logps[:, 0]) if p is None else p
+            x.targets = torch.stack([p, 1 - p], dim=1)
+        elif p is not None and not bool((p == 1).all()):
+            raise ObjectiveInputError(
+                f"objective '{self.name}' got both reward scores and soft preference labels "
+                "(`preference_probs` other than 1): its targets come from one of them; pass one"
+            )
         return x
 
     def check_shapes(self, tensors: dict[str, Tensor]) -> None:
         shape = same_shape(tensors, ("policy_logps", "reference_logps", "rewards"), ndim=2)
         if shape[1] < 2:
             raise ObjectiveInputError(f"listwise inputs need K >= 2 candidates, got shape {shape}")
-        same_shape(tensors, ("weights",), ndim=1)
-        weights = tensors.get("weights")
-        if weights is not None and weights.shape[0] != shape[0]:
-            raise ObjectiveInputError(
-                f"shape mismatch: `weights` has shape {tuple(weights.shape)}, expected ({shape[0]},)"
-            )
+        for name in ("weights", "preference_probs"):
+            same_shape(tensors, (name,), ndim=1)
+            value = tensors.get(name)
+            if value is not None and value.shape[0] != shape[0]:
+                raise ObjectiveInputError(
+                    f"shape mismatch: `{name}` has shape {tuple(value.shape)}, expected ({shape[0]},)"
+                )
 
     def candidate_losses(self, rhat: Tensor, p: Tensor) -> Tensor:
         raise NotImplementedError
@@ -109,11 +119,7 @@ class ListwiseObjective(Objective):
     def compute(self, x: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
         rho = x.policy_logps if self.reference_free else x.policy_logps - x.reference_logps
         rhat = self.beta * rho
-        p = (
-            x.hard_labels
-            if x.hard_labels is not None
-            else torch.softmax(x.rewards / self.reward_temperature, -1)
-        )
+        p = x.targets if x.targets is not None else torch.softmax(x.rewards / self.reward_temperature, -1)
         losses = self.candidate_losses(rhat, p)
         best = p.argmax(-1, keepdim=True)
         others = torch.ones_like(rhat, dtype=torch.bool).scatter(-1, best, False)

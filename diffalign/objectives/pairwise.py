@@ -14,6 +14,12 @@ Lengths: where an objective normalises by length (SimPO, ORPO, CPO's NLL term, I
 ``length_normalized``), it divides by ``chosen_lengths``/``rejected_lengths`` when they are
 given, and otherwise takes the log-likelihoods to be per-unit averages already (diffusion's
 ``denoising_logp`` is a per-element mean, TRL's ``average_log_prob`` a per-token mean).
+
+Soft labels: a pair with ``preference_probs`` p trains towards p. Every objective here takes the
+expected loss over the pair's order, ``p L(w, l) + (1 - p) L(l, w)`` (for DPO the Bradley-Terry
+cross-entropy ``-p log sigma(beta h) - (1 - p) log sigma(-beta h)``, whose gradient vanishes at
+h = 0 for a tie), except ``smoothed_dpo``, whose formula takes p itself, and ``dro_ranking`` and
+``kldo``, which refuse a p other than 1.
 """
 
 from __future__ import annotations
@@ -86,6 +92,7 @@ def per_unit(logps: Tensor, lengths: Tensor | None) -> Tensor:
 class PairwiseObjective(Objective):
     kind = "pairwise"
     accepted_inputs = PAIRWISE_INPUTS
+    soft_label_mode = "mixture"
 
     def required_inputs(self) -> tuple[str, ...]:
         return ("policy_chosen_logps", "policy_rejected_logps")
@@ -102,6 +109,11 @@ class PairwiseObjective(Objective):
     def compute(self, x: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
         chosen, rejected = self.implicit_rewards(x)
         losses, extra = self.pair_losses(chosen, rejected, x)
+        if self.soft_label_mode == "mixture" and x.preference_probs is not None:
+            # p L(w, l) + (1 - p) L(l, w); exact for p = 1 (the second term is 0 * finite)
+            p = x.preference_probs
+            flipped, _ = self.pair_losses(rejected, chosen, swap_candidates(x))
+            losses = p * losses + (1 - p) * flipped
         metrics = {
             "rewards/chosen": chosen.mean(),
             "rewards/rejected": rejected.mean(),
@@ -111,6 +123,17 @@ class PairwiseObjective(Objective):
             "logps/rejected": x.policy_rejected_logps.mean(),
         }
         return losses, {**metrics, **extra}
+
+
+def swap_candidates(x: Inputs) -> Inputs:
+    """The same inputs with the roles of the two candidates exchanged."""
+    swapped = Inputs(**vars(x))
+    for name in PAIRWISE_INPUTS:
+        if "chosen" in name:
+            other = name.replace("chosen", "rejected")
+            setattr(swapped, name, getattr(x, other))
+            setattr(swapped, other, getattr(x, name))
+    return swapped
 
 
 @dataclass
@@ -546,6 +569,8 @@ class SmoothedDPO(LogRatioObjective):
     SDXL), gamma 10 (official code).
     """
 
+    soft_label_mode = "native"
+
     beta: float = 2000.0
     gamma: float = 10.0
     reward_min: float = 0.11543526500463486
@@ -563,10 +588,6 @@ class SmoothedDPO(LogRatioObjective):
                 "objective 'smoothed_dpo' requires `preference_probs` or both `chosen_rewards` and "
                 "`rejected_rewards` (SmPO's soft labels come from reward scores)"
             )
-        if x.preference_probs is not None and not bool(
-            ((x.preference_probs >= 0) & (x.preference_probs <= 1)).all()
-        ):
-            raise ObjectiveInputError("`preference_probs` must lie in [0, 1]")
         return x
 
     def soft_labels(self, x: Inputs) -> Tensor:
@@ -591,6 +612,8 @@ class DROranking(LogRatioObjective):
     that constant shift).
     """
 
+    soft_label_mode = None  # expert vs. policy sample: the order is not a judgement that can be soft
+
     beta: float = 2.0
     margin: float = 0.001
 
@@ -613,6 +636,8 @@ class KLDO(LogRatioObjective):
     which lowers the gradient's variance. That running average is the one piece of state an
     objective keeps; it lives on this instance. ``kldo/kl_estimate`` reports the DV bound.
     """
+
+    soft_label_mode = None  # the DV bound couples the batch: a pair has no loss of its own to mix
 
     running_rate: float | None = 0.1
     _log_running: float | None = field(default=None, init=False, repr=False)

@@ -26,6 +26,14 @@ class LoraSettings:
 @dataclass
 class ModelConfig:
     pretrained: str = field(metadata={"help": "diffusers pipeline folder (or hub id when online)"})
+    adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "a LoRA adapter merged into the pretrained weights before training (e.g. an SFT "
+            "adapter), the starting point of policy and reference: a peft folder (text; "
+            "model.pretrained may also name it directly) or a save_lora_weights folder (diffusion)"
+        },
+    )
     lora: LoraSettings | None = field(
         default=None, metadata={"help": "train LoRA adapters instead of the full UNet"}
     )

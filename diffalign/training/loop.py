@@ -34,10 +34,18 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class Method(ABC):
-    """A recipe: what to train, on which data, with which loss. The loop does the rest."""
+    """A recipe: what to train, on which data, with which loss. The loop does the rest.
+
+    ``Method.__init__`` seeds every random generator from ``cfg.seed`` (the same on every rank),
+    and subclasses call it first: whatever a recipe builds before the loop (LoRA adapters, heads,
+    copies, samplers) is then a function of the config alone, whatever ran before in the process.
+    """
 
     def __init__(self, cfg: TrainConfig) -> None:
+        from accelerate.utils import set_seed
+
         self.cfg = cfg
+        set_seed(cfg.seed)
 
     @abstractmethod
     def trainable_module(self) -> torch.nn.Module:
@@ -151,7 +159,10 @@ def run_training(cfg: TrainConfig, method: Method) -> TrainResult:
     module = method.trainable_module()
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the method has no trainable parameters")
+        raise ValueError(
+            f"the method has no trainable parameters: every parameter of its {type(module).__name__} "
+            "has requires_grad=False"
+        )
     scale = (
         accelerator.num_processes * cfg.gradient_accumulation_steps * cfg.batch_size
         if cfg.optim.scale_lr
