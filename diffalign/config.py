@@ -98,6 +98,7 @@ class _Loader(yaml.SafeLoader):
 
 
 _Loader.add_constructor("tag:yaml.org,2002:str", _Loader.construct_yaml_str)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:merge", re.compile(r"^(?:<<)$"), ["<"])  # anchors' <<
 
 
 def _read_yaml(text: str) -> Any:
@@ -238,7 +239,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         except yaml.YAMLError as err:
             raise ConfigError(f"{where}: cannot parse value for '{key}': {err}") from err
     if isinstance(value, _Scalar) and typing.get_origin(tp) not in (Union, types.UnionType):
-        value = value.text if _takes_text(tp) else _plain(value)
+        value = value.text if _takes_text(tp) and value.value is not None else _plain(value)
 
     def wrong(expected: str | None = None) -> ConfigError:
         return ConfigError(
@@ -296,6 +297,8 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str) and re.fullmatch(r"[-+]?[0-9][0-9_]*", value):
+            return int(value)  # 1_000: YAML 1.1 and Python read it as an integer, YAML 1.2 does not
         raise wrong("an integer")
     if tp is float:
         number = None

@@ -125,3 +125,48 @@ def test_validation_in_post_init_is_reported_with_source() -> None:
 
     with pytest.raises(ConfigError, match="here: invalid 'Positive': x must be positive"):
         build(Positive, {"x": -1}, source="here")
+
+
+def test_yaml_11_words_are_read_as_the_field_wants(tmp_path: Path) -> None:
+    """YAML 1.1 reads no/yes/on/off as booleans, so accelerate's own `mixed_precision: no` was
+    refused; a string or literal field now takes the text written, in files and overrides."""
+    from diffalign.training.config import TrainConfig
+
+    text = (
+        "method: diffusion_dpo\nmodel: {pretrained: 1984}\ndata: {path: 2024_01, hflip: no}\n"
+        "mixed_precision: no\nvalidation_prompts: [yes, no, on, 0.10, 'quoted']\n"
+        "objective: {name: dpo, beta: 5e3, reference_free: off}\nseed: 010\n"
+    )
+    cfg = load_config(TrainConfig, write(tmp_path, text))
+    assert cfg.mixed_precision == "no"
+    assert cfg.validation_prompts == ["yes", "no", "on", "0.10", "quoted"]
+    assert cfg.model.pretrained == "1984" and cfg.data.path == Path("2024_01")
+    assert cfg.data.hflip is False  # a bool field reads no/off/yes/on as YAML 1.1 meant them
+    assert cfg.objective == {"name": "dpo", "beta": 5000.0, "reference_free": "off"}
+    assert cfg.seed == 10  # YAML 1.2: no octal from a leading zero
+    over = load_config(
+        TrainConfig,
+        write(tmp_path, text),
+        ["mixed_precision=no", "validation_prompts=[yes, no]", "data.hflip=on"],
+    )
+    assert (over.mixed_precision, over.validation_prompts, over.data.hflip) == ("no", ["yes", "no"], True)
+    from diffalign.objectives import get_objective
+
+    assert get_objective(**cfg.objective).reference_free is False  # typed where the objective is built
+
+
+def test_a_bool_field_still_takes_only_booleans_and_floats_are_finite(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'model' must be a string, got None"):
+        load_config(Train, write(tmp_path, "model:\n"))  # empty is null, not the string ''
+    anchors = "a: &common {lr: 2e-4}\nmodel: m\noptim:\n  <<: *common\n  schedule: cosine\n"
+    with pytest.raises(ConfigError, match="unknown key 'a'"):
+        load_config(Train, write(tmp_path, anchors))
+    cfg = load_config(Train, write(tmp_path, anchors.replace("a: &common", "objective: &common")))
+    assert cfg.optim.lr == 2e-4 and cfg.optim.schedule == "cosine"  # YAML merge keys still merge
+    assert load_config(Train, write(tmp_path, "model: m\nmixed_precision: true\n")).mixed_precision is True
+    with pytest.raises(ConfigError, match=r"'mixed_precision' must be true or false, got 'maybe'"):
+        load_config(Train, write(tmp_path, "model: m\nmixed_precision: maybe\n"))
+    with pytest.raises(ConfigError, match=r"optim.lr=nan: 'optim.lr' must be a finite number"):
+        load_config(Train, write(tmp_path, "model: m\n"), ["optim.lr=nan"])
+    with pytest.raises(ConfigError, match=r"'optim.lr' must be a finite number, got inf"):
+        load_config(Train, write(tmp_path, "model: m\noptim: {lr: .inf}\n"))

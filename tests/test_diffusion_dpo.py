@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,6 +40,27 @@ def config(*args: str) -> TrainConfig:
     return load_config(TrainConfig, None, list(args))
 
 
+def moved_off_reference_with_spy(cfg: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict]:
+    """The method set up on the CPU with its policy moved off its frozen reference, and a dict whose
+    "out" is the `DenoisingLogp` of the latest step."""
+    import diffalign.methods.diffusion_dpo as recipe
+
+    method = get_method("diffusion_dpo")(cfg)
+    method.setup(torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for p in method.policy.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    seen: dict = {}
+    real = recipe.denoising_logp
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["out"] = real(*args, **kwargs)
+        return seen["out"]
+
+    monkeypatch.setattr(recipe, "denoising_logp", spy)
+    return method, seen
+
+
 @pytest.mark.parametrize("kind", ["sd", "sd_v"])
 def test_loss_equals_the_official_formula(
     tiny_pipelines, pairs: Path, tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
@@ -45,24 +68,10 @@ def test_loss_equals_the_official_formula(
     """The method's loss is -logsigmoid(-0.5 * beta * ((mse_w - mse_l) - (ref_w - ref_l))) of its
     per-element-mean MSEs (to 1e-6), and those MSEs are the official procedure's: VAE posterior
     sample, one t and one noise per pair, [winners; losers] through the UNet (replayed here)."""
-    import diffalign.methods.diffusion_dpo as recipe
-
     cfg = config(
         *overrides(tiny_pipelines[kind], pairs, tmp_path, "data.caption_dropout=0.0", "data.hflip=false")
     )
-    method = get_method("diffusion_dpo")(cfg)
-    method.setup(torch.device("cpu"), torch.float32)
-    with torch.no_grad():  # make the policy differ from its frozen reference
-        for p in method.policy.unet.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    seen = {}
-
-    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen["out"] = recipe.denoising_logp.__wrapped__(*args, **kwargs)
-        return seen["out"]
-
-    spy.__wrapped__ = recipe.denoising_logp  # type: ignore[attr-defined]
-    monkeypatch.setattr(recipe, "denoising_logp", spy)
+    method, seen = moved_off_reference_with_spy(cfg, monkeypatch)
     dataset, collate = method.dataset()
     batch = collate([dataset[0], dataset[1]])
     torch.manual_seed(123)
@@ -320,8 +329,6 @@ def test_ties_kept_train_towards_one_half(
 ) -> None:
     """Pick-a-Pic `label_0 = [1, 0, 0.5, 0.5]` read with `data.ties=half`: labels [1, 1, 0.5, 0.5],
     and the step's loss is the Bradley-Terry cross-entropy of its errors, not four wins' loss."""
-    import diffalign.methods.diffusion_dpo as recipe
-
     rows = [json.loads(line) for line in pairs.read_text().splitlines()][:4]
     pq.write_table(pa.table({
         "caption": [r["prompt"] for r in rows],
@@ -331,19 +338,7 @@ def test_ties_kept_train_towards_one_half(
     }), tmp_path / "ties.parquet")  # fmt: skip
     args = overrides(tiny_pipelines["sd"], tmp_path / "ties.parquet", tmp_path, "data.ties=half",
                      "data.caption_dropout=0.0", "data.hflip=false")  # fmt: skip
-    method = get_method("diffusion_dpo")(config(*args))
-    method.setup(torch.device("cpu"), torch.float32)
-    with torch.no_grad():  # make the policy differ from its frozen reference
-        for p in method.policy.unet.parameters():
-            p.add_(0.01 * torch.randn_like(p))
-    seen = {}
-
-    def spy(*a, **k):  # type: ignore[no-untyped-def]
-        seen["out"] = recipe.denoising_logp.__wrapped__(*a, **k)
-        return seen["out"]
-
-    spy.__wrapped__ = recipe.denoising_logp  # type: ignore[attr-defined]
-    monkeypatch.setattr(recipe, "denoising_logp", spy)
+    method, seen = moved_off_reference_with_spy(config(*args), monkeypatch)
     dataset, collate = method.dataset()
     batch = collate([dataset[i] for i in range(4)])
     assert batch["labels"].tolist() == [1.0, 1.0, 0.5, 0.5]
@@ -377,3 +372,101 @@ def test_ties_are_refused_by_objectives_without_soft_labels(
     )
     with pytest.raises(ValueError, match=rf"data.ties=half .* objective '{objective}' cannot use"):
         get_method("diffusion_dpo")(cfg)
+
+
+def test_lora_runs_are_fixed_by_the_seed(tiny_pipelines, pairs: Path, tmp_path: Path) -> None:
+    """Two `diffalign.train` calls in one process, whatever ran before: the same adapters, losses
+    and weights (the adapters used to be drawn before the seed was applied)."""
+    from safetensors.torch import load_file
+
+    from diffalign.api import train
+
+    runs = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # unrelated random draws before the run
+        out = tmp_path / f"run{i}"
+        train(config(*overrides(tiny_pipelines["sd"], pairs, out, "model.lora={rank: 4}", "optim.lr=1e-3")))
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        weights = load_file(out / "checkpoints/checkpoint-4/export/pytorch_lora_weights.safetensors")
+        runs.append((losses, weights))
+    (losses_a, weights_a), (losses_b, weights_b) = runs
+    assert losses_a == losses_b and losses_a[0] != losses_a[-1]
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+@pytest.fixture(scope="module")
+def sft_lora(tiny_pipelines, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SFT LoRA for the tiny SD pipeline, saved by `save_lora_weights`, with non-zero B."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from diffalign.diffusion.policy import DiffusionPolicy
+
+    policy = DiffusionPolicy.from_pretrained(tiny_pipelines["sd"])
+    torch.manual_seed(3)
+    policy.add_lora(rank=4)
+    with torch.no_grad():
+        for name, p in policy.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    folder = tmp_path_factory.mktemp("sft_lora")
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(policy.unet))
+    StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=layers)
+    return folder
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_an_sft_lora_folder_is_the_starting_point(
+    tiny_pipelines, pairs: Path, sft_lora: Path, tmp_path: Path, lora: bool
+) -> None:
+    """`model.adapter` = a `save_lora_weights` folder: policy and reference both equal base + LoRA at
+    step 0, and the first loss is log 2."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffalign.diffusion.policy import Conditioning
+
+    extra = ["model.lora={rank: 4}"] if lora else []
+    args = overrides(tiny_pipelines["sd"], pairs, tmp_path, f"model.adapter={sft_lora}", *extra)
+    method = get_method("diffusion_dpo")(config(*args))
+    method.setup(torch.device("cpu"), torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipelines["sd"], safety_checker=None)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+    cond = Conditioning(torch.randn(2, 16, 32))
+    with torch.no_grad():
+        base = pipe.unet(x, t, cond.encoder_hidden_states).sample
+        pipe.load_lora_weights(str(sft_lora))
+        sft = pipe.unet(x, t, cond.encoder_hidden_states).sample
+        assert (sft - base).abs().max() > 0.05  # the adapter matters
+        torch.testing.assert_close(method.policy.unet_forward(x, t, cond), sft, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            method.policy.unet_forward(x, t, cond, reference=True), sft, atol=1e-5, rtol=1e-4
+        )
+    dataset, collate = method.dataset()
+    loss, metrics = method.step(collate([dataset[0], dataset[1]]))
+    assert float(loss.detach()) == pytest.approx(math.log(2)) and metrics["rewards/margins"] == 0.0
+    if lora:
+        method.export(tmp_path / "export")
+        start = json.loads((tmp_path / "export" / "starting_point.json").read_text())
+        assert start == {"pretrained": tiny_pipelines["sd"], "fused_adapter": str(sft_lora)}
+
+
+def test_a_lora_folder_as_the_pipeline_is_named(
+    tiny_pipelines, pairs: Path, sft_lora: Path, tmp_path: Path
+) -> None:
+    from safetensors.torch import save_file
+
+    with pytest.raises(
+        FileNotFoundError, match=rf"{sft_lora} is a LoRA folder, not a pipeline.*model.adapter="
+    ):
+        get_method("diffusion_dpo")(config(*overrides(str(sft_lora), pairs, tmp_path)))
+    # a LoRA for a transformer model: diffusers only warns that no key matched, the adapter would vanish
+    other = tmp_path / "flux_lora"
+    other.mkdir()
+    lora = {"transformer.blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 32),
+            "transformer.blocks.0.attn.to_q.lora_B.weight": torch.randn(32, 4)}  # fmt: skip
+    save_file(lora, str(other / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(ValueError, match=rf"model.adapter: {other} has no LoRA weights for this pipeline"):
+        get_method("diffusion_dpo")(
+            config(*overrides(tiny_pipelines["sd"], pairs, tmp_path, f"model.adapter={other}"))
+        )

@@ -103,3 +103,38 @@ def test_help_documents_every_option() -> None:
     ).stdout
     for f in dataclasses.fields(ScoreDatasetConfig):
         assert f"  {f.name} (" in text, f.name
+
+
+def test_a_rerun_with_other_weights_at_the_same_path_rescores(tmp_path: Path, reward_assets) -> None:
+    """The parts cache is keyed on the reward's weights and settings, not on the output path: a head
+    retrained and saved over the old file, or another reward, does not reuse stale scores."""
+    from safetensors.torch import save_file
+
+    from diffalign.rewards import load_reward
+    from diffalign_rewards.clip_rewards import AestheticMLP
+
+    images = [png(i) for i in range(5)]
+    data = tmp_path / "pairs.parquet"
+    pq.write_table(
+        pa.table({"caption": ["p"] * 4, "jpg_0": images[:4], "jpg_1": images[1:], "label_0": [1.0] * 4}), data
+    )
+    head = tmp_path / "head.safetensors"
+    out = tmp_path / "scored.parquet"
+    options = {"clip": str(reward_assets["clip"]), "head": str(head)}
+    cfg = ScoreDatasetConfig(
+        data=data, output=out, reward="aesthetic", reward_options=options, column_prefix="s"
+    )
+    scores = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_file(AestheticMLP(16).state_dict(), str(head))  # retrained, same path
+        score_dataset(cfg)
+        scores.append(pq.read_table(out).to_pydict()["s_0"])
+        direct = load_reward("aesthetic", **options)
+        batch = torch.stack([script.load_image(b, "x") for b in images[:4]])
+        assert scores[-1] == pytest.approx(direct(batch).tolist(), abs=1e-5)
+    assert scores[0] != pytest.approx(scores[1], abs=1e-3)
+    cfg.reward, cfg.reward_options = "jpeg_incompressibility", {}
+    score_dataset(cfg)  # another reward under the same column name
+    assert pq.read_table(out).to_pydict()["s_0"] == pytest.approx([jpeg_kb(b) for b in images[:4]])
+    assert len(list((tmp_path / "scored.parquet.parts").iterdir())) == 3  # earlier work kept

@@ -4,6 +4,7 @@ through scripts/train.py (a tiny Llama and a word-level tokenizer built locally)
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,122 @@ def test_objectives_that_need_rewards_refuse_rows_without_them(lm_path: Path, tm
     with pytest.raises(ValueError, match=r"d\.jsonl:1: objective 'mappo' needs rewards per candidate"):
         _method(lm_path, data, tmp_path / "out", "objective={name: mappo}")
     _method(lm_path, data, tmp_path / "out", "objective={name: infonca}")  # K = 2: the hard label suffices
+
+
+def test_lora_runs_are_fixed_by_the_seed(lm_path: Path, tmp_path: Path) -> None:
+    """Two `diffalign.train` calls in one process, whatever ran before: the same adapters, losses
+    and weights (the adapters used to be drawn before the seed was applied)."""
+    from safetensors.torch import load_file
+
+    from diffalign.api import train
+
+    data = synthetic_preferences(tmp_path / "d.jsonl", rows=16)
+    config = Path(__file__).resolve().parents[1] / "configs" / "text" / "dpo.yaml"
+    runs = []
+    for i in range(2):
+        torch.manual_seed(100 + i)  # unrelated random draws before the run
+        out = tmp_path / f"run{i}"
+        train(config, [
+            f"model.pretrained={lm_path}", f"data.path={data}", f"output_dir={out}", "max_steps=3",
+            "model.lora={rank: 4, target_modules: [q_proj, v_proj]}", "optim.lr=1e-2", "report_to=[]",
+            "log_every=1", "checkpoint_every=3", "seed=0",
+        ])  # fmt: skip
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs.append((losses, load_file(out / "checkpoints/checkpoint-3/export/adapter_model.safetensors")))
+    (losses_a, weights_a), (losses_b, weights_b) = runs
+    assert losses_a == losses_b and losses_a[0] != losses_a[-1]
+    assert weights_a.keys() == weights_b.keys() and all(
+        torch.equal(weights_a[k], weights_b[k]) for k in weights_a
+    )
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(lm_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SFT LoRA adapter folder for the tiny LM with non-zero B (as training leaves it), no tokenizer."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = _load(lm_path)
+    torch.manual_seed(3)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    folder = tmp_path_factory.mktemp("sft") / "adapter"
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["model.lora={rank: 4, target_modules: [q_proj]}"],
+     ["model.lora={rank: 4, target_modules: [q_proj]}", "model.reference=copy"]],
+    ids=["full", "lora-adapters-reference", "lora-copy-reference"],
+)  # fmt: skip
+def test_an_sft_adapter_folder_is_the_starting_point(
+    lm_path: Path, sft_adapter: Path, tmp_path: Path, extra: list[str]
+) -> None:
+    """`model.pretrained` = a peft adapter folder: policy and reference both equal base + adapter at
+    step 0 (they used to equal the base), the loss is log 2, and a LoRA export reloads as the policy."""
+    from peft import AutoPeftModelForCausalLM
+
+    data = synthetic_preferences(tmp_path / "d.jsonl", rows=8)
+    sft = AutoPeftModelForCausalLM.from_pretrained(sft_adapter).merge_and_unload().eval()
+    base, _ = _load(lm_path)
+    method = _method(sft_adapter, data, tmp_path / "out", *extra)
+    x = torch.tensor([[1, 7, 8, 9, 10]])
+    with torch.no_grad():
+        policy = method.model(x).logits
+        if method.reference is not None:
+            reference = method.reference(x).logits
+        else:
+            with method.model.disable_adapter():
+                reference = method.model(x).logits
+        assert (sft(x).logits - base(x).logits).abs().max() > 0.1  # the adapter matters
+        torch.testing.assert_close(policy, sft(x).logits)
+        torch.testing.assert_close(reference, sft(x).logits)
+    assert sum(p.numel() for p in method.model.parameters() if p.requires_grad) > 0
+    dataset, collate = method.dataset()
+    loss, metrics = method.step(collate([dataset[i] for i in range(4)]))
+    assert float(loss.detach()) == pytest.approx(math.log(2)) and metrics["rewards/margins"] == 0.0
+    if extra:
+        method.export(tmp_path / "export")
+        reloaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "export")
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(x).logits, policy)  # its base is the merged start
+
+
+def test_adapter_folders_that_cannot_be_used_are_named(
+    lm_path: Path, sft_adapter: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    data = synthetic_preferences(tmp_path / "d.jsonl", rows=4)
+    offline = tmp_path / "offline_adapter"
+    shutil.copytree(sft_adapter, offline)
+    config = json.loads((offline / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "no-such-base")
+    (offline / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        FileNotFoundError, match=rf"the adapter {offline} needs its base model .*no-such-base"
+    ):
+        _method(offline, data, tmp_path / "out")
+    # its base given explicitly (a local copy of a hub model, say): works
+    method = _method(lm_path, data, tmp_path / "out", f"model.adapter={offline}")
+    assert method.model.config.diffalign_merged_adapter == str(offline)
+    with pytest.raises(ValueError, match=r"is itself an adapter folder and model\.adapter"):
+        _method(sft_adapter, data, tmp_path / "out", f"model.adapter={offline}")
+
+
+def test_precomputed_reference_cache_follows_the_model_not_its_path(tmp_path: Path) -> None:
+    """A model retrained and saved over the old one at the same path, same output_dir: the cached
+    reference of the old model is not reused (it was, with loss 0.68 and margins 0.027 at step 0)."""
+    data = synthetic_preferences(tmp_path / "d.jsonl", rows=8)
+    path = tmp_path / "lm"
+    for seed in (0, 5):
+        build_tiny_causal_lm(path, seed=seed)  # the second one replaces the first
+        method = _method(path, data, tmp_path / "out", "model.reference=precomputed")
+        dataset, collate = method.dataset()
+        loss, metrics = method.step(collate([dataset[i] for i in range(8)]))
+        assert float(loss.detach()) == pytest.approx(math.log(2)) and metrics["rewards/margins"] == 0.0
+    assert len(list((tmp_path / "out").glob("reference_logps-*.safetensors"))) == 2
