@@ -442,6 +442,8 @@ def test_an_sft_lora_folder_is_the_starting_point(
         torch.testing.assert_close(
             method.policy.unet_forward(x, t, cond, reference=True), sft, atol=1e-5, rtol=1e-4
         )
+    trainable = [n for n, p in method.policy.unet.named_parameters() if p.requires_grad]
+    assert trainable and all(("lora_" in n) == lora for n in trainable)  # full fine-tuning trains all
     dataset, collate = method.dataset()
     loss, metrics = method.step(collate([dataset[0], dataset[1]]))
     assert float(loss.detach()) == pytest.approx(math.log(2)) and metrics["rewards/margins"] == 0.0

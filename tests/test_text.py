@@ -306,7 +306,7 @@ def test_lora_runs_are_fixed_by_the_seed(lm_path: Path, tmp_path: Path) -> None:
         out = tmp_path / f"run{i}"
         train(config, [
             f"model.pretrained={lm_path}", f"data.path={data}", f"output_dir={out}", "max_steps=3",
-            "model.lora={rank: 4, target_modules: [q_proj, v_proj]}", "optim.lr=1e-2", "report_to=[]",
+            "model.lora={rank: 4}", "optim.lr=1e-2", "report_to=[]",  # default targets: all-linear
             "log_every=1", "checkpoint_every=3", "seed=0",
         ])  # fmt: skip
         losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -408,3 +408,41 @@ def test_precomputed_reference_cache_follows_the_model_not_its_path(tmp_path: Pa
         loss, metrics = method.step(collate([dataset[i] for i in range(8)]))
         assert float(loss.detach()) == pytest.approx(math.log(2)) and metrics["rewards/margins"] == 0.0
     assert len(list((tmp_path / "out").glob("reference_logps-*.safetensors"))) == 2
+
+
+def test_text_ties_train_towards_one_half(lm_path: Path, tmp_path: Path) -> None:
+    """Pairs with `label: 0.5` are dropped by default and, with `data.ties=half`, passed on as soft
+    labels: DPO's loss then differs from the win's by exactly half the margin (L(h) - L(-h) = -beta h)."""
+    rows = [
+        json.loads(line)
+        for line in synthetic_preferences(tmp_path / "d.jsonl", rows=8).read_text().splitlines()
+    ]
+    data = tmp_path / "ties.jsonl"
+    data.write_text("\n".join(json.dumps({**r, "label": 0.5 if i % 2 else 1}) for i, r in enumerate(rows)))
+    assert len(_method(lm_path, data, tmp_path / "drop").data) == 4
+    method = _method(lm_path, data, tmp_path / "half", "data.ties=half")
+    with torch.no_grad():  # move the policy off its frozen copy
+        for p in method.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    dataset, collate = method.dataset()
+    batch = collate([dataset[i] for i in range(1, 8, 2)])  # the four ties
+    assert batch["labels"].tolist() == [0.5] * 4
+    tie, metrics = method.step(batch)
+    win, _ = method.step({**batch, "labels": torch.ones(4)})
+    assert abs(metrics["rewards/margins"]) > 1e-3
+    assert float((win - tie).detach()) == pytest.approx(-0.5 * metrics["rewards/margins"], abs=1e-9)
+    with pytest.raises(ValueError, match=r"data\.ties=half .* objective 'kldo' cannot use"):
+        _method(lm_path, data, tmp_path / "kldo", "data.ties=half", "objective={name: kldo}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**rows[0], "label": None}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: label must be 1 or 0.5 \(a tie\), got None"):
+        _method(lm_path, bad, tmp_path / "bad")
+
+
+def test_listwise_objectives_train_on_unscored_pairs(lm_path: Path, tmp_path: Path) -> None:
+    """K = 2 without rewards: InfoNCA's target is the label, as for DPO (it used to fail at step 1)."""
+    data = synthetic_preferences(tmp_path / "d.jsonl", rows=4)
+    method = _method(lm_path, data, tmp_path / "out", "objective={name: infonca, beta: 0.1}")
+    dataset, collate = method.dataset()
+    loss, metrics = method.step(collate([dataset[i] for i in range(4)]))
+    assert float(loss.detach()) == pytest.approx(math.log(2)) and metrics["rewards/margins"] == 0.0

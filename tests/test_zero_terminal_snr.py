@@ -75,11 +75,13 @@ def test_epsilon_sampling_from_zero_snr_is_an_error_before_any_unet_call(
         transition_stats(scheduler, x, 999, x, eta=1.0)
 
 
-@pytest.mark.parametrize(("sampler", "eta"), SAMPLERS)
-def test_v_prediction_samples_from_zero_snr(zero_snr, sampler: str, eta: float) -> None:
+@pytest.mark.parametrize(("sampler", "eta", "steps"), [(s, e, 4) for s, e in SAMPLERS] + [("ddim", 1.0, 50)])
+def test_v_prediction_samples_from_zero_snr(zero_snr, sampler: str, eta: float, steps: int) -> None:
+    """diffusers' own DDIM step from a_T = 0 with eta > 0 is NaN at most step counts (50 among them):
+    sqrt(1 - a_prev - std^2) of a rounding error below 0."""
     policy = load(zero_snr, "v_prediction")
     traj = sample_with_trajectory(
-        policy, ["a", "b"], num_inference_steps=4, sampler=sampler, eta=eta, guidance_scale=1.0,
+        policy, ["a", "b"], num_inference_steps=steps, sampler=sampler, eta=eta, guidance_scale=1.0,
         generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
     assert int(traj.timesteps[0]) == 999

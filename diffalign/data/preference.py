@@ -29,7 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from diffalign.data.rows import read_rows
+from diffalign.data.rows import pair_label, read_rows
 
 __all__ = ["PairRecord", "load_image", "read_preference_pairs"]
 
@@ -88,9 +88,7 @@ def _jsonl_pair(row: dict, where: str, folder: Path, ties: str) -> PairRecord | 
     for key in ("prompt", "chosen", "rejected"):
         if key not in row:
             raise ValueError(f"{where}: missing key '{key}' (need prompt, chosen, rejected)")
-    label = float(row.get("label", 1.0))
-    if label not in (0.5, 1.0):
-        raise ValueError(f"{where}: label must be 1 or 0.5 (a tie), got {row['label']!r}")
+    label = pair_label(row, where)
     if label == 0.5 and ties == "drop":
         return None
     mask = folder / row["mask"] if row.get("mask") else None

@@ -16,7 +16,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["read_rows"]
+__all__ = ["pair_label", "read_rows"]
+
+
+def pair_label(row: dict, where: str) -> float:
+    """A pair's optional ``label``, P(chosen preferred): 1 (the default) or 0.5 (a tie). Anything
+    else (null, text, 0, 0.7) is a ``ValueError`` naming the row: a label of 0 means the columns
+    are the wrong way round, and a reader should not guess."""
+    label = row.get("label", 1.0)
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or label not in (0.5, 1.0):
+        raise ValueError(f"{where}: label must be 1 or 0.5 (a tie), got {label!r}")
+    return float(label)
 
 
 def read_rows(

@@ -21,7 +21,7 @@ import contextlib
 import copy
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -92,6 +92,7 @@ def _fuse_lora(pipe, adapter: str | Path) -> None:  # type: ignore[no-untyped-de
         )
     pipe.fuse_lora(components=components)
     pipe.unload_lora_weights()
+    pipe.unet.requires_grad_(True)  # peft froze it to attach the adapter; training decides what trains
 
 
 def attention_backend_available(backend: str) -> tuple[bool, str]:
@@ -242,16 +243,16 @@ class DiffusionPolicy:
         self,
         rank: int = 4,
         alpha: float | None = None,
-        target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0"),
+        target_modules: Sequence[str] | None = None,
         init: str | bool = "gaussian",
     ) -> None:
-        """Freeze the UNet and add trainable LoRA adapters (peft) to its attention projections."""
+        """Freeze the UNet and add trainable LoRA adapters (peft) to ``target_modules``, by default its
+        attention projections (``to_k``, ``to_q``, ``to_v``, ``to_out.0``, as diffusers' scripts)."""
         from peft import LoraConfig
 
         self.unet.requires_grad_(False)
-        config = LoraConfig(
-            r=rank, lora_alpha=alpha or rank, init_lora_weights=init, target_modules=list(target_modules)
-        )
+        targets = list(target_modules or ("to_k", "to_q", "to_v", "to_out.0"))
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=init, target_modules=targets)
         self.unet.add_adapter(config)
 
     @property

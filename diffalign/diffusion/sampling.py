@@ -156,6 +156,23 @@ def gaussian_logp(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return logp.mean(dim=tuple(range(1, logp.dim())))
 
 
+def _sampler_step(scheduler, pred: Tensor, t: Tensor, latents: Tensor, step_kwargs: dict) -> Tensor:
+    """``scheduler.step``, except for a stochastic DDIM step from ``a_t = 0`` (zero terminal SNR):
+    there diffusers takes ``sqrt(1 - a_prev - std^2)`` of a rounding error below 0 and returns NaN.
+    That step is taken from ``transition_stats`` (which clamps it at 0) with the noise drawn as
+    diffusers draws it, so the random stream, and every other step, stay the pipeline's."""
+    from diffusers import DDIMScheduler
+    from diffusers.utils.torch_utils import randn_tensor
+
+    eta = step_kwargs.get("eta", 0.0)
+    at_zero_snr = isinstance(scheduler, DDIMScheduler) and float(scheduler.alphas_cumprod[int(t)]) == 0
+    if not (at_zero_snr and eta > 0):
+        return scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+    noise = randn_tensor(pred.shape, generator=step_kwargs["generator"], device=pred.device, dtype=pred.dtype)
+    mean, std = transition_stats(scheduler, pred, t, latents, eta=eta)
+    return (mean + std * noise).to(latents.dtype)
+
+
 @dataclass
 class Trajectory:
     """A recorded sampling run. ``latents[:, 0]`` is x_T, ``latents[:, -1]`` the final x_0."""
@@ -230,7 +247,7 @@ def sample_with_trajectory(
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t)
         pred = policy.guided_prediction(model_input, t, cond, uncond, guidance_scale, inpaint)
-        new_latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+        new_latents = _sampler_step(scheduler, pred, t, latents, step_kwargs)
         if record_logp:
             mean, std = transition_stats(scheduler, pred, t, latents, eta=eta)
             deterministic = not bool((std > 0).all())  # DDPM's last step

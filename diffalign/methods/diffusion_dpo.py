@@ -32,7 +32,7 @@ from diffalign.data.preference import read_preference_pairs
 from diffalign.diffusion.likelihood import denoising_logp
 from diffalign.diffusion.policy import Conditioning, DiffusionPolicy
 from diffalign.diffusion.sampling import sample_with_trajectory
-from diffalign.objectives import get_objective
+from diffalign.objectives import check_ties, get_objective
 from diffalign.training.config import TrainConfig
 from diffalign.training.loop import Method
 
@@ -51,17 +51,13 @@ class DiffusionDPO(Method):
         self.objective = get_objective(**cfg.objective)
         if self.objective.kind != "pairwise":
             raise ValueError(f"diffusion_dpo needs a pairwise objective, got '{self.objective.name}'")
-        if cfg.data.ties == "half" and not self.objective.accepts_soft_labels:
-            raise ValueError(
-                f"data.ties=half trains each tie towards 1/2, a soft label that objective "
-                f"'{self.objective.name}' cannot use; set data.ties=drop or pick an objective that "
-                "takes soft labels (dpo, ipo, cdpo, smoothed_dpo, ...)"
-            )
+        if not self.options.sft:  # the SFT baseline weighs ties itself and never calls the objective
+            check_ties(self.objective, cfg.data.ties)
         policy = DiffusionPolicy.from_pretrained(cfg.model.pretrained, adapter=cfg.model.adapter)
         policy.set_attention_backend(cfg.model.attention)
         if cfg.model.lora is not None:
             lora = cfg.model.lora
-            policy.add_lora(lora.rank, lora.alpha, tuple(lora.target_modules))
+            policy.add_lora(lora.rank, lora.alpha, lora.target_modules)
         if self.objective.uses_reference and not self.options.sft:
             mode = cfg.model.reference
             if mode == "precomputed":

@@ -10,7 +10,9 @@ Per batch of rows (x, y_1 .. y_K), K = 2 for (chosen, rejected) pairs:
 3. the objective on those tensors: pairwise objectives (``dpo`` (Rafailov et al. 2023, Eq. 7),
    ``ipo``, ``simpo``, ``cpo``, ``orpo``, ``mappo``, ``madpo``, ``fdpo``, ``kldo``, ``rso``, ...)
    get candidate 0 as chosen and candidate 1 as rejected, or, for K > 2 rows with rewards, the
-   best and the worst; listwise objectives (``nca``, ``infonca``) get all K with their rewards.
+   best and the worst; listwise objectives (``nca``, ``infonca``) get all K with their rewards
+   (K = 2: the pair, with its rewards or its label). A pair's ``label`` (1, or 0.5 for a tie kept
+   with ``data.ties=half``) is passed as ``preference_probs``: a tie trains towards 1/2.
 
 Metrics as TRL names them: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
 ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``.
@@ -30,7 +32,7 @@ from torch.utils.data import Dataset
 
 from diffalign.config import build
 from diffalign.fingerprint import fingerprint, module_fingerprint, rows_fingerprint
-from diffalign.objectives import get_objective
+from diffalign.objectives import check_ties, get_objective
 from diffalign.text.data import read_text_preferences
 from diffalign.text.dataset import TextPreferenceDataset
 from diffalign.text.loading import load_causal_lm
@@ -77,7 +79,8 @@ class TextPreference(Method):
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.model = self.train_model = model
-        records = read_text_preferences(cfg.data.path, cfg.data.split)
+        check_ties(self.objective, cfg.data.ties)
+        records = read_text_preferences(cfg.data.path, cfg.data.split, cfg.data.ties)
         self.data = TextPreferenceDataset(records, self.tokenizer, self.options.tokenization)
         wants_rewards = {"chosen_rewards", "rewards"} & set(self.objective.required_inputs())
         if records[0].rewards is None and (wants_rewards or len(records[0].completions) > 2):
@@ -95,7 +98,7 @@ class TextPreference(Method):
             # the new adapter trains on base + merged adapter: exports must name that as their base
             model.name_or_path = str(save_starting_point(model, self.tokenizer, self.cfg.output_dir))
         lora = self.cfg.model.lora
-        targets = lora.target_modules
+        targets = lora.target_modules or ["all-linear"]  # TRL's and peft's usual choice for causal LMs
         return get_peft_model(model, LoraConfig(
             r=lora.rank, lora_alpha=lora.alpha or lora.rank, task_type="CAUSAL_LM",
             target_modules="all-linear" if targets == ["all-linear"] else targets,
@@ -130,9 +133,9 @@ class TextPreference(Method):
             )
         logps, lengths = policy.summed.view(-1, k), policy.lengths.view(-1, k)
         rewards = None if batch["rewards"] is None else batch["rewards"].to(device)
-        if self.objective.kind == "listwise":
+        if self.objective.kind == "listwise" and k > 2:
             result = self.objective(policy_logps=logps, reference_logps=reference, rewards=rewards)
-        else:
+        else:  # pairs (any objective, with their labels), or the best and worst of K for a pairwise one
             pick = _chosen_rejected(k, rewards, len(logps), logps.device)
             two = lambda x: None if x is None else x.gather(1, pick)  # noqa: E731
             lp, ref, rw, ln = two(logps), two(reference), two(rewards), two(lengths)
@@ -143,6 +146,7 @@ class TextPreference(Method):
                 chosen_rewards=None if rw is None else rw[:, 0],
                 rejected_rewards=None if rw is None else rw[:, 1],
                 chosen_lengths=ln[:, 0], rejected_lengths=ln[:, 1],
+                preference_probs=batch["labels"].to(device),
             )  # fmt: skip
         return result.loss, dict(result.metrics)
 

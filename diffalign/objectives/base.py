@@ -46,6 +46,7 @@ __all__ = [
     "Objective",
     "ObjectiveInputError",
     "ObjectiveOutput",
+    "check_ties",
     "get_objective",
     "list_objectives",
     "register_objective",
@@ -175,6 +176,17 @@ class Objective:
         if name.startswith("reference"):
             return " (or pass reference_free=True)" if hasattr(self, "reference_free") else ""
         return ""
+
+
+def check_ties(objective: Objective, ties: str) -> None:
+    """Raise ``ValueError`` naming the objective when ``data.ties=half`` (ties kept as the soft label
+    1/2) meets an objective that cannot use a soft label; recipes call this when they are built."""
+    if ties == "half" and not objective.accepts_soft_labels:
+        raise ValueError(
+            f"data.ties=half trains each tie towards 1/2, a soft label that objective '{objective.name}' "
+            "cannot use; set data.ties=drop or pick an objective that takes soft labels (dpo, ipo, "
+            "cdpo, smoothed_dpo, infonca, ...)"
+        )
 
 
 def same_shape(

@@ -5,7 +5,8 @@ Accepted rows (JSONL, parquet, a ``save_to_disk`` folder or a hub id; see ``diff
 - pairs: ``prompt``, ``chosen``, ``rejected`` (strings, or TRL's conversational form: a list of
   ``{"role", "content"}`` messages), optional rewards ``chosen_reward`` / ``rejected_reward``
   (UltraFeedback's ``score_chosen`` / ``score_rejected`` are read as well), for ``mappo`` and
-  ``madpo``;
+  ``madpo``, and an optional ``label`` (1, or 0.5 for a tie: dropped with ``ties="drop"``, kept as
+  a soft label with ``ties="half"``, as the image readers do);
 - K candidates: ``prompt``, ``completions`` (a list), ``rewards`` (a list of scalars of the same
   length), for ``nca`` / ``infonca`` (or any pairwise objective, on the best and worst).
 
@@ -19,8 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from diffalign.data.rows import read_rows
+from diffalign.data.rows import pair_label, read_rows
 
 __all__ = ["TextRecord", "read_text_preferences"]
 
@@ -36,12 +38,16 @@ class TextRecord:
     completions: list[Text]  # pairs: [chosen, rejected]
     rewards: list[float] | None
     where: str
+    label: float = 1.0  # P(first candidate preferred): 1, or 0.5 for a tie kept
 
 
-def read_text_preferences(path: str | Path, split: str = "train") -> list[TextRecord]:
-    records = [_record(row, where) for where, row in read_rows(path, split, what="text preference data")]
+def read_text_preferences(
+    path: str | Path, split: str = "train", ties: Literal["drop", "half"] = "drop"
+) -> list[TextRecord]:
+    rows = read_rows(path, split, what="text preference data")
+    records = [r for where, row in rows if (r := _record(row, where)).label == 1.0 or ties == "half"]
     if not records:
-        raise ValueError(f"{path}: no rows")
+        raise ValueError(f"{path}: no rows" + (" (every row is a tie, and ties='drop')" if rows else ""))
     unscored = [r for r in records if r.rewards is None]
     if unscored and len(unscored) < len(records):
         raise ValueError(
@@ -62,6 +68,8 @@ def _record(row: dict, where: str) -> TextRecord:
             raise ValueError(f"{where}: 'completions' needs at least 2 candidates, got {len(completions)}")
         if rewards is not None and len(rewards) != len(completions):
             raise ValueError(f"{where}: {len(rewards)} rewards for {len(completions)} completions")
+        if "label" in row:
+            raise ValueError(f"{where}: 'label' belongs to pairs; K candidates are ranked by 'rewards'")
         names = [f"completions[{i}]" for i in range(len(completions))]
     else:
         for key in ("chosen", "rejected"):
@@ -82,7 +90,8 @@ def _record(row: dict, where: str) -> TextRecord:
             raise ValueError(f"{where}: rewards must be numbers, got {rewards!r}") from err
         if not all(math.isfinite(r) for r in rewards):
             raise ValueError(f"{where}: rewards must be finite, got {rewards}")
-    return TextRecord(row["prompt"], completions, rewards, where)
+    label = pair_label(row, where) if len(completions) == 2 else 1.0
+    return TextRecord(row["prompt"], completions, rewards, where, label)
 
 
 def _content(text: Text) -> str:

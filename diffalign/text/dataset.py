@@ -17,8 +17,8 @@ __all__ = ["TextPreferenceDataset"]
 class TextPreferenceDataset(Dataset):
     """Every record tokenized up front, so that a bad row stops the run before training starts.
 
-    An item: the record's K candidate sequences, its rewards (K,) or None, its reference
-    log-probabilities (K,) when precomputed, and its index.
+    An item: the record's K candidate sequences, its rewards (K,) or None, its label (P(first
+    candidate preferred)), its reference log-probabilities (K,) when precomputed, and its index.
     """
 
     def __init__(self, records: list[TextRecord], tokenizer: Any, cfg: Tokenization) -> None:
@@ -40,6 +40,7 @@ class TextPreferenceDataset(Dataset):
         return {
             "sequences": self.sequences[i],
             "rewards": None if rewards is None else torch.tensor(rewards),
+            "label": self.records[i].label,
             "reference_logps": None if self.reference_logps is None else self.reference_logps[i],
             "index": i,
         }
@@ -52,5 +53,6 @@ class TextPreferenceDataset(Dataset):
         for key in ("rewards", "reference_logps"):
             values = [item[key] for item in items]
             batch[key] = None if values[0] is None else torch.stack(values)
+        batch["labels"] = torch.tensor([item["label"] for item in items], dtype=torch.float32)
         batch["index"] = torch.tensor([item["index"] for item in items])
         return batch

@@ -17,9 +17,12 @@ __all__ = ["DataConfig", "LoraSettings", "ModelConfig", "OptimConfig", "TrainCon
 class LoraSettings:
     rank: int = field(default=4, metadata={"help": "LoRA rank"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
-    target_modules: list[str] = field(
-        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
-        metadata={"help": "UNet modules to adapt"},
+    target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "modules to adapt (default: the method's; the UNet's attention projections for "
+            "diffusion, every linear layer ([all-linear]) for text)"
+        },
     )
 
 
