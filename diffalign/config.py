@@ -242,8 +242,9 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         value = value.text if _takes_text(tp) and value.value is not None else _plain(value)
 
     def wrong(expected: str | None = None) -> ConfigError:
+        shown = _plain(value)
         return ConfigError(
-            f"{where}: '{key}' must be {expected or _type_name(tp)}, got {value!r} ({type(value).__name__})"
+            f"{where}: '{key}' must be {expected or _type_name(tp)}, got {shown!r} ({type(shown).__name__})"
         )
 
     if tp is Any:
@@ -260,7 +261,8 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
                 return _convert(value, option, key, where)
             except ConfigError as err:
                 errors.append(err)
-        value = _plain(value)  # for the message
+        if len(options) == 1:  # X | None: X's own message says what is wrong (a nested key, say)
+            raise errors[0]
         raise wrong(" or ".join(_type_name(a) for a in args)) from errors[0]
     if origin is Literal:
         if value in args and not isinstance(value, bool):

@@ -36,16 +36,20 @@ def rows_fingerprint(rows: Iterable[Any]) -> str:
 
 
 def module_fingerprint(module: torch.nn.Module, skip: Iterable[str] = ()) -> str:
-    """A digest of a module's parameters and buffers: names, dtypes, shapes and every byte.
+    """A digest of a module's parameters and buffers (names, dtypes, shapes and every byte) and of
+    the configs of it and its submodules (transformers' and diffusers' ``config``: a changed
+    ``rope_theta`` changes the outputs as surely as a changed weight).
 
     Names containing any string of ``skip`` are left out (e.g. ``"lora_"``: a reference with its
     adapters disabled does not depend on them), and peft's wrapping (``base_model.model.``,
     ``.base_layer``) is removed from names, so that a model and the same model with LoRA layers
-    added have one fingerprint. Costs one pass over the weights (a copy to the CPU for tensors
-    elsewhere): about a second per GB.
+    added have one fingerprint; so are configs' private and bookkeeping entries (``_name_or_path``
+    and the like). Costs one pass over the weights (a copy to the CPU for tensors elsewhere):
+    about a second per GB.
     """
     skip = tuple(skip)
     digest = hashlib.sha256()
+    digest.update(fingerprint(_configs(module)).encode())
     state = module.state_dict()
     named = {
         name.replace("base_model.model.", "").replace(".base_layer", ""): tensor
@@ -59,7 +63,25 @@ def module_fingerprint(module: torch.nn.Module, skip: Iterable[str] = ()) -> str
     return digest.hexdigest()[:16]
 
 
+def _configs(module: torch.nn.Module) -> list[dict[str, Any]]:
+    found = []
+    for sub in module.modules():
+        config = getattr(sub, "config", None)
+        config = config.to_dict() if hasattr(config, "to_dict") else config
+        if isinstance(config, dict):
+            found.append({k: v for k, v in config.items() if not k.startswith(("_", "diffalign_"))})
+    return found
+
+
 def file_fingerprint(path: str | Path) -> dict[str, Any]:
-    """What identifies a data file without reading it all: resolved path, size, modification time."""
-    stat = Path(path).stat()
-    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    """What identifies a file, or every file under a folder, without reading it all: resolved path,
+    size and modification time of each."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {
+        "path": str(path.resolve()),
+        "files": [
+            (str(p.relative_to(path)) if p != path else "", p.stat().st_size, p.stat().st_mtime_ns)
+            for p in files
+        ],
+    }

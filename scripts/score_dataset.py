@@ -8,10 +8,11 @@ A Pick-a-Pic-style parquet gets ``{column_prefix}_0`` and ``{column_prefix}_1`` 
 ``prompt``, ``chosen``, ``rejected`` and ``{column_prefix}_chosen`` / ``{column_prefix}_rejected``.
 Work is cached in ``<output>.parts/<key>/`` one chunk at a time, so a run that stops resumes where
 it left off; the parts are merged into ``output`` at the end. The key is a fingerprint of
-everything the scores depend on (the data file's size and modification time, the reward, its
-options and its weights, the chunking and image size), so a rerun with another reward or
-retrained weights at the same path starts afresh instead of reusing stale scores. SmPO's soft
-labels, Diffusion-DRO's expert ranking, MaPPO's and MADPO's reward inputs read these columns.
+everything the scores depend on (the data file's size and modification time; the reward, its
+options, weights and config, and the files its options name; the chunking and image size), so a
+rerun with another reward or retrained weights at the same path starts afresh instead of reusing
+stale scores. SmPO's soft labels, Diffusion-DRO's expert ranking, MaPPO's and MADPO's reward
+inputs read these columns.
 """
 
 from __future__ import annotations
@@ -114,7 +115,11 @@ def score_dataset(cfg: ScoreDatasetConfig) -> Path:
     reward = load_reward(cfg.reward, **cfg.reward_options).to(device)
     prefix = cfg.column_prefix or cfg.reward.replace(":", "_").replace(".", "_")
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("output", "batch_size", "device")}
-    key = fingerprint(settings, file_fingerprint(cfg.data), module_fingerprint(reward))
+    # weights a plug-in keeps outside its parameters still come from the files its options name
+    named_files = [
+        file_fingerprint(v) for v in cfg.reward_options.values() if isinstance(v, str) and Path(v).exists()
+    ]
+    key = fingerprint(settings, file_fingerprint(cfg.data), module_fingerprint(reward), named_files)
     parts_dir = cfg.output.with_name(cfg.output.name + ".parts") / key
     parts_dir.mkdir(parents=True, exist_ok=True)
     parts = []

@@ -170,3 +170,15 @@ def test_a_bool_field_still_takes_only_booleans_and_floats_are_finite(tmp_path: 
         load_config(Train, write(tmp_path, "model: m\n"), ["optim.lr=nan"])
     with pytest.raises(ConfigError, match=r"'optim.lr' must be a finite number, got inf"):
         load_config(Train, write(tmp_path, "model: m\noptim: {lr: .inf}\n"))
+
+
+def test_messages_show_values_as_written_and_the_inner_reason() -> None:
+    from diffalign.training.config import TrainConfig
+
+    base = ["method=m", "model.pretrained=p", "data.path=d"]
+    with pytest.raises(
+        ConfigError, match=r"'validation_prompts\[0\]' must be a string, got \{'a dog': 'cute'\}"
+    ):
+        load_config(TrainConfig, None, [*base, "validation_prompts=[a dog: cute]"])
+    with pytest.raises(ConfigError, match=r"'model.lora.alpha' must be a finite number, got nan"):
+        load_config(TrainConfig, None, [*base, "model.lora={alpha: .nan}"])

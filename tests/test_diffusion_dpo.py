@@ -462,6 +462,13 @@ def test_a_lora_folder_as_the_pipeline_is_named(
         FileNotFoundError, match=rf"{sft_lora} is a LoRA folder, not a pipeline.*model.adapter="
     ):
         get_method("diffusion_dpo")(config(*overrides(str(sft_lora), pairs, tmp_path)))
+    renamed = tmp_path / "renamed_lora"  # save_lora_weights(weight_name=...): any file name
+    renamed.mkdir()
+    shutil.copy(sft_lora / "pytorch_lora_weights.safetensors", renamed / "sft.safetensors")
+    with pytest.raises(FileNotFoundError, match=rf"{renamed} is a LoRA folder, not a pipeline"):
+        get_method("diffusion_dpo")(config(*overrides(str(renamed), pairs, tmp_path)))
+    with pytest.raises(ValueError, match="is an inpainting pipeline; diffusion_dpo trains text-to-image"):
+        get_method("diffusion_dpo")(config(*overrides(tiny_pipelines["inpaint"], pairs, tmp_path)))
     # a LoRA for a transformer model: diffusers only warns that no key matched, the adapter would vanish
     other = tmp_path / "flux_lora"
     other.mkdir()

@@ -392,6 +392,12 @@ def test_adapter_folders_that_cannot_be_used_are_named(
     # its base given explicitly (a local copy of a hub model, say): works
     method = _method(lm_path, data, tmp_path / "out", f"model.adapter={offline}")
     assert method.model.config.diffalign_merged_adapter == str(offline)
+    for not_adapter, why in (
+        (tmp_path / "missing", "does not exist"),
+        (lm_path, "has no adapter_config.json"),
+    ):
+        with pytest.raises(FileNotFoundError, match=rf"model.adapter: {not_adapter} {why}"):
+            _method(lm_path, data, tmp_path / "out", f"model.adapter={not_adapter}")
     with pytest.raises(ValueError, match=r"is itself an adapter folder and model\.adapter"):
         _method(sft_adapter, data, tmp_path / "out", f"model.adapter={offline}")
 
@@ -401,13 +407,24 @@ def test_precomputed_reference_cache_follows_the_model_not_its_path(tmp_path: Pa
     reference of the old model is not reused (it was, with loss 0.68 and margins 0.027 at step 0)."""
     data = synthetic_preferences(tmp_path / "d.jsonl", rows=8)
     path = tmp_path / "lm"
-    for seed in (0, 5):
-        build_tiny_causal_lm(path, seed=seed)  # the second one replaces the first
+
+    def retheta() -> None:  # the same weights, another RoPE base: other outputs
+        config = json.loads((path / "config.json").read_text())
+        rope = config.get("rope_parameters") or config
+        rope["rope_theta"] = 2 * rope.get("rope_theta", 10000.0)
+        (path / "config.json").write_text(json.dumps(config))
+
+    for change in (
+        lambda: build_tiny_causal_lm(path, seed=0),
+        lambda: build_tiny_causal_lm(path, seed=5),
+        retheta,
+    ):
+        change()  # each replaces the model at the same path
         method = _method(path, data, tmp_path / "out", "model.reference=precomputed")
         dataset, collate = method.dataset()
         loss, metrics = method.step(collate([dataset[i] for i in range(8)]))
         assert float(loss.detach()) == pytest.approx(math.log(2)) and metrics["rewards/margins"] == 0.0
-    assert len(list((tmp_path / "out").glob("reference_logps-*.safetensors"))) == 2
+    assert len(list((tmp_path / "out").glob("reference_logps-*.safetensors"))) == 3
 
 
 def test_text_ties_train_towards_one_half(lm_path: Path, tmp_path: Path) -> None:

@@ -127,3 +127,20 @@ def test_a_nan_from_the_model_is_an_error_naming_the_step(
         denoising_logp(policy, torch.randn(1, 2, 4, 16, 16), cond, with_reference=False)
     with pytest.raises(FloatingPointError, match="inverted latents contains NaN"):
         ddim_invert(policy, torch.randn(1, 4, 16, 16), cond, num_inference_steps=4)
+
+
+def test_a_run_that_could_not_draw_its_validation_samples_is_refused_when_built(
+    zero_snr, tmp_path: Path
+) -> None:
+    from script_loader import load_script
+
+    from diffalign.config import load_config
+    from diffalign.methods import get_method
+    from diffalign.training.config import TrainConfig
+
+    pairs = load_script("make_tiny_assets").make_pairs(tmp_path, n_pairs=2)
+    args = ["method=diffusion_dpo", f"model.pretrained={zero_snr['epsilon']}", f"data.path={pairs}",
+            "data.resolution=32", "validation_every=100", "validation_prompts=[a cat]"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"validation_every: the validation samples cannot be drawn: .*999"):
+        get_method("diffusion_dpo")(load_config(TrainConfig, None, args))
+    get_method("diffusion_dpo")(load_config(TrainConfig, None, args[:-2]))  # training itself is defined

@@ -73,6 +73,17 @@ class InpaintInputs:
         )
 
 
+def _holds_lora(folder: Path) -> bool:
+    """Whether a folder holds a safetensors file of LoRA weights (whatever its name)."""
+    from safetensors import safe_open
+
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            if any("lora" in key for key in f.keys()):  # noqa: SIM118 (a safetensors handle)
+                return True
+    return False
+
+
 def _fuse_lora(pipe, adapter: str | Path) -> None:  # type: ignore[no-untyped-def]
     """Fuse a LoRA into the pipeline's weights and drop the LoRA layers (diffusers' own loaders)."""
     if not Path(adapter).exists():
@@ -155,7 +166,7 @@ class DiffusionPolicy:
                 f"{source} is a file; pass the pipeline folder (the one with model_index.json)"
             )
         if is_dir and not (Path(source) / "model_index.json").is_file():
-            if any(Path(source).glob("*lora*.safetensors")):
+            if _holds_lora(Path(source)):
                 raise FileNotFoundError(
                     f"{source} is a LoRA folder, not a pipeline: set model.pretrained to the base pipeline "
                     f"it was trained on and model.adapter={source} (it is fused into the UNet)"

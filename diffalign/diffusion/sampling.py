@@ -27,6 +27,7 @@ from diffalign.diffusion.schedule import predicted_x0_eps, require_finite, requi
 
 __all__ = [
     "Trajectory",
+    "check_sampling",
     "gaussian_logp",
     "make_scheduler",
     "sample_with_trajectory",
@@ -154,6 +155,16 @@ def gaussian_logp(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     x = x.detach().float()
     logp = -((x - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
     return logp.mean(dim=tuple(range(1, logp.dim())))
+
+
+def check_sampling(
+    policy: DiffusionPolicy, sampler: SamplerName = "ddim", num_inference_steps: int = 50
+) -> None:
+    """Raise ``ValueError`` now if sampling with these settings is undefined (an epsilon model from a
+    zero-terminal-SNR timestep), so that a run fails when it is built, not at its first samples."""
+    scheduler = make_scheduler(policy, sampler)
+    scheduler.set_timesteps(num_inference_steps)
+    require_sampleable(scheduler, scheduler.timesteps, training_alphas=policy.scheduler.alphas_cumprod)
 
 
 def _sampler_step(scheduler, pred: Tensor, t: Tensor, latents: Tensor, step_kwargs: dict) -> Tensor:

@@ -31,7 +31,7 @@ from diffalign.data.pairs import PreferencePairDataset, collate_pairs
 from diffalign.data.preference import read_preference_pairs
 from diffalign.diffusion.likelihood import denoising_logp
 from diffalign.diffusion.policy import Conditioning, DiffusionPolicy
-from diffalign.diffusion.sampling import sample_with_trajectory
+from diffalign.diffusion.sampling import check_sampling, sample_with_trajectory
 from diffalign.objectives import check_ties, get_objective
 from diffalign.training.config import TrainConfig
 from diffalign.training.loop import Method
@@ -54,6 +54,16 @@ class DiffusionDPO(Method):
         if not self.options.sft:  # the SFT baseline weighs ties itself and never calls the objective
             check_ties(self.objective, cfg.data.ties)
         policy = DiffusionPolicy.from_pretrained(cfg.model.pretrained, adapter=cfg.model.adapter)
+        if policy.is_inpainting:
+            raise ValueError(
+                f"model.pretrained: {cfg.model.pretrained} is an inpainting pipeline; diffusion_dpo trains "
+                "text-to-image UNets on pairs without masks"
+            )
+        if cfg.validation_every and cfg.validation_prompts:
+            try:
+                check_sampling(policy, "ddim", cfg.validation_steps)
+            except ValueError as err:
+                raise ValueError(f"validation_every: the validation samples cannot be drawn: {err}") from err
         policy.set_attention_backend(cfg.model.attention)
         if cfg.model.lora is not None:
             lora = cfg.model.lora

@@ -21,9 +21,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def resolve_adapter(pretrained: str | Path, adapter: str | Path | None = None) -> tuple[str, str | None]:
     """``(base, adapter)``: ``pretrained`` may itself be a peft adapter folder, whose base is then
-    the ``base_model_name_or_path`` of its ``adapter_config.json``. Raises ``ValueError`` when both
-    name an adapter, or when an adapter's config is unreadable."""
+    the ``base_model_name_or_path`` of its ``adapter_config.json``. Raises ``FileNotFoundError``
+    when ``adapter`` is not a peft adapter folder, ``ValueError`` when both name an adapter or when
+    an adapter's config is unreadable."""
     pretrained = str(pretrained)
+    if adapter is not None and not (Path(adapter) / ADAPTER_CONFIG).is_file():
+        why = "does not exist" if not Path(adapter).exists() else f"has no {ADAPTER_CONFIG}"
+        raise FileNotFoundError(f"model.adapter: {adapter} {why}: it must be a peft adapter folder")
     if not (Path(pretrained) / ADAPTER_CONFIG).is_file():
         return pretrained, None if adapter is None else str(adapter)
     if adapter is not None:
