@@ -38,7 +38,7 @@ class ModelConfig:
         },
     )
     lora: LoraSettings | None = field(
-        default=None, metadata={"help": "train LoRA adapters instead of the full UNet"}
+        default=None, metadata={"help": "train LoRA adapters instead of all the weights"}
     )
     reference: Literal["auto", "copy", "adapters", "precomputed"] = field(
         default="auto",
