@@ -292,6 +292,11 @@ def test_bad_input(tiny_pipelines, tmp_path) -> None:
         denoising_logp(sd, torch.randn(1, 4, 16, 16), cond)
     with pytest.raises(ValueError, match="latents have 3 channels"):
         denoising_logp(sd, torch.randn(1, 2, 3, 16, 16), cond)
+    forward = sd.unet.forward
+    sd.unet.forward = None  # no UNet call before a missing reference is noticed
+    with pytest.raises(ValueError, match=r"no reference model: call make_reference\('copy'\)"):
+        denoising_logp(sd, torch.randn(1, 2, 4, 16, 16), cond)
+    sd.unet.forward = forward
     with pytest.raises(ValueError, match=r"latents must have shape \(1, 4, 16, 16\)"):
         sample_with_trajectory(sd, ["a"], num_inference_steps=2, latents=torch.randn(1, 4, 8, 8))
     with pytest.raises(ValueError, match="inpainting needs 9"):

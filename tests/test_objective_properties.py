@@ -8,7 +8,7 @@ import pytest
 import torch
 from pairs import make_pairs
 
-from diffalign.objectives import get_objective, list_objectives
+from diffalign.objectives import ObjectiveInputError, get_objective, list_objectives
 
 PAIRWISE = [n for n in list_objectives() if get_objective(n).kind == "pairwise"]
 
@@ -119,8 +119,20 @@ def test_mappo_maps_raw_scores_with_bounds(pairs: dict[str, torch.Tensor]) -> No
 
 def test_smoothed_dpo_with_hard_labels_equals_dpo(pairs: dict[str, torch.Tensor]) -> None:
     ones = torch.ones(6, dtype=torch.float64)
-    smpo = get_objective("smoothed_dpo", beta=0.1, gamma=1.0)(**pairs, preference_probs=ones)
+    unscored = {k: v for k, v in pairs.items() if "rewards" not in k}
+    smpo = get_objective("smoothed_dpo", beta=0.1, gamma=1.0)(**unscored, preference_probs=ones)
     torch.testing.assert_close(smpo.losses, get_objective("dpo", beta=0.1)(**pairs).losses)
+
+
+def test_smoothed_dpo_takes_its_label_from_the_scores_when_given(pairs: dict[str, torch.Tensor]) -> None:
+    """A recipe passes its pairs' hard labels alongside the scores: SmPO's label still comes from
+    the scores (it used to be overridden by p = 1), and a soft label there is a conflict."""
+    obj = get_objective("smoothed_dpo", reward_min=0.0, reward_max=1.0)
+    ones = torch.ones(6, dtype=torch.float64)
+    torch.testing.assert_close(obj(**pairs, preference_probs=ones).losses, obj(**pairs).losses)
+    assert obj(**pairs, preference_probs=ones).metrics["smpo/soft_label"] != pytest.approx(1.0)
+    with pytest.raises(ObjectiveInputError, match="both reward scores and soft preference labels"):
+        obj(**pairs, preference_probs=torch.full((6,), 0.5, dtype=torch.float64))
 
 
 def test_smoothed_dpo_fades_as_scores_converge(pairs: dict[str, torch.Tensor]) -> None:

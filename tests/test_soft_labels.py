@@ -48,6 +48,20 @@ def test_dpo_trains_a_tie_towards_one_half() -> None:
 
 
 @pytest.mark.parametrize("name", MIXTURE)
+def test_a_tie_has_no_gradient_between_equal_candidates(name: str) -> None:
+    """A tie between two candidates the policy rates equally (h = 0) is where it should be: the
+    gradient pushes neither above the other, whatever else (scores, lengths) tells them apart."""
+    pairs = make_pairs()
+    for k in ("policy", "reference"):
+        pairs[f"{k}_rejected_logps"] = pairs[f"{k}_chosen_logps"].clone()
+    pairs["rejected_lengths"] = pairs["chosen_lengths"].clone()
+    w = pairs["policy_chosen_logps"].requires_grad_()
+    lose = pairs["policy_rejected_logps"].requires_grad_()
+    get_objective(name)(**pairs, preference_probs=torch.full((6,), 0.5, dtype=torch.float64)).loss.backward()
+    torch.testing.assert_close(w.grad, lose.grad)  # any push moves both alike
+
+
+@pytest.mark.parametrize("name", MIXTURE)
 def test_soft_label_is_the_expected_loss_over_the_order(name: str) -> None:
     pairs = make_pairs()
     obj = get_objective(name)
@@ -97,10 +111,10 @@ def test_listwise_objectives_take_the_soft_label_as_their_targets() -> None:
     targets = torch.stack([LABELS, 1 - LABELS], 1)
     ls = torch.nn.functional.logsigmoid
     torch.testing.assert_close(nca, -(targets * ls(r)).sum(1) - ls(-r).mean(1))
-    scored = make_pairs()
-    scored = {k: v for k, v in scored.items() if "lengths" not in k}
-    with pytest.raises(ObjectiveInputError, match="both reward scores and soft preference labels"):
-        get_objective("nca")(**scored, preference_probs=LABELS)
+    scored = {k: v for k, v in make_pairs().items() if "lengths" not in k}
+    for name in ("nca", "infonca", "smoothed_dpo"):  # their targets come from the scores
+        with pytest.raises(ObjectiveInputError, match="both reward scores and soft preference labels"):
+            get_objective(name)(**scored, preference_probs=LABELS)
 
 
 def test_soft_labels_outside_the_unit_interval_are_refused() -> None:

@@ -236,14 +236,17 @@ def test_precomputed_reference_gives_the_live_reference_loss(
     assert torch.equal(again.data.reference_logps, pre.data.reference_logps)  # read from the cache
 
 
-def test_lora_training_exports_an_adapter(lm_path: Path, tmp_path: Path) -> None:
+def test_lora_training_exports_an_adapter(
+    lm_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from diffalign.cli import main
 
     data = synthetic_preferences(tmp_path / "d.jsonl", rows=16)
     config = Path(__file__).resolve().parents[1] / "configs" / "text" / "dpo.yaml"
     out = tmp_path / "run"
+    monkeypatch.chdir(lm_path.parent)  # the model given by a relative path, as users do
     code = main([
-        "train", "--config", str(config), f"model.pretrained={lm_path}", f"data.path={data}",
+        "train", "--config", str(config), f"model.pretrained={lm_path.name}", f"data.path={data}",
         f"output_dir={out}", "model.lora={rank: 4, target_modules: [all-linear]}", "max_steps=3",
         "checkpoint_every=3", "optim.lr=1e-2", "report_to=[]",
     ])  # fmt: skip
@@ -252,6 +255,7 @@ def test_lora_training_exports_an_adapter(lm_path: Path, tmp_path: Path) -> None
     assert (export / "adapter_config.json").is_file() and (export / "tokenizer.json").is_file()
     from peft import AutoPeftModelForCausalLM
 
+    monkeypatch.chdir(tmp_path)  # the export loads from anywhere: its base is recorded absolute
     trained = AutoPeftModelForCausalLM.from_pretrained(export)
     base, _ = _load(lm_path)
     x = torch.tensor([[1, 7, 8, 9]])
@@ -454,6 +458,26 @@ def test_text_ties_train_towards_one_half(lm_path: Path, tmp_path: Path) -> None
     bad.write_text(json.dumps({**rows[0], "label": None}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: label must be 1 or 0.5 \(a tie\), got None"):
         _method(lm_path, bad, tmp_path / "bad")
+
+
+def test_objectives_that_take_targets_from_scores_keep_them(lm_path: Path, tmp_path: Path) -> None:
+    """Scored pairs: SmPO's soft label comes from the scores although every pair has the hard label
+    1, and keeping ties as labels 1/2 beside the scores is refused when the method is built."""
+    data = synthetic_preferences(tmp_path / "d.jsonl", rows=4, rewards=True)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    method = _method(
+        lm_path,
+        data,
+        tmp_path / "s",
+        "objective={name: smoothed_dpo, beta: 0.1, reward_min: 0, reward_max: 1}",
+    )
+    dataset, collate = method.dataset()
+    _, metrics = method.step(collate([dataset[i] for i in range(4)]))
+    gaps = torch.tensor([r["chosen_reward"] - r["rejected_reward"] for r in rows], dtype=torch.float64)
+    assert metrics["smpo/soft_label"] == pytest.approx(float(torch.sigmoid(gaps).mean()))
+    for name in ("nca", "infonca", "smoothed_dpo"):
+        with pytest.raises(ValueError, match=rf"objective '{name}' takes its targets from the reward scores"):
+            _method(lm_path, data, tmp_path / name, "data.ties=half", f"objective={{name: {name}}}")
 
 
 def test_listwise_objectives_train_on_unscored_pairs(lm_path: Path, tmp_path: Path) -> None:

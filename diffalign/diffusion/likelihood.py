@@ -95,6 +95,8 @@ def denoising_logp(
         )
     if len(cond) != b:
         raise ValueError(f"conditioning has {len(cond)} rows for {b} prompts")
+    if with_reference:
+        policy.require_reference()  # before the policy's forward, not after it
     device = latents.device
     if timesteps is None:
         timesteps = torch.randint(

@@ -281,13 +281,21 @@ class DiffusionPolicy:
         else:
             raise ValueError(f"unknown reference mode '{mode}' (choose copy or adapters)")
 
+    @property
+    def has_reference(self) -> bool:
+        """Whether reference forwards can run: a frozen copy, or adapters to disable."""
+        return self.reference_unet is not None or self.has_lora
+
+    def require_reference(self) -> None:
+        if not self.has_reference:
+            raise ValueError("no reference model: call make_reference('copy') or add LoRA adapters")
+
     @contextlib.contextmanager
     def _reference(self) -> Iterator[torch.nn.Module]:
         if self.reference_unet is not None:
             yield self.reference_unet
             return
-        if not self.has_lora:
-            raise ValueError("no reference model: call make_reference('copy') or add LoRA adapters")
+        self.require_reference()
         self.unet.disable_adapters()
         try:
             yield self.unet

@@ -32,7 +32,7 @@ from diffalign.data.preference import read_preference_pairs
 from diffalign.diffusion.likelihood import denoising_logp
 from diffalign.diffusion.policy import Conditioning, DiffusionPolicy
 from diffalign.diffusion.sampling import check_sampling, sample_with_trajectory
-from diffalign.objectives import check_ties, get_objective
+from diffalign.objectives import check_ties, get_objective, soft_preference_probs
 from diffalign.training.config import TrainConfig
 from diffalign.training.loop import Method
 
@@ -115,9 +115,8 @@ class DiffusionDPO(Method):
             )  # (B, 2, C, h, w): chosen first
         size = tuple(images.shape[-2:])
         cond = policy.encode_prompts(batch["prompts"], dropout=self.cfg.data.caption_dropout, image_size=size)
-        labels = batch["labels"].to(latents.device)
         if self.options.sft:
-            return self._sft_step(latents, cond, labels)
+            return self._sft_step(latents, cond, batch["labels"].to(latents.device))
         out = denoising_logp(
             policy,
             latents,
@@ -131,7 +130,7 @@ class DiffusionDPO(Method):
             policy_rejected_logps=out.policy[:, 1],
             reference_chosen_logps=None if ref is None else ref[:, 0],
             reference_rejected_logps=None if ref is None else ref[:, 1],
-            preference_probs=labels,
+            preference_probs=soft_preference_probs(batch["labels"], out.policy.device),
         )
         metrics = dict(result.metrics)
         mse = out.policy_mse.detach()
@@ -170,7 +169,13 @@ class DiffusionDPO(Method):
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
             StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=layers)
             if self.cfg.model.adapter:  # these LoRA weights apply on top of the fused starting adapter
-                start = {"pretrained": self.cfg.model.pretrained, "fused_adapter": self.cfg.model.adapter}
+                start = {
+                    k: str(Path(v).resolve()) if Path(v).exists() else v
+                    for k, v in (
+                        ("pretrained", self.cfg.model.pretrained),
+                        ("fused_adapter", self.cfg.model.adapter),
+                    )
+                }
                 (path / "starting_point.json").write_text(json.dumps(start, indent=2))
         else:
             unet.save_pretrained(path / "unet")

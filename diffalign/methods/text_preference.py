@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from diffalign.config import build
 from diffalign.fingerprint import fingerprint, module_fingerprint, rows_fingerprint
-from diffalign.objectives import check_ties, get_objective
+from diffalign.objectives import check_ties, get_objective, soft_preference_probs
 from diffalign.text.data import read_text_preferences
 from diffalign.text.dataset import TextPreferenceDataset
 from diffalign.text.loading import load_causal_lm
@@ -79,8 +79,8 @@ class TextPreference(Method):
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.model = self.train_model = model
-        check_ties(self.objective, cfg.data.ties)
         records = read_text_preferences(cfg.data.path, cfg.data.split, cfg.data.ties)
+        check_ties(self.objective, cfg.data.ties, scored_data=records[0].rewards is not None)
         self.data = TextPreferenceDataset(records, self.tokenizer, self.options.tokenization)
         wants_rewards = {"chosen_rewards", "rewards"} & set(self.objective.required_inputs())
         if records[0].rewards is None and (wants_rewards or len(records[0].completions) > 2):
@@ -146,7 +146,7 @@ class TextPreference(Method):
                 chosen_rewards=None if rw is None else rw[:, 0],
                 rejected_rewards=None if rw is None else rw[:, 1],
                 chosen_lengths=ln[:, 0], rejected_lengths=ln[:, 1],
-                preference_probs=batch["labels"].to(device),
+                preference_probs=soft_preference_probs(batch["labels"], device),
             )  # fmt: skip
         return result.loss, dict(result.metrics)
 

@@ -22,6 +22,7 @@ from diffalign.objectives.base import (
     list_objectives,
     objective_class,
     register_objective,
+    soft_preference_probs,
 )
 from diffalign.objectives.listwise import NCA, InfoNCA, ListwiseObjective
 from diffalign.objectives.pairwise import (
@@ -84,4 +85,5 @@ __all__ = [
     "objective_class",
     "register_objective",
     "rso_rejection_sample",
+    "soft_preference_probs",
 ]

@@ -50,6 +50,7 @@ __all__ = [
     "get_objective",
     "list_objectives",
     "register_objective",
+    "soft_preference_probs",
 ]
 
 PAIRWISE_INPUTS = (
@@ -102,12 +103,17 @@ class Objective:
       loss itself);
     - ``"native"``: the objective's own formula takes p (SmPO's smoothed loss, NCA's targets);
     - ``None``: it has no use for a soft label and refuses any p other than 1.
+
+    ``targets_from_rewards``: the objective derives its targets from reward scores when they are
+    given (SmPO, NCA, InfoNCA); a soft label other than 1 alongside scores would be a second,
+    conflicting target and is refused, and hard labels (p = 1) then give way to the scores.
     """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = ""
     accepted_inputs: ClassVar[tuple[str, ...]] = ()
     soft_label_mode: ClassVar[Literal["mixture", "native"] | None] = None
+    targets_from_rewards: ClassVar[bool] = False
 
     @property
     def accepts_soft_labels(self) -> bool:
@@ -159,14 +165,28 @@ class Objective:
             tensors[name] = value.to(torch.float32 if value.device.type == "mps" else torch.float64)
         self.check_shapes(tensors)
         _check_values(tensors)
+        self._check_soft_labels(tensors)
+        return Inputs(**{n: tensors.get(n) for n in self.accepted_inputs})
+
+    def _check_soft_labels(self, tensors: dict[str, Tensor]) -> None:
         probs = tensors.get("preference_probs")
-        if self.soft_label_mode is None and probs is not None and not bool((probs == 1).all()):
+        if probs is None:
+            return
+        scored = any(k in tensors for k in ("rewards", "chosen_rewards"))
+        if not (self.soft_label_mode is None or (self.targets_from_rewards and scored)):
+            return
+        if bool((probs == 1).all()):  # hard labels: nothing soft to lose
+            return
+        if self.soft_label_mode is None:
             raise ObjectiveInputError(
                 f"objective '{self.name}' cannot use soft preference labels (`preference_probs` other "
                 "than 1, e.g. ties kept with data.ties=half): drop the ties, or use an objective that "
-                "takes them (dpo, ipo, cdpo, smoothed_dpo, ...)"
+                "takes them (dpo, ipo, cdpo, infonca, ...)"
             )
-        return Inputs(**{n: tensors.get(n) for n in self.accepted_inputs})
+        raise ObjectiveInputError(
+            f"objective '{self.name}' got both reward scores and soft preference labels "
+            "(`preference_probs` other than 1): its targets come from one of them; pass one"
+        )
 
     def check_shapes(self, tensors: dict[str, Tensor]) -> None:
         raise NotImplementedError
@@ -178,14 +198,28 @@ class Objective:
         return ""
 
 
-def check_ties(objective: Objective, ties: str) -> None:
+def soft_preference_probs(labels: Tensor, device: torch.device) -> Tensor | None:
+    """A batch's pair labels (B,) as ``preference_probs`` on ``device``, or None when all are 1: hard
+    labels need no input, and deciding it here, on the CPU, spares the device a synchronisation."""
+    return None if bool((labels == 1).all()) else labels.to(device)
+
+
+def check_ties(objective: Objective, ties: str, scored_data: bool = False) -> None:
     """Raise ``ValueError`` naming the objective when ``data.ties=half`` (ties kept as the soft label
-    1/2) meets an objective that cannot use a soft label; recipes call this when they are built."""
-    if ties == "half" and not objective.accepts_soft_labels:
+    1/2) meets an objective that cannot use a soft label, or one that takes its targets from the
+    reward scores ``scored_data`` has; recipes call this when they are built."""
+    if ties != "half":
+        return
+    if not objective.accepts_soft_labels:
         raise ValueError(
             f"data.ties=half trains each tie towards 1/2, a soft label that objective '{objective.name}' "
             "cannot use; set data.ties=drop or pick an objective that takes soft labels (dpo, ipo, "
-            "cdpo, smoothed_dpo, infonca, ...)"
+            "cdpo, infonca, ...)"
+        )
+    if objective.targets_from_rewards and scored_data:
+        raise ValueError(
+            f"data.ties=half: objective '{objective.name}' takes its targets from the reward scores in "
+            "the data, and a tie's label 1/2 would be a second, conflicting target; set data.ties=drop"
         )
 
 

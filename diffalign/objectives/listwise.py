@@ -52,6 +52,7 @@ class ListwiseObjective(Objective):
     kind = "listwise"
     accepted_inputs = (*LISTWISE_INPUTS, *(n for n in PAIRWISE_INPUTS if n != "weights"))
     soft_label_mode = "native"  # the targets p of the candidates
+    targets_from_rewards = True
 
     beta: float = 0.01
     reward_temperature: float = 0.01
@@ -88,17 +89,11 @@ class ListwiseObjective(Objective):
                 raise ObjectiveInputError(f"objective '{self.name}' requires `policy_chosen_logps`")
         elif "rewards" not in given:
             raise ObjectiveInputError(f"objective '{self.name}' requires `rewards` of shape (B, K)")
-        x = super().validate(given)
+        x = super().validate(given)  # refuses scores together with soft labels
         x.targets = None
-        p = x.preference_probs
         if x.rewards is None:  # pairwise input without scores: (p, 1 - p), p = 1 by default
-            p = torch.ones_like(x.policy_logps[:, 0]) if p is None else p
+            p = torch.ones_like(x.policy_logps[:, 0]) if x.preference_probs is None else x.preference_probs
             x.targets = torch.stack([p, 1 - p], dim=1)
-        elif p is not None and not bool((p == 1).all()):
-            raise ObjectiveInputError(
-                f"objective '{self.name}' got both reward scores and soft preference labels "
-                "(`preference_probs` other than 1): its targets come from one of them; pass one"
-            )
         return x
 
     def check_shapes(self, tensors: dict[str, Tensor]) -> None:

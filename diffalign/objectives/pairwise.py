@@ -17,9 +17,11 @@ given, and otherwise takes the log-likelihoods to be per-unit averages already (
 
 Soft labels: a pair with ``preference_probs`` p trains towards p. Every objective here takes the
 expected loss over the pair's order, ``p L(w, l) + (1 - p) L(l, w)`` (for DPO the Bradley-Terry
-cross-entropy ``-p log sigma(beta h) - (1 - p) log sigma(-beta h)``, whose gradient vanishes at
-h = 0 for a tie), except ``smoothed_dpo``, whose formula takes p itself, and ``dro_ranking`` and
-``kldo``, which refuse a p other than 1.
+cross-entropy ``-p log sigma(beta h) - (1 - p) log sigma(-beta h)``, whose gradient in h vanishes
+at h = 0 for a tie), except ``smoothed_dpo``, whose formula takes p itself, and ``dro_ranking``,
+``kldo``, ``mappo`` and ``madpo``, which refuse a p other than 1 (the last two weigh each pair by
+its reward gap, which a tie's label contradicts: mixing the orders would still favour the
+better-scored side).
 """
 
 from __future__ import annotations
@@ -479,6 +481,8 @@ class MaPPO(PairwiseObjective):
     the base objective.
     """
 
+    soft_label_mode = None  # its prior weighting comes from the reward gap: a tie label contradicts it
+
     base: Literal["dpo", "ipo", "simpo", "cpo"] = "dpo"
     beta: float | None = None
     reward_min: float = 0.0
@@ -523,6 +527,8 @@ class MADPO(LogRatioObjective):
     a function of the policy: no gradient flows through it.
     """
 
+    soft_label_mode = None  # its weights come from the reward margin: a tie label contradicts it
+
     c_max: float = 2.0
     c_min: float = 0.5
     lam: float = 1.0
@@ -561,15 +567,18 @@ class SmoothedDPO(LogRatioObjective):
     ``alpha = p gamma``, i.e. ``-log sigma(gamma (2p - 1) beta h)``, ``p`` the soft label
     ``P(y_w > y_l)``.
 
-    ``p`` is ``preference_probs`` when given, else ``exp(r'_w) / (exp(r'_w) + exp(r'_l))`` with
-    ``r' = (r - reward_min) / (reward_max - reward_min)`` (the official code's PickScore cosine
-    bounds 0.1154 / 0.2820 are the defaults). As the two scores converge, ``p -> 1/2`` and the
-    argument fades to 0: the loss tends to the constant ``log 2`` and its gradient to zero.
+    ``p`` is ``exp(r'_w) / (exp(r'_w) + exp(r'_l))`` with
+    ``r' = (r - reward_min) / (reward_max - reward_min)`` when reward scores are given (the official
+    code's PickScore cosine bounds 0.1154 / 0.2820 are the defaults; hard labels alongside scores
+    give way to them, soft ones are refused), else ``preference_probs``. As the two scores
+    converge, ``p -> 1/2`` and the argument fades to 0: the loss tends to the constant ``log 2``
+    and its gradient to zero.
     ``gamma = 1`` with ``p = 1`` is DPO. Defaults beta 2000 (SD1.5 in the paper; 5000 for
     SDXL), gamma 10 (official code).
     """
 
     soft_label_mode = "native"
+    targets_from_rewards = True
 
     beta: float = 2000.0
     gamma: float = 10.0
@@ -591,9 +600,9 @@ class SmoothedDPO(LogRatioObjective):
         return x
 
     def soft_labels(self, x: Inputs) -> Tensor:
-        if x.preference_probs is not None:
-            return x.preference_probs
-        return torch.sigmoid(reward_gap(x, self.reward_min, self.reward_max))
+        if x.chosen_rewards is not None and x.rejected_rewards is not None:
+            return torch.sigmoid(reward_gap(x, self.reward_min, self.reward_max))
+        return x.preference_probs
 
     def pair_losses(self, chosen: Tensor, rejected: Tensor, x: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
         p = self.soft_labels(x)

@@ -24,7 +24,9 @@ def resolve_adapter(pretrained: str | Path, adapter: str | Path | None = None) -
     the ``base_model_name_or_path`` of its ``adapter_config.json``. Raises ``FileNotFoundError``
     when ``adapter`` is not a peft adapter folder, ``ValueError`` when both name an adapter or when
     an adapter's config is unreadable."""
-    pretrained = str(pretrained)
+    # local paths made absolute: they are recorded in exports (an adapter's base), which must load
+    # from anywhere, not only from the folder the run was started in
+    pretrained, adapter = (None if p is None else _absolute(str(p)) for p in (pretrained, adapter))
     if adapter is not None and not (Path(adapter) / ADAPTER_CONFIG).is_file():
         why = "does not exist" if not Path(adapter).exists() else f"has no {ADAPTER_CONFIG}"
         raise FileNotFoundError(f"model.adapter: {adapter} {why}: it must be a peft adapter folder")
@@ -45,7 +47,11 @@ def resolve_adapter(pretrained: str | Path, adapter: str | Path | None = None) -
             f"{config_file} names no base_model_name_or_path: set model.pretrained to the base model "
             f"and model.adapter={pretrained}"
         )
-    return str(base), pretrained
+    return _absolute(str(base)), pretrained
+
+
+def _absolute(name_or_path: str) -> str:
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
 
 
 def load_causal_lm(pretrained: str | Path, adapter: str | Path | None = None):  # type: ignore[no-untyped-def]
