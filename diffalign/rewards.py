@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -35,7 +34,6 @@ __all__ = [
     "list_rewards",
     "load_reward",
     "register_reward",
-    "resize_center_crop",
 ]
 
 ENTRY_POINT_GROUP = "diffalign.rewards"
@@ -126,27 +124,15 @@ class RewardModel(torch.nn.Module):
                 raise RewardInputError(
                     f"`masks` must be (N, 1, H, W) = {(n, 1, *images.shape[-2:])}, got {tuple(masks.shape)}"
                 )
+            masked = context.get("masked_images")
+            if masked is not None and (not isinstance(masked, Tensor) or masked.shape != images.shape):
+                got = tuple(masked.shape) if isinstance(masked, Tensor) else type(masked).__name__
+                raise RewardInputError(
+                    f"`masked_images` must be shaped like the images {tuple(images.shape)}, got {got}"
+                )
         device = self.device
         context = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in context.items()}
         return images.to(device), prompts, context
-
-
-def resize_center_crop(
-    images: Tensor, size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
-) -> Tensor:
-    """CLIP's preprocessing on tensors: shortest side to ``size`` (bicubic, antialiased, as PIL),
-    center crop, normalise."""
-    h, w = images.shape[-2:]
-    # the long side as torchvision's and transformers' resize compute it: floor, not round
-    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    x = images
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = x[..., top : top + size, left : left + size].clamp(0, 1)
-    mean_t = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
 
 
 # -- registry -----------------------------------------------------------------------------

@@ -1,39 +1,34 @@
-"""CLIP-family rewards: LAION aesthetic, PickScore, HPSv2, CLIPScore.
+"""CLIP-family rewards: LAION aesthetic, PickScore, HPSv2, CLIPScore, and the CLIP towers they share.
 
-Preprocessing runs on tensors and follows each model's own: CLIP's bicubic resize of the
-shortest side and center crop with OpenAI's mean and std (aesthetic, PickScore, CLIPScore);
-HPS's resize of the longest side and zero padding to a square (open_clip's
-``resize_longest_max``). Model weights load from local folders/files or hub ids.
+Each reward reproduces one official scoring code, named in its docstring, step for step:
+preprocessing (``diffalign_rewards.preprocessing``), tokeniser, model, and score formula. Two
+kinds of towers carry the weights: :class:`OpenClipTowers` (open_clip; OpenAI CLIP's state-dict
+layout and tokeniser) and :class:`TransformersClipTowers` (a transformers CLIP with its
+processor). Images are preprocessed in float32 and cast to the model's dtype; scores are float32.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffalign.rewards import CLIP_MEAN, CLIP_STD, RewardModel, resize_center_crop
-from diffalign_rewards._weights import load_state_dict, resolve_file
+from diffalign.rewards import RewardModel
+from diffalign_rewards._weights import (
+    from_pretrained,
+    load_state_dict,
+    optional_file,
+    require_weights,
+    resolve_file,
+)
+from diffalign_rewards.preprocessing import hf_processor_pixels, hps_pixels, openai_clip_pixels
 
-
-def load_clip_vision(source: str | Path) -> torch.nn.Module:
-    """A transformers CLIP vision tower with its projection, from a full CLIP folder or id.
-
-    The projection width lives on the top-level CLIP config; older exports do not repeat it in
-    ``vision_config``, so it is copied over before loading.
-    """
-    from transformers import AutoConfig, CLIPVisionModelWithProjection
-
-    config = AutoConfig.from_pretrained(str(source))
-    if config.model_type == "clip":
-        vision = config.vision_config
-        vision.projection_dim = config.projection_dim
-        config = vision
-    return (
-        CLIPVisionModelWithProjection.from_pretrained(str(source), config=config).requires_grad_(False).eval()
-    )
+OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip.safetensors")
+# keys that only OpenAI's original CLIP checkpoints carry (open_clip drops them when loading one)
+OPENAI_ONLY_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
 def pooled(output: Tensor | object) -> Tensor:
@@ -42,25 +37,150 @@ def pooled(output: Tensor | object) -> Tensor:
     return output if isinstance(output, Tensor) else output.pooler_output
 
 
-def load_open_clip(model_name: str, weights: str | Path | None, filename: str, what: str) -> torch.nn.Module:
-    """An open_clip model built from its config (``pretrained=None``: nothing is downloaded)
-    with ``weights`` (a file, a folder holding ``filename``, or a hub repo) loaded into it."""
+def check_activation(model_name: str, quick_gelu: bool, needs_quick_gelu: bool, evidence: str) -> None:
+    """OpenAI's CLIP weights were trained with QuickGELU; loading them into a GELU model (or the
+    reverse) raises nothing and silently moves every score."""
+    if quick_gelu == needs_quick_gelu:
+        return
+    want = "QuickGELU" if needs_quick_gelu else "GELU"
+    hint = (
+        f"use model_name='{model_name}-quickgelu'"
+        if needs_quick_gelu
+        else f"use model_name='{model_name.removesuffix('-quickgelu')}'"
+    )
+    raise ValueError(
+        f"{evidence} needs a {want} model, but open_clip's '{model_name}' uses "
+        f"{'QuickGELU' if quick_gelu else 'GELU'}: {hint}"
+    )
+
+
+def load_open_clip_state(
+    model_name: str, quick_gelu: bool, weights: str | Path, what: str, filenames: tuple[str, ...]
+) -> dict[str, Tensor]:
+    """Weights for open_clip's ``model_name`` from a file, a folder, a hub repo, or one of
+    open_clip's pretrained tags for it (e.g. ``"openai"``), checked against the model's
+    activation wherever they say which one they were trained with: the tag, an
+    ``open_clip_config.json`` beside them, or OpenAI's own checkpoint keys."""
     import open_clip
 
-    model = open_clip.create_model(str(model_name), pretrained=None).requires_grad_(False).eval()
-    if weights is not None:
-        model.load_state_dict(load_state_dict(resolve_file(weights, filename, what)))
-    return model
+    tag = {} if Path(weights).exists() else open_clip.get_pretrained_cfg(model_name, str(weights))
+    if tag:
+        needs = bool(tag.get("quick_gelu", False))
+        check_activation(model_name, quick_gelu, needs, f"open_clip's pretrained tag '{weights}'")
+    source = tag["hf_hub"].rstrip("/") if tag.get("hf_hub") else weights
+    config_file = optional_file(source, "open_clip_config.json")
+    if config_file is not None:
+        needs = bool(json.loads(config_file.read_text()).get("model_cfg", {}).get("quick_gelu", False))
+        check_activation(model_name, quick_gelu, needs, str(config_file))
+    state = load_state_dict(resolve_file(source, filenames, what))
+    if any(k in state for k in OPENAI_ONLY_KEYS):
+        check_activation(model_name, quick_gelu, True, f"{what} (OpenAI's original CLIP checkpoint)")
+        state = {k: v for k, v in state.items() if k not in OPENAI_ONLY_KEYS}
+    return state
 
 
-def open_clip_image_size(model: torch.nn.Module) -> int:
-    size = model.visual.image_size
-    return size[0] if isinstance(size, (tuple, list)) else size
+class OpenClipTowers(torch.nn.Module):
+    """An open_clip model (OpenAI CLIP's layout and tokeniser, ``OpenAI``'s ``clip.tokenize``
+    with ``truncate=True``), built from ``model_name``'s config; nothing is downloaded unless
+    ``weights`` is a hub repo or a pretrained tag.
+
+    Raises:
+        ValueError: unknown ``model_name``; no ``weights`` (unless ``random_weights``); weights
+            whose activation (QuickGELU vs GELU) differs from the model's.
+        FileNotFoundError: weights that cannot be found (naming what to place where).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        weights: str | Path | None,
+        what: str,
+        filenames: tuple[str, ...] = OPEN_CLIP_FILES,
+        state: dict[str, Tensor] | None = None,
+        random_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        import open_clip
+
+        config = open_clip.get_model_config(model_name)
+        if config is None:
+            raise ValueError(f"{what}: open_clip has no model config named '{model_name}'")
+        self.model = open_clip.create_model(model_name, pretrained=None).requires_grad_(False).eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        size = self.model.visual.image_size
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else size
+        self.dim = self.model.visual.output_dim
+        if state is None and not random_weights:
+            example = "a file, a folder, a hub repo, or an open_clip pretrained tag such as 'openai'"
+            source = require_weights(weights, what, "weights", example)
+            quick_gelu = bool(config.get("quick_gelu", False))
+            state = load_open_clip_state(model_name, quick_gelu, source, what, filenames)
+        if state is not None:
+            self.model.load_state_dict(state)
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        dtype = next(self.model.parameters()).dtype
+        return self.model.encode_image(pixels.to(dtype)).float()
+
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        tokens = self.tokenizer(prompts).to(next(self.model.parameters()).device)
+        return self.model.encode_text(tokens).float()
+
+
+class TransformersClipTowers(torch.nn.Module):
+    """A transformers CLIP (``CLIPModel``, or only its vision tower with ``vision_only``) and the
+    processor saved with it (or at ``processor``): image processor and tokeniser.
+
+    Raises:
+        FileNotFoundError: a folder or hub id that cannot be found or reached.
+    """
+
+    def __init__(
+        self, model: str | Path, what: str, processor: str | Path | None = None, vision_only: bool = False
+    ) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoProcessor, CLIPModel, CLIPVisionModelWithProjection
+
+        config = from_pretrained(AutoConfig.from_pretrained, model, what)
+        if vision_only:
+            if config.model_type == "clip":  # older exports keep projection_dim on the top config only
+                config.vision_config.projection_dim = config.projection_dim
+                config = config.vision_config
+
+            def load(source: str) -> torch.nn.Module:
+                return CLIPVisionModelWithProjection.from_pretrained(source, config=config)
+
+            self.model = from_pretrained(load, model, what)
+            self.image_size, self.dim = config.image_size, config.projection_dim
+            self.processor = None
+        else:
+            self.model = from_pretrained(CLIPModel.from_pretrained, model, what)
+            self.image_size = config.vision_config.image_size
+            self.dim = config.projection_dim
+            self.processor = from_pretrained(AutoProcessor.from_pretrained, processor or model, what)
+        self.model.requires_grad_(False).eval()
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        pixels = pixels.to(self.model.dtype)
+        if self.processor is None:
+            return self.model(pixel_values=pixels).image_embeds.float()
+        return pooled(self.model.get_image_features(pixel_values=pixels)).float()
+
+    def encode_text(self, prompts: list[str]) -> Tensor:
+        max_length = self.model.config.text_config.max_position_embeddings
+        tokens = self.processor.tokenizer(
+            prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return pooled(self.model.get_text_features(**tokens.to(self.model.device))).float()
 
 
 class ClipImageEmbedder(torch.nn.Module):
-    """Image embeddings of a CLIP image tower (transformers or open_clip), from [0, 1] tensors
-    with CLIP's preprocessing; L2-normalised unless ``normalize=False``."""
+    """Image embeddings of a CLIP image tower from [0, 1] images with OpenAI CLIP's
+    preprocessing (:func:`openai_clip_pixels`); L2-normalised unless ``normalize=False``.
+
+    ``backbone="transformers"``: ``source`` is a transformers CLIP folder or hub id;
+    ``backbone="open_clip"``: ``source`` is an open_clip model name and ``weights`` its weights.
+    """
 
     def __init__(
         self,
@@ -68,28 +188,28 @@ class ClipImageEmbedder(torch.nn.Module):
         backbone: str = "transformers",
         weights: str | Path | None = None,
         normalize: bool = True,
+        random_weights: bool = False,
     ) -> None:
         super().__init__()
-        self.backbone, self.normalize = backbone, normalize
+        self.normalize = normalize
         if backbone == "transformers":
-            self.model = load_clip_vision(source)
-            self.image_size = self.model.config.image_size
-            self.dim = self.model.config.projection_dim
+            self.towers = TransformersClipTowers(source, "CLIP image tower", vision_only=True)
         elif backbone == "open_clip":
-            self.model = load_open_clip(str(source), weights, "open_clip.safetensors", "open_clip weights")
-            self.image_size = open_clip_image_size(self.model)
-            self.dim = self.model.visual.output_dim
+            self.towers = OpenClipTowers(
+                str(source), weights, "open_clip weights", random_weights=random_weights
+            )
         else:
             raise ValueError(f"unknown backbone '{backbone}' (choose transformers or open_clip)")
+        self.dim, self.image_size = self.towers.dim, self.towers.image_size
 
     def forward(self, images: Tensor) -> Tensor:
-        pixels = resize_center_crop(images, self.image_size)
-        if self.backbone == "transformers":
-            emb = self.model(pixel_values=pixels.to(self.model.dtype)).image_embeds
-        else:
-            emb = self.model.encode_image(pixels)
-        emb = emb.float()
+        pixels = openai_clip_pixels(images, self.image_size, differentiable=torch.is_grad_enabled())
+        emb = self.towers.encode_image(pixels)
         return F.normalize(emb, dim=-1) if self.normalize else emb
+
+
+def cosine(image: Tensor, text: Tensor) -> Tensor:
+    return (F.normalize(image, dim=-1) * F.normalize(text, dim=-1)).sum(-1)
 
 
 class AestheticMLP(torch.nn.Module):
@@ -113,11 +233,13 @@ class AestheticMLP(torch.nn.Module):
 
 
 class Aesthetic(RewardModel):
-    """LAION aesthetic score: the MLP on L2-normalised CLIP ViT-L/14 image embeddings.
+    """LAION aesthetic score: the MLP on L2-normalised CLIP ViT-L/14 image embeddings, as the
+    improved-aesthetic-predictor's ``simple_inference.py`` computes it (OpenAI CLIP's preprocess).
 
     ``clip``: a transformers CLIP folder or id (``openai/clip-vit-large-patch14``); ``head``: the
-    MLP weights (a file, a folder with ``aesthetic_mlp.safetensors``, or a hub repo), converted
-    from the released ``.pth`` by ``scripts/convert_reward_weights.py``.
+    MLP weights (the released ``sac+logos+ava1-l14-linearMSE.pth``, its safetensors conversion by
+    ``scripts/convert_reward_weights.py``, a folder holding ``aesthetic_mlp.safetensors``, or a hub
+    repo). Scores lie roughly in [1, 10].
     """
 
     differentiable = True
@@ -127,27 +249,33 @@ class Aesthetic(RewardModel):
         clip: str | Path = "openai/clip-vit-large-patch14",
         head: str | Path | None = None,
         device: str | torch.device | None = None,
+        random_weights: bool = False,
     ) -> None:
         super().__init__()
         self.embed = ClipImageEmbedder(clip)
         self.mlp = AestheticMLP(self.embed.dim)
-        if head is not None:
+        if not random_weights:
+            example = "sac+logos+ava1-l14-linearMSE.pth from christophschuhmann/improved-aesthetic-predictor"
+            source = require_weights(head, "aesthetic head", "head", example)
             self.mlp.load_state_dict(
-                load_state_dict(resolve_file(head, "aesthetic_mlp.safetensors", "aesthetic head"))
+                load_state_dict(resolve_file(source, "aesthetic_mlp.safetensors", "aesthetic head"))
             )
         self.mlp.requires_grad_(False).eval()
         self.to(device)
 
     def score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
-        return self.mlp(self.embed(images)).squeeze(-1)
+        embeddings = self.embed(images).to(self.mlp.layers[0].weight.dtype)
+        return self.mlp(embeddings).squeeze(-1).float()
 
 
 class PickScore(RewardModel):
     """PickScore (Kirstain et al. 2023): ``logit_scale.exp() * cos(text, image)`` of a CLIP
-    ViT-H/14 fine-tuned on Pick-a-Pic, through transformers.
+    ViT-H/14 fine-tuned on Pick-a-Pic, as the model card's ``calc_probs`` computes it before the
+    softmax (transformers ``CLIPModel`` with the processor's preprocessing and tokeniser).
 
-    ``model``: ``yuvalkirstain/PickScore_v1`` or a local copy; ``processor``: where its tokenizer
-    lives (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; default: the model folder).
+    ``model``: ``yuvalkirstain/PickScore_v1`` or a local copy; ``processor``: where its processor
+    lives (the model card uses ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; default: the model
+    folder). Scores lie roughly in [15, 25] for real images.
     """
 
     needs_prompts = True
@@ -160,109 +288,100 @@ class PickScore(RewardModel):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
-        from transformers import AutoTokenizer, CLIPModel
-
-        self.model = CLIPModel.from_pretrained(str(model)).requires_grad_(False).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(str(processor or model))
+        self.towers = TransformersClipTowers(model, "PickScore", processor)
         self.to(device)
 
     def score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
-        pixels = resize_center_crop(images, self.model.config.vision_config.image_size)
-        tokens = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
-        image = pooled(self.model.get_image_features(pixel_values=pixels.to(self.model.dtype)))
-        text = pooled(self.model.get_text_features(**{k: v.to(self.device) for k, v in tokens.items()}))
-        image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-        return self.model.logit_scale.exp().float() * (image * text).sum(-1)
+        towers = self.towers
+        pixels = hf_processor_pixels(images, towers.processor.image_processor, torch.is_grad_enabled())
+        cos = cosine(towers.encode_image(pixels), towers.encode_text(prompts))
+        return towers.model.logit_scale.exp().float() * cos
 
 
-def resize_longest_pad(images: Tensor, size: int) -> Tensor:
-    """HPS's preprocessing: longest side to ``size`` (bicubic, antialiased), zero padding to a
-    centred square, CLIP normalisation (the padding is black before normalising)."""
-    h, w = images.shape[-2:]
-    scale = size / max(h, w)
-    new_h, new_w = round(h * scale), round(w * scale)
-    x = F.interpolate(images, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False).clamp(
-        0, 1
-    )
-    pad_h, pad_w = size - new_h, size - new_w
-    x = F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
-    mean = torch.tensor(CLIP_MEAN, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean) / std
+class HPSv2(RewardModel):
+    """HPS v2 / v2.1 (Wu et al. 2023): the cosine of an open_clip ViT-H-14 fine-tuned on HPD v2,
+    as hpsv2 1.2.0's ``img_score.score`` computes it (its longest-side resize and padding, fp32).
 
-
-class OpenClipReward(RewardModel):
-    """A prompt-image cosine from an open_clip model (shared by HPSv2 and CLIPScore)."""
+    ``weights``: ``HPS_v2.1_compressed.pt`` (v2.1) or ``HPS_v2_compressed.pt`` (v2.0) as released,
+    their safetensors conversion, a folder holding one, or the hub repo ``xswu/HPSv2`` (v2.1).
+    Scores are cosines (papers print them x100), about 0.2-0.3 for real images.
+    """
 
     needs_prompts = True
     differentiable = True
-    weights_file = "open_clip_pytorch_model.bin"
-    prompt_prefix = ""
+    weight_files = ("hps.safetensors", "HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt")
 
     def __init__(
         self,
-        model_name: str,
-        weights: str | Path | None,
-        device: str | torch.device | None = None,
-    ) -> None:
-        super().__init__()
-        import open_clip
-
-        self.model = load_open_clip(model_name, weights, self.weights_file, f"{type(self).__name__} weights")
-        self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.image_size = open_clip_image_size(self.model)
-        self.to(device)
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        return resize_center_crop(images, self.image_size)
-
-    def cosine(self, images: Tensor, prompts: list[str]) -> Tensor:
-        image = F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1)
-        tokens = self.tokenizer([self.prompt_prefix + p for p in prompts]).to(self.device)
-        text = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-        return (image * text).sum(-1)
-
-
-class HPSv2(OpenClipReward):
-    """HPS v2 / v2.1 (Wu et al. 2023): cosine of an open_clip ViT-H-14 fine-tuned on HPD v2.
-
-    ``weights``: ``HPS_v2_compressed.pt`` (v2.0) or ``HPS_v2.1_compressed.pt`` (v2.1) converted to
-    safetensors, a folder holding ``hps.safetensors``, or a hub repo. Scores are cosines
-    (benchmarks print them x100).
-    """
-
-    weights_file = "hps.safetensors"
-
-    def __init__(
-        self,
-        weights: str | Path | None = None,
+        weights: str | Path | None = "xswu/HPSv2",
         model_name: str = "ViT-H-14",
         device: str | torch.device | None = None,
+        random_weights: bool = False,
     ) -> None:
-        super().__init__(model_name, weights, device)
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        return resize_longest_pad(images, self.image_size)
+        super().__init__()
+        self.towers = OpenClipTowers(
+            model_name, weights, "HPSv2 weights", self.weight_files, random_weights=random_weights
+        )
+        self.to(device)
 
     def score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
-        return self.cosine(images, prompts)
+        pixels = hps_pixels(images, self.towers.image_size)
+        return cosine(self.towers.encode_image(pixels), self.towers.encode_text(prompts))
 
 
-class CLIPScore(OpenClipReward):
-    """CLIPScore (Hessel et al. 2021): ``w * max(cos, 0)`` with the prompt prefixed by
-    "A photo depicts "; ``w = 2.5`` (the paper) or ``scale=100`` (torchmetrics' convention,
-    which also drops the prefix)."""
+class CLIPScore(RewardModel):
+    """CLIPScore (Hessel et al. 2021): ``scale * max(cos, 0)`` of a prompt and an image.
+
+    Two references, by which weights are given:
+
+    - ``weights`` (default ``"openai"``, open_clip's tag for OpenAI's release) with ``model_name``
+      (default ``ViT-B-32-quickgelu``, OpenAI's architecture): jmhessel's ``clipscore.py`` (OpenAI
+      CLIP's preprocess and ``clip.tokenize(truncate=True)``); with ``scale=2.5`` the prompt is
+      prefixed "A photo depicts " as there.
+    - ``model``: a transformers CLIP folder or hub id (torchmetrics' default is
+      ``openai/clip-vit-large-patch14``): torchmetrics' ``clip_score`` (the CLIP processor's
+      preprocessing and tokeniser), usually with ``scale=100`` and no prefix. Differences from
+      torchmetrics, deliberate: a prompt longer than the text context is truncated *keeping* the
+      end token (torchmetrics cuts it off, and the text feature is then read at the first token,
+      whatever the prompt says); each score is clamped at 0 (torchmetrics clamps the batch mean).
+
+    ``prefix`` overrides the prefix ("" for none). Scores lie in [0, scale].
+    """
+
+    needs_prompts = True
+    differentiable = True
 
     def __init__(
         self,
-        weights: str | Path | None = None,
-        model_name: str = "ViT-B-32",
+        weights: str | Path | None = "openai",
+        model_name: str = "ViT-B-32-quickgelu",
+        model: str | Path | None = None,
+        processor: str | Path | None = None,
         scale: float = 2.5,
+        prefix: str | None = None,
         device: str | torch.device | None = None,
+        random_weights: bool = False,
     ) -> None:
-        super().__init__(model_name, weights, device)
+        super().__init__()
+        if model is not None:
+            self.towers = TransformersClipTowers(model, "CLIPScore", processor)
+        else:
+            self.towers = OpenClipTowers(
+                model_name, weights, "CLIPScore weights", random_weights=random_weights
+            )
         self.scale = scale
-        self.prompt_prefix = "A photo depicts " if scale == 2.5 else ""
+        if prefix is None:
+            prefix = "A photo depicts " if scale == 2.5 else ""
+        self.prefix = prefix if not prefix or prefix.endswith(" ") else prefix + " "
+
+    def pixels(self, images: Tensor) -> Tensor:
+        if isinstance(self.towers, TransformersClipTowers):
+            return hf_processor_pixels(images, self.towers.processor.image_processor, torch.is_grad_enabled())
+        return openai_clip_pixels(images, self.towers.image_size, torch.is_grad_enabled())
+
+    def cosine(self, images: Tensor, prompts: list[str]) -> Tensor:
+        text = self.towers.encode_text([self.prefix + p for p in prompts])
+        return cosine(self.towers.encode_image(self.pixels(images)), text)
 
     def score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
         return self.scale * self.cosine(images, prompts).clamp(min=0)

@@ -1,4 +1,10 @@
-"""ImageReward (Xu et al. 2023), through the ``image-reward`` package when it is installed."""
+"""ImageReward (Xu et al. 2023), through the ``image-reward`` package when it imports.
+
+image-reward 1.5 imports ``apply_chunking_to_forward`` and friends from
+``transformers.modeling_utils``, which transformers stopped re-exporting in 4.56; it also pins
+``timm==0.6.13`` and ``fairscale==0.4.13`` and imports OpenAI's ``clip`` package. It runs beside
+transformers >= 4.27.4, < 4.56 only.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +16,62 @@ from torch import Tensor
 from diffalign.images import to_pil
 from diffalign.rewards import RewardModel
 
+WORKING_VERSIONS = "transformers >= 4.27.4, < 4.56 (with timm 0.6.13, fairscale 0.4.13 and OpenAI's clip)"
+
+
+def import_image_reward() -> object:
+    """The ``ImageReward`` package, or an error naming the real import failure."""
+    try:
+        import ImageReward
+    except ImportError as err:
+        if isinstance(err, ModuleNotFoundError) and err.name == "ImageReward":
+            raise RuntimeError(
+                "the 'imagereward' reward needs the image-reward package (pip install image-reward); "
+                f"image-reward 1.5 runs beside {WORKING_VERSIONS}"
+            ) from err
+        import transformers
+
+        raise RuntimeError(
+            f"the image-reward package is installed but could not be imported: {err!r} "
+            f"(transformers {transformers.__version__} here); image-reward 1.5 runs beside {WORKING_VERSIONS}"
+        ) from err
+    return ImageReward
+
 
 class ImageRewardModel(RewardModel):
-    """BLIP-based ImageReward; scores are the package's z-normalised rewards.
+    """BLIP-based ImageReward; scores are the package's z-normalised rewards (``model.score``).
 
-    ``model``: ``"ImageReward-v1.0"`` or a local checkpoint path, as ``ImageReward.load`` takes.
+    ``model``: ``"ImageReward-v1.0"`` (downloaded by the package) or a local ``ImageReward.pt``;
+    ``med_config``: the BLIP text encoder's ``med_config.json`` (hub repo ``THUDM/ImageReward``).
+    Offline, pass both as local files; by default ``med_config.json`` is looked for beside a local
+    ``model`` file.
+
+    Raises:
+        RuntimeError: the package is missing or does not import (naming why and what works).
+        FileNotFoundError: a local ``model`` without a ``med_config.json`` found or given.
     """
 
     needs_prompts = True
 
     def __init__(
-        self, model: str | Path = "ImageReward-v1.0", device: str | torch.device | None = None
+        self,
+        model: str | Path = "ImageReward-v1.0",
+        med_config: str | Path | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
-        try:
-            import ImageReward
-        except ImportError as err:
-            raise RuntimeError(
-                "the 'imagereward' reward needs the image-reward package: pip install image-reward "
-                "(its BLIP weights then load from a local path or its hub id)"
-            ) from err
+        image_reward = import_image_reward()
+        if med_config is None and Path(model).is_file():
+            med_config = Path(model).parent / "med_config.json"
+        if med_config is not None and not Path(med_config).is_file():
+            raise FileNotFoundError(
+                f"ImageReward: no med_config.json at {med_config}; download it from the hub repo "
+                f"THUDM/ImageReward and pass med_config=PATH"
+            )
         self._device = torch.device(device or "cpu")
-        self.model = ImageReward.load(str(model), device=str(self._device))
+        self.model = image_reward.load(
+            str(model), device=str(self._device), med_config=None if med_config is None else str(med_config)
+        )
 
     @property
     def device(self) -> torch.device:

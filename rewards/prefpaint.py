@@ -1,12 +1,15 @@
-"""PrefPaint's inpainting reward (Liu et al. 2024; official ``InpaintReward.py``).
+"""PrefPaint's inpainting reward (Liu et al. 2024), as the official ``InpaintReward.py`` scores.
 
-CLIP ViT-B/32 embeds the inpainted image and the masked input (the image with the masked
-region blacked out); the two 512-d embeddings are concatenated, passed as a one-token sequence
-through one transformer encoder layer (d 1024, 16 heads, feed-forward 1024, dropout 0.1), then
-``Linear(1024, 512) -> Dropout -> Linear(512, 256)`` gives the 256-d features ``f`` and a
-bias-free ``Linear(256, 1)`` the score. ``normalize=True`` applies the official
-``(s - 0.4064) / 2.3021``. :meth:`score_with_features` also returns ``f``, which PrefPaint's
-reward-trust weights need.
+OpenAI CLIP ViT-B/32 (``clip.load("ViT-B/32")`` cast to float32; here open_clip's
+``ViT-B-32-quickgelu``, the same architecture and state-dict layout) embeds the inpainted image
+and the masked input with OpenAI CLIP's preprocessing; the two raw 512-d embeddings are
+concatenated and passed as a one-token sequence through one transformer encoder layer (d 1024,
+16 heads, feed-forward 1024), then ``Linear(1024, 512) -> Dropout -> Linear(512, 256)`` gives
+the 256-d features ``f`` and a bias-free ``Linear(256, 1)`` the score. ``normalize=True``
+applies the official ``(s - 0.4064) / 2.3021`` (its ``config.group``).
+
+Deliberately not copied: the official RL script never puts the reward model in eval mode, so
+its dropout layers stay active while it scores; here scoring is deterministic (eval mode).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import torch
 from torch import Tensor
 
 from diffalign.rewards import RewardModel
-from diffalign_rewards._weights import load_state_dict, resolve_file
-from diffalign_rewards.clip_rewards import ClipImageEmbedder
+from diffalign_rewards._weights import load_state_dict, require_weights, resolve_file
+from diffalign_rewards.clip_rewards import OpenClipTowers
+from diffalign_rewards.preprocessing import openai_clip_pixels
 
 MEAN, STD = 0.4064, 2.3021
+WEIGHT_FILES = ("prefpaint.safetensors", "prefpaintReward.pt")
 
 
 class PrefPaintHead(torch.nn.Module):
@@ -41,12 +46,62 @@ class PrefPaintHead(torch.nn.Module):
         return self.last_layer(features).squeeze(-1), features
 
 
+def split_official_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The official checkpoint's keys (``prefpaintReward.pt``) as diffalign's ``clip.*`` and
+    ``head.*``.
+
+    The official module registers some tensors twice: ``mlp.last_layer_weight`` aliases
+    ``mlp.last_layer.weight``, and ``vit_block.encoder_layer.*`` is the template that
+    ``nn.TransformerEncoder`` deep-copies into ``vit_block.transformer_encoder.layers.0.*`` (the
+    copy is the one its forward runs). Both duplicates are dropped.
+
+    Raises:
+        KeyError: a key the official ``ImageReward`` module does not have.
+        ValueError: an alias that differs from the weight it aliases.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.startswith("vit_block.encoder_layer.") or key == "mlp.last_layer_weight":
+            continue
+        if key.startswith("clip_model."):
+            out["clip." + key.removeprefix("clip_model.")] = value
+        elif key.startswith("vit_block.transformer_encoder.layers.0."):
+            out["head.block." + key.removeprefix("vit_block.transformer_encoder.layers.0.")] = value
+        elif key.startswith("mlp.layers."):
+            out["head.mlp." + key.removeprefix("mlp.layers.")] = value
+        elif key.startswith("mlp.last_layer."):
+            out["head.last_layer." + key.removeprefix("mlp.last_layer.")] = value
+        else:
+            raise KeyError(f"unexpected key in a PrefPaint checkpoint: {key}")
+    alias = state.get("mlp.last_layer_weight")
+    if alias is not None and not torch.equal(alias, state.get("mlp.last_layer.weight", alias)):
+        raise ValueError("PrefPaint checkpoint: mlp.last_layer_weight differs from mlp.last_layer.weight")
+    return out
+
+
+def read_prefpaint_weights(path: Path) -> dict[str, Tensor]:
+    """diffalign's ``prefpaint.safetensors`` or the official release's ``.pt`` (read with
+    ``weights_only=True``), as ``clip.*`` and ``head.*`` keys."""
+    state = load_state_dict(path)
+    if any(k.startswith(("clip_model.", "mlp.layers.")) for k in state):
+        state = split_official_state(state)
+    for part in ("clip.", "head."):
+        if not any(k.startswith(part) for k in state):
+            raise ValueError(
+                f"PrefPaint weights: {path} has no {part}* tensors; convert the official "
+                f"prefpaintReward.pt with scripts/convert_reward_weights.py prefpaint (or pass it as is)"
+            )
+    return state
+
+
 class PrefPaintReward(RewardModel):
     """Inpainting reward: needs ``masks`` (N, 1, H, W; 1 = inpainted region).
 
-    ``clip``: transformers CLIP ViT-B/32 (``openai/clip-vit-base-patch32``); ``head``: the trained
-    head (a file, a folder with ``prefpaint_head.safetensors``, or a hub repo); or ``path``: a
-    folder holding both (``clip/`` and the head), as ``scripts/convert_reward_weights.py`` writes.
+    ``weights``: the official ``prefpaintReward.pt`` (hub repo ``kd5678/prefpaintReward``, the
+    default), its conversion ``prefpaint.safetensors`` by ``scripts/convert_reward_weights.py``,
+    or a folder holding either; CLIP and head come from the same file. ``model_name``: the
+    open_clip architecture of its CLIP. ``masked_images`` is the image the inpainting model was
+    given with the region blacked out; by default the inpainted image with ``masks`` blacked out.
     """
 
     needs_masks = True
@@ -54,30 +109,61 @@ class PrefPaintReward(RewardModel):
 
     def __init__(
         self,
-        clip: str | Path = "openai/clip-vit-base-patch32",
-        head: str | Path | None = None,
+        weights: str | Path | None = "kd5678/prefpaintReward",
+        model_name: str = "ViT-B-32-quickgelu",
         normalize: bool = False,
         device: str | torch.device | None = None,
         heads: int = 16,
         ff_dim: int = 1024,
+        random_weights: bool = False,
     ) -> None:
         super().__init__()
-        self.embed = ClipImageEmbedder(clip, normalize=False)  # PrefPaint uses raw CLIP embeddings
-        self.head = PrefPaintHead(self.embed.dim, heads, ff_dim)
-        if head is not None:
-            self.head.load_state_dict(
-                load_state_dict(resolve_file(head, "prefpaint_head.safetensors", "PrefPaint head"))
-            )
-        self.head.eval()
+        state = None
+        if not random_weights:
+            example = "prefpaintReward.pt from kd5678/prefpaintReward, or its conversion"
+            source = require_weights(weights, "PrefPaint weights", "weights", example)
+            state = read_prefpaint_weights(resolve_file(source, WEIGHT_FILES, "PrefPaint weights"))
+        clip_state = None if state is None else {k[5:]: v for k, v in state.items() if k.startswith("clip.")}
+        self.towers = OpenClipTowers(
+            model_name, None, "PrefPaint CLIP", state=clip_state, random_weights=True
+        )
+        self.head = PrefPaintHead(self.towers.dim, heads, ff_dim)
+        if state is not None:
+            self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        self.head.requires_grad_(False).eval()
         self.normalize = normalize
         self.to(device)
 
+    def embed(self, images: Tensor) -> Tensor:
+        pixels = openai_clip_pixels(images, self.towers.image_size, torch.is_grad_enabled())
+        return self.towers.encode_image(pixels)
+
     def score_with_features(
+        self,
+        images: Tensor,
+        masks: Tensor,
+        masked_images: Tensor | None = None,
+        *,
+        differentiable: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Scores (N,) and the 256-d features ``f`` (N, 256) that PrefPaint's trust weights use;
+        inputs are checked as :meth:`forward` checks them, and scored under no-grad unless
+        ``differentiable``."""
+        context = (
+            {"masks": masks} if masked_images is None else {"masks": masks, "masked_images": masked_images}
+        )
+        images, _, context = self.validate(images, None, context)
+        with torch.set_grad_enabled(differentiable):
+            return self.scores_and_features(images, **context)
+
+    def scores_and_features(
         self, images: Tensor, masks: Tensor, masked_images: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         if masked_images is None:
             masked_images = images * (masks < 0.5)
-        scores, features = self.head(self.embed(images), self.embed(masked_images))
+        dtype = self.head.last_layer.weight.dtype
+        scores, features = self.head(self.embed(images).to(dtype), self.embed(masked_images).to(dtype))
+        scores, features = scores.float(), features.float()
         if self.normalize:
             scores = (scores - MEAN) / STD
         return scores, features
@@ -85,4 +171,4 @@ class PrefPaintReward(RewardModel):
     def score(
         self, images: Tensor, prompts: list[str] | None, masks: Tensor, masked_images: Tensor | None = None
     ) -> Tensor:
-        return self.score_with_features(images, masks, masked_images)[0]
+        return self.scores_and_features(images, masks, masked_images)[0]

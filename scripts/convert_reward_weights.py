@@ -5,52 +5,36 @@ never arbitrary code. Keys are renamed to diffalign's modules where they differ.
 
     python scripts/convert_reward_weights.py aesthetic sac+logos+ava1-l14-linearMSE.pth OUT_DIR
     python scripts/convert_reward_weights.py hpsv2 HPS_v2.1_compressed.pt OUT_DIR
-    python scripts/convert_reward_weights.py prefpaint prefpaint_reward.pt OUT_DIR
+    python scripts/convert_reward_weights.py prefpaint prefpaintReward.pt OUT_DIR
 
-Writes ``aesthetic_mlp.safetensors``, ``hps.safetensors`` or ``prefpaint_head.safetensors`` in
-OUT_DIR: pass OUT_DIR as the reward's ``head=`` / ``weights=``. For PrefPaint only the head is
-converted; its CLIP ViT-B/32 loads from a transformers folder (``clip=``).
+Writes ``aesthetic_mlp.safetensors``, ``hps.safetensors`` or ``prefpaint.safetensors`` in OUT_DIR:
+pass OUT_DIR as the reward's ``head=`` / ``weights=``. PrefPaint's file keeps the checkpoint's own
+CLIP ViT-B/32 beside the head (``clip.*`` and ``head.*``). Each reward also loads the released
+file as it is; converting saves reading a pickle each time.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from diffalign_rewards._weights import load_state_dict
+from diffalign_rewards.prefpaint import read_prefpaint_weights
 
 OUTPUT = {
     "aesthetic": "aesthetic_mlp.safetensors",
     "hpsv2": "hps.safetensors",
-    "prefpaint": "prefpaint_head.safetensors",
+    "prefpaint": "prefpaint.safetensors",
 }
 
 
-def prefpaint_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Official ``InpaintReward`` keys (``mlp.layers.N``, ``mlp.last_layer``,
-    ``vit_block.transformer_encoder.layers.0.*``) to ``PrefPaintHead``'s."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith("clip_model."):
-            continue
-        new = re.sub(r"^vit_block\.transformer_encoder\.layers\.0\.", "block.", key)
-        new = re.sub(r"^mlp\.layers\.", "mlp.", new)
-        new = re.sub(r"^mlp\.last_layer\.", "last_layer.", new)
-        if new == key and not key.startswith(("block.", "mlp.", "last_layer.")):
-            raise KeyError(f"unexpected key in a PrefPaint checkpoint: {key}")
-        out[new] = value
-    return out
-
-
 def convert(kind: str, source: Path, out_dir: Path) -> Path:
-    state = load_state_dict(source)  # weights_only=True for pickles
-    if kind == "prefpaint":
-        state = prefpaint_head(state)
+    """Write ``source`` (read with ``weights_only=True``) as OUT_DIR/OUTPUT[kind]; PrefPaint's
+    official key layout is mapped to diffalign's (raising ``KeyError`` on an unknown key)."""
+    state = read_prefpaint_weights(source) if kind == "prefpaint" else load_state_dict(source)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / OUTPUT[kind]
     save_file({k: v.contiguous() for k, v in state.items()}, str(target))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from reward_assets import TINY_OPEN_CLIP
+from reward_assets import TINY_OPEN_CLIP, TINY_OPENAI_CLIP
 
 from diffalign import rewards as registry
 from diffalign.images import to_pil
@@ -39,8 +39,10 @@ def built(reward_assets) -> dict[str, RewardModel]:
         "aesthetic": load_reward("aesthetic", clip=a["clip"], head=a["aesthetic_head"]),
         "pickscore": load_reward("pickscore", model=a["clip"]),
         "hpsv2": load_reward("hpsv2", weights=a["open_clip"], model_name=TINY_OPEN_CLIP),
-        "clipscore": load_reward("clipscore", weights=a["open_clip"], model_name=TINY_OPEN_CLIP),
-        "prefpaint": load_reward("prefpaint", clip=a["clip"], head=a["prefpaint_head"], heads=4, ff_dim=32),
+        "clipscore": load_reward("clipscore", weights=a["openai_clip"], model_name=TINY_OPENAI_CLIP),
+        "prefpaint": load_reward(
+            "prefpaint", model_name=TINY_OPENAI_CLIP, heads=4, ff_dim=32, random_weights=True
+        ),
     }
 
 
@@ -90,52 +92,29 @@ def test_jpeg_reward_is_the_jpeg_size(built) -> None:
     assert float(built["jpeg_compressibility"](flat)) > float(built["jpeg_compressibility"](noisy))
 
 
-@pytest.mark.parametrize("shape", [(32, 32), (60, 80), (80, 60), (100, 37)])
-def test_clip_preprocessing_matches_the_pil_processor(built, reward_assets, shape: tuple[int, int]) -> None:
-    """PickScore/aesthetic's tensor path vs transformers' CLIPImageProcessor on PIL images."""
+@pytest.mark.parametrize("shape", [(60, 80), (448, 798), (1216, 832)])
+def test_differentiable_preprocessing_is_within_a_level_of_the_exact_one(
+    shape: tuple[int, int], reward_assets
+) -> None:
+    """The gradient path resizes on float tensors where the reference resamples 8-bit images in
+    fixed point (PIL, the HF processor); both round to 8 bits, so they differ by at most a level."""
     from transformers import CLIPImageProcessor
 
-    from diffalign.rewards import resize_center_crop
+    from diffalign_rewards.preprocessing import hf_processor_pixels, hps_pixels, openai_clip_pixels
 
     images = quantised_images(shape=shape)
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
     processor = CLIPImageProcessor.from_pretrained(reward_assets["clip"])
-    via_pil = processor(images=to_pil(images), return_tensors="pt").pixel_values
-    via_tensor = resize_center_crop(images, 32)
-    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
-    # PIL resamples in fixed point and rounds to uint8: within 1.5 levels
-    assert float(((via_pil - via_tensor) * std).abs().max()) <= 1.5 / 255
-    aesthetic = built["aesthetic"]
-    with torch.no_grad():
-        from_pil = aesthetic.mlp(
-            F.normalize(aesthetic.embed.model(pixel_values=via_pil).image_embeds, dim=-1)
-        ).squeeze(-1)
-    torch.testing.assert_close(aesthetic(images), from_pil, atol=1e-3, rtol=0)
-
-
-@pytest.mark.parametrize("name", ["hpsv2", "clipscore"])
-def test_open_clip_preprocessing_matches_the_pil_transform(built, name: str) -> None:
-    """HPS: open_clip's resize-longest-and-pad transform; CLIPScore: open_clip's default one."""
-    import open_clip
-
-    reward = built[name]
-    images = quantised_images(shape=(60, 80))
-    transform = open_clip.image_transform(
-        32, is_train=False, resize_mode="longest" if name == "hpsv2" else None
-    )
-    via_pil = torch.stack([transform(im) for im in to_pil(images)])
-    std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
-    # PIL's fixed-point resampling and uint8 rounding: within 1.5 levels
-    assert float(((via_pil - reward.preprocess(images)) * std).abs().max()) <= 1.5 / 255
-    with torch.no_grad():
-        image = F.normalize(reward.model.encode_image(via_pil), dim=-1)
-        text = F.normalize(
-            reward.model.encode_text(reward.tokenizer([reward.prompt_prefix + p for p in PROMPTS])), dim=-1
-        )
-    cos = (image * text).sum(-1)
-    with torch.no_grad():
-        torch.testing.assert_close(reward.cosine(images, PROMPTS), cos, atol=1e-3, rtol=0)
-    expected = cos if name == "hpsv2" else 2.5 * cos.clamp(min=0)
-    torch.testing.assert_close(reward(images, PROMPTS), expected, atol=1e-3, rtol=0)
+    pairs = [
+        (openai_clip_pixels(images, 224), openai_clip_pixels(images, 224, differentiable=True)),
+        (hf_processor_pixels(images, processor), hf_processor_pixels(images, processor, differentiable=True)),
+    ]
+    for exact, approx in pairs:
+        assert exact.shape == approx.shape == (3, 3, 224, 224)
+        assert float(((exact - approx) * std).abs().max()) <= 1.01 / 255
+    x = images.clone().requires_grad_()
+    hps_pixels(x, 224).sum().backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
 
 
 def test_differentiable_scoring(built) -> None:
@@ -147,20 +126,15 @@ def test_differentiable_scoring(built) -> None:
         built["jpeg_compressibility"](quantised_images(), differentiable=True)
 
 
-def test_prefpaint_features_and_normalisation(built, reward_assets) -> None:
+def test_prefpaint_features_are_checked_like_scores(built) -> None:
     images, masks = quantised_images(), (torch.rand(3, 1, 60, 80) > 0.5).float()
     scores, features = built["prefpaint"].score_with_features(images, masks)
-    assert features.shape == (3, 256)
+    assert features.shape == (3, 256) and not scores.requires_grad
     torch.testing.assert_close(built["prefpaint"](images, masks=masks), scores)
-    normalised = load_reward(
-        "prefpaint",
-        clip=reward_assets["clip"],
-        head=reward_assets["prefpaint_head"],
-        heads=4,
-        ff_dim=32,
-        normalize=True,
-    )
-    torch.testing.assert_close(normalised(images, masks=masks), (scores - 0.4064) / 2.3021)
+    with pytest.raises(RewardInputError, match=r"`masked_images` must be shaped like the images"):
+        built["prefpaint"].score_with_features(images, masks, images[:, :, :8])
+    with pytest.raises(RewardInputError, match=r"look like \[0, 255\]"):
+        built["prefpaint"].score_with_features(images * 255, masks)
 
 
 def test_bad_input_is_named(built) -> None:
@@ -204,7 +178,7 @@ def test_module_path_fallback() -> None:
     reward = load_reward("diffalign_rewards.jpeg:JpegCompressibility", quality=50)
     assert reward.quality == 50
     with pytest.raises(TypeError, match="not a RewardModel"):
-        load_reward("diffalign.rewards:resize_center_crop")
+        load_reward("diffalign.rewards:list_rewards")
 
 
 def test_imagereward_without_its_package_says_how_to_install() -> None:
@@ -293,3 +267,90 @@ def test_readme_plugin_example_runs(tmp_path: Path, monkeypatch) -> None:
     assert scores.shape == (2,)
     registry._DECORATED.pop("sharpness")
     np.testing.assert_array_less(-1e-9, scores.numpy())  # a non-negative measure
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "argument"),
+    [
+        ("aesthetic", {}, "head="),
+        ("hpsv2", {"weights": None, "model_name": TINY_OPEN_CLIP}, "weights="),
+        ("clipscore", {"weights": None, "model_name": TINY_OPENAI_CLIP}, "weights="),
+        ("prefpaint", {"weights": None}, "weights="),
+    ],
+)
+def test_missing_weights_are_an_error_not_a_random_model(reward_assets, name, kwargs, argument) -> None:
+    if name == "aesthetic":
+        kwargs = {"clip": reward_assets["clip"]}
+    with pytest.raises(ValueError, match=rf"no weights were given\. Pass {argument}.*random_weights=True"):
+        load_reward(name, **kwargs)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    import huggingface_hub.constants
+
+    # the hub library reads HF_HUB_OFFLINE at import: switch the live flag (no network is tried)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "repo"),
+    [
+        ("clipscore", {}, "timm/vit_base_patch32_clip_224.openai"),
+        ("hpsv2", {"model_name": TINY_OPEN_CLIP}, "xswu/HPSv2"),
+        ("prefpaint", {"model_name": TINY_OPENAI_CLIP}, "kd5678/prefpaintReward"),
+        ("pickscore", {}, "yuvalkirstain/PickScore_v1"),
+        ("aesthetic", {"head": "unused"}, "openai/clip-vit-large-patch14"),
+    ],
+)
+def test_unreachable_hub_weights_say_what_to_place_where(offline, name, kwargs, repo) -> None:
+    """One message for every reward (transformers' generic OSError included)."""
+    with pytest.raises(FileNotFoundError) as info:
+        load_reward(name, **kwargs)
+    message = str(info.value)
+    assert f"could not be fetched from the hub repo '{repo}'" in message
+    assert "Without a network, download" in message and "pass DIR instead" in message
+
+
+def test_openai_weights_need_quickgelu(reward_assets, tmp_path: Path) -> None:
+    """OpenAI's CLIP weights in a GELU model raise nothing by themselves: diffalign refuses."""
+    with pytest.raises(ValueError, match=r"tag 'openai' needs a QuickGELU model.*'ViT-B-32-quickgelu'"):
+        load_reward("clipscore", weights="openai", model_name="ViT-B-32")  # refused before any download
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(reward_assets["openai_clip"]))
+    state |= {"input_resolution": torch.tensor(224), "context_length": torch.tensor(77)}
+    save_file(state, str(tmp_path / "ViT-B-32.safetensors"))  # OpenAI's own checkpoint keys
+    with pytest.raises(ValueError, match=r"OpenAI's original CLIP checkpoint\) needs a QuickGELU model"):
+        load_reward("clipscore", weights=tmp_path / "ViT-B-32.safetensors", model_name=TINY_OPEN_CLIP)
+    reward = load_reward("clipscore", weights=tmp_path / "ViT-B-32.safetensors", model_name=TINY_OPENAI_CLIP)
+    reference = load_reward("clipscore", weights=reward_assets["openai_clip"], model_name=TINY_OPENAI_CLIP)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reward.cosine(quantised_images(), PROMPTS), reference.cosine(quantised_images(), PROMPTS)
+        )
+
+
+@pytest.mark.parametrize("name", ["aesthetic", "pickscore", "hpsv2", "clipscore", "prefpaint"])
+def test_any_float_dtype_scores(built, name: str) -> None:
+    """float64 and float16 images of 8-bit values score exactly as float32 ones (every reward
+    rounds to 8 bits first); bfloat16 cannot hold every 8-bit value and scores close; a model in
+    bfloat16 scores float32 images in its own dtype."""
+    reward = built[name]
+    images = quantised_images()
+    kwargs = {"masks": torch.zeros(3, 1, 60, 80)} if reward.needs_masks else {}
+    prompts = PROMPTS if reward.needs_prompts else None
+    reference = reward(images, prompts, **kwargs)
+    for dtype in (torch.float64, torch.float16):
+        assert torch.equal(reward(images.to(dtype), prompts, **kwargs), reference)
+    close = reward(images.to(torch.bfloat16), prompts, **kwargs)
+    assert close.dtype == torch.float32
+    torch.testing.assert_close(close, reference, rtol=0.05, atol=0.05)
+    try:
+        reward.to(torch.bfloat16)
+        low = reward(images, prompts, **kwargs)
+    finally:
+        reward.to(torch.float32)
+    assert low.dtype == torch.float32 and bool(low.isfinite().all())
+    torch.testing.assert_close(low, reference, rtol=0.1, atol=0.1)
