@@ -10,6 +10,7 @@ processor). Images are preprocessed in float32 and cast to the model's dtype; sc
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -127,6 +128,27 @@ class OpenClipTowers(torch.nn.Module):
         return self.model.encode_text(tokens).float()
 
 
+def load_processor(loader: Callable[[str], object], source: str | Path, what: str) -> object:
+    """The CLIP processor (image processor and tokeniser) at ``source``; a folder that holds a
+    model without them says to pass ``processor=``."""
+    try:
+        processor = from_pretrained(loader, source, what)
+    except (OSError, ValueError, TypeError) as err:
+        if isinstance(err, FileNotFoundError) and not Path(source).exists():
+            raise
+        raise FileNotFoundError(
+            f"{what}: no CLIP processor (tokenizer and preprocessor_config.json) at {source} ({err}); "
+            f"pass processor= a folder or hub id that has them (PickScore's model card uses "
+            f"laion/CLIP-ViT-H-14-laion2B-s32B-b79K)"
+        ) from err
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise FileNotFoundError(
+            f"{what}: {source} holds a {type(processor).__name__}, not a CLIP processor with an image "
+            f"processor and a tokenizer; pass processor= a folder that has both"
+        )
+    return processor
+
+
 class TransformersClipTowers(torch.nn.Module):
     """A transformers CLIP (``CLIPModel``, or only its vision tower with ``vision_only``) and the
     processor saved with it (or at ``processor``): image processor and tokeniser.
@@ -157,7 +179,7 @@ class TransformersClipTowers(torch.nn.Module):
             self.model = from_pretrained(CLIPModel.from_pretrained, model, what)
             self.image_size = config.vision_config.image_size
             self.dim = config.projection_dim
-            self.processor = from_pretrained(AutoProcessor.from_pretrained, processor or model, what)
+            self.processor = load_processor(AutoProcessor.from_pretrained, processor or model, what)
         self.model.requires_grad_(False).eval()
 
     def encode_image(self, pixels: Tensor) -> Tensor:

@@ -354,3 +354,13 @@ def test_any_float_dtype_scores(built, name: str) -> None:
         reward.to(torch.float32)
     assert low.dtype == torch.float32 and bool(low.isfinite().all())
     torch.testing.assert_close(low, reference, rtol=0.1, atol=0.1)
+
+
+def test_a_model_folder_without_a_processor_says_to_pass_one(reward_assets, tmp_path: Path) -> None:
+    from transformers import CLIPModel
+
+    CLIPModel.from_pretrained(reward_assets["clip"]).save_pretrained(tmp_path / "model_only")
+    with pytest.raises(FileNotFoundError, match=r"no CLIP processor .*pass processor="):
+        load_reward("pickscore", model=tmp_path / "model_only")
+    reward = load_reward("pickscore", model=tmp_path / "model_only", processor=reward_assets["clip"])
+    assert reward(quantised_images(), PROMPTS).shape == (3,)
