@@ -94,6 +94,10 @@ class RewardModel(torch.nn.Module):
             raise RewardInputError(
                 f"images must be float in [0, 1], got {images.dtype} (divide uint8 images by 255)"
             )
+        finite = torch.isfinite(images.detach()).flatten(1).all(1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise RewardInputError(f"images contain NaN or inf (image {bad[0]}; {len(bad)} of {len(finite)})")
         low, high = (float(v) for v in images.detach().aminmax())
         if low < -1e-3 or high > 1 + 1e-3:
             hint = " (they look like [0, 255]: divide by 255)" if high > 2 else ""

@@ -19,13 +19,15 @@ from torch import Tensor
 
 from diffalign.rewards import RewardModel
 from diffalign_rewards._weights import (
+    WeightsError,
     from_pretrained,
+    load_into,
     load_state_dict,
     optional_file,
     require_weights,
     resolve_file,
 )
-from diffalign_rewards.preprocessing import hf_processor_pixels, hps_pixels, openai_clip_pixels
+from diffalign_rewards.preprocessing import clip_pixels, hf_processor_pixels, hps_pixels
 
 OPEN_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip.safetensors")
 # keys that only OpenAI's original CLIP checkpoints carry (open_clip drops them when loading one)
@@ -55,13 +57,21 @@ def check_activation(model_name: str, quick_gelu: bool, needs_quick_gelu: bool, 
     )
 
 
+def declared_quick_gelu(config_file: Path) -> bool:
+    """What an ``open_clip_config.json`` (open_clip's hub layout) says about QuickGELU."""
+    try:
+        return bool(json.loads(config_file.read_text()).get("model_cfg", {}).get("quick_gelu", False))
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise WeightsError(f"{config_file}: not a valid open_clip_config.json ({err})") from err
+
+
 def load_open_clip_state(
     model_name: str, quick_gelu: bool, weights: str | Path, what: str, filenames: tuple[str, ...]
-) -> dict[str, Tensor]:
-    """Weights for open_clip's ``model_name`` from a file, a folder, a hub repo, or one of
-    open_clip's pretrained tags for it (e.g. ``"openai"``), checked against the model's
-    activation wherever they say which one they were trained with: the tag, an
-    ``open_clip_config.json`` beside them, or OpenAI's own checkpoint keys."""
+) -> tuple[dict[str, Tensor], Path]:
+    """Weights for open_clip's ``model_name`` (and the file they came from) from a file, a
+    folder, a hub repo, or one of open_clip's pretrained tags for it (e.g. ``"openai"``), checked
+    against the model's activation wherever they say which one they were trained with: the tag,
+    an ``open_clip_config.json`` beside them, or OpenAI's own checkpoint keys."""
     import open_clip
 
     tag = {} if Path(weights).exists() else open_clip.get_pretrained_cfg(model_name, str(weights))
@@ -71,24 +81,26 @@ def load_open_clip_state(
     source = tag["hf_hub"].rstrip("/") if tag.get("hf_hub") else weights
     config_file = optional_file(source, "open_clip_config.json")
     if config_file is not None:
-        needs = bool(json.loads(config_file.read_text()).get("model_cfg", {}).get("quick_gelu", False))
-        check_activation(model_name, quick_gelu, needs, str(config_file))
-    state = load_state_dict(resolve_file(source, filenames, what))
+        check_activation(model_name, quick_gelu, declared_quick_gelu(config_file), str(config_file))
+    path = resolve_file(source, filenames, what)
+    state = load_state_dict(path)
     if any(k in state for k in OPENAI_ONLY_KEYS):
-        check_activation(model_name, quick_gelu, True, f"{what} (OpenAI's original CLIP checkpoint)")
+        check_activation(model_name, quick_gelu, True, f"{path} (OpenAI's original CLIP checkpoint)")
         state = {k: v for k, v in state.items() if k not in OPENAI_ONLY_KEYS}
-    return state
+    return state, path
 
 
 class OpenClipTowers(torch.nn.Module):
     """An open_clip model (OpenAI CLIP's layout and tokeniser, ``OpenAI``'s ``clip.tokenize``
     with ``truncate=True``), built from ``model_name``'s config; nothing is downloaded unless
-    ``weights`` is a hub repo or a pretrained tag.
+    ``weights`` is a hub repo or a pretrained tag. ``openai_state``: weights already read from
+    the file ``weights``, known to be OpenAI's CLIP (PrefPaint's checkpoint carries one).
 
     Raises:
         ValueError: unknown ``model_name``; no ``weights`` (unless ``random_weights``); weights
             whose activation (QuickGELU vs GELU) differs from the model's.
         FileNotFoundError: weights that cannot be found (naming what to place where).
+        WeightsError: weights that cannot be read or do not fit (naming the file).
     """
 
     def __init__(
@@ -97,7 +109,7 @@ class OpenClipTowers(torch.nn.Module):
         weights: str | Path | None,
         what: str,
         filenames: tuple[str, ...] = OPEN_CLIP_FILES,
-        state: dict[str, Tensor] | None = None,
+        openai_state: dict[str, Tensor] | None = None,
         random_weights: bool = False,
     ) -> None:
         super().__init__()
@@ -106,18 +118,22 @@ class OpenClipTowers(torch.nn.Module):
         config = open_clip.get_model_config(model_name)
         if config is None:
             raise ValueError(f"{what}: open_clip has no model config named '{model_name}'")
+        quick_gelu = bool(config.get("quick_gelu", False))
+        state, path = None, weights
+        if openai_state is not None:
+            check_activation(model_name, quick_gelu, True, f"{what} in {weights} (OpenAI's CLIP)")
+            state = openai_state
+        elif not random_weights:
+            example = "a file, a folder, a hub repo, or an open_clip pretrained tag such as 'openai'"
+            source = require_weights(weights, what, "weights", example)
+            state, path = load_open_clip_state(model_name, quick_gelu, source, what, filenames)
         self.model = open_clip.create_model(model_name, pretrained=None).requires_grad_(False).eval()
+        if state is not None:
+            load_into(self.model, state, path, what)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         size = self.model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
         self.dim = self.model.visual.output_dim
-        if state is None and not random_weights:
-            example = "a file, a folder, a hub repo, or an open_clip pretrained tag such as 'openai'"
-            source = require_weights(weights, what, "weights", example)
-            quick_gelu = bool(config.get("quick_gelu", False))
-            state = load_open_clip_state(model_name, quick_gelu, source, what, filenames)
-        if state is not None:
-            self.model.load_state_dict(state)
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         dtype = next(self.model.parameters()).dtype
@@ -198,7 +214,7 @@ class TransformersClipTowers(torch.nn.Module):
 
 class ClipImageEmbedder(torch.nn.Module):
     """Image embeddings of a CLIP image tower from [0, 1] images with OpenAI CLIP's
-    preprocessing (:func:`openai_clip_pixels`); L2-normalised unless ``normalize=False``.
+    preprocessing (:func:`clip_pixels`); L2-normalised unless ``normalize=False``.
 
     ``backbone="transformers"``: ``source`` is a transformers CLIP folder or hub id;
     ``backbone="open_clip"``: ``source`` is an open_clip model name and ``weights`` its weights.
@@ -225,7 +241,7 @@ class ClipImageEmbedder(torch.nn.Module):
         self.dim, self.image_size = self.towers.dim, self.towers.image_size
 
     def forward(self, images: Tensor) -> Tensor:
-        pixels = openai_clip_pixels(images, self.image_size, differentiable=torch.is_grad_enabled())
+        pixels = clip_pixels(images, self.image_size, "round", torch.is_grad_enabled())
         emb = self.towers.encode_image(pixels)
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
@@ -254,6 +270,9 @@ class AestheticMLP(torch.nn.Module):
         return self.layers(embeddings)
 
 
+HEAD_FILES = ("aesthetic_mlp.safetensors", "sac+logos+ava1-l14-linearMSE.pth")
+
+
 class Aesthetic(RewardModel):
     """LAION aesthetic score: the MLP on L2-normalised CLIP ViT-L/14 image embeddings, as the
     improved-aesthetic-predictor's ``simple_inference.py`` computes it (OpenAI CLIP's preprocess).
@@ -274,14 +293,17 @@ class Aesthetic(RewardModel):
         random_weights: bool = False,
     ) -> None:
         super().__init__()
-        self.embed = ClipImageEmbedder(clip)
-        self.mlp = AestheticMLP(self.embed.dim)
+        state, path = None, "aesthetic head"
         if not random_weights:
             example = "sac+logos+ava1-l14-linearMSE.pth from christophschuhmann/improved-aesthetic-predictor"
-            source = require_weights(head, "aesthetic head", "head", example)
-            self.mlp.load_state_dict(
-                load_state_dict(resolve_file(source, "aesthetic_mlp.safetensors", "aesthetic head"))
-            )
+            path = resolve_file(require_weights(head, "aesthetic head", "head", example), HEAD_FILES, path)
+            state = load_state_dict(path)
+        self.embed = ClipImageEmbedder(
+            require_weights(clip, "aesthetic CLIP", "clip", "openai/clip-vit-large-patch14")
+        )
+        self.mlp = AestheticMLP(self.embed.dim)
+        if state is not None:
+            load_into(self.mlp, state, path, "aesthetic head")
         self.mlp.requires_grad_(False).eval()
         self.to(device)
 
@@ -310,7 +332,8 @@ class PickScore(RewardModel):
         device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
-        self.towers = TransformersClipTowers(model, "PickScore", processor)
+        source = require_weights(model, "PickScore", "model", "yuvalkirstain/PickScore_v1 or a local copy")
+        self.towers = TransformersClipTowers(source, "PickScore", processor)
         self.to(device)
 
     def score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
@@ -399,7 +422,7 @@ class CLIPScore(RewardModel):
     def pixels(self, images: Tensor) -> Tensor:
         if isinstance(self.towers, TransformersClipTowers):
             return hf_processor_pixels(images, self.towers.processor.image_processor, torch.is_grad_enabled())
-        return openai_clip_pixels(images, self.towers.image_size, torch.is_grad_enabled())
+        return clip_pixels(images, self.towers.image_size, "round", torch.is_grad_enabled())
 
     def cosine(self, images: Tensor, prompts: list[str]) -> Tensor:
         text = self.towers.encode_text([self.prefix + p for p in prompts])

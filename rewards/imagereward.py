@@ -19,6 +19,15 @@ from diffalign.rewards import RewardModel
 WORKING_VERSIONS = "transformers >= 4.27.4, < 4.56 (with timm 0.6.13, fairscale 0.4.13 and OpenAI's clip)"
 
 
+def import_failure(err: Exception) -> RuntimeError:
+    import transformers
+
+    return RuntimeError(
+        f"the image-reward package is installed but could not be imported: {err!r} "
+        f"(transformers {transformers.__version__} here); image-reward 1.5 runs beside {WORKING_VERSIONS}"
+    )
+
+
 def import_image_reward() -> object:
     """The ``ImageReward`` package, or an error naming the real import failure."""
     try:
@@ -29,12 +38,9 @@ def import_image_reward() -> object:
                 "the 'imagereward' reward needs the image-reward package (pip install image-reward); "
                 f"image-reward 1.5 runs beside {WORKING_VERSIONS}"
             ) from err
-        import transformers
-
-        raise RuntimeError(
-            f"the image-reward package is installed but could not be imported: {err!r} "
-            f"(transformers {transformers.__version__} here); image-reward 1.5 runs beside {WORKING_VERSIONS}"
-        ) from err
+        raise import_failure(err) from err
+    except Exception as err:  # a broken dependency may fail at import in any way
+        raise import_failure(err) from err
     return ImageReward
 
 

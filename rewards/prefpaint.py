@@ -20,12 +20,18 @@ import torch
 from torch import Tensor
 
 from diffalign.rewards import RewardModel
-from diffalign_rewards._weights import load_state_dict, require_weights, resolve_file
+from diffalign_rewards._weights import WeightsError, load_into, load_state_dict, require_weights, resolve_file
 from diffalign_rewards.clip_rewards import OpenClipTowers
-from diffalign_rewards.preprocessing import openai_clip_pixels
+from diffalign_rewards.preprocessing import clip_pixels
 
 MEAN, STD = 0.4064, 2.3021
 WEIGHT_FILES = ("prefpaint.safetensors", "prefpaintReward.pt")
+OFFICIAL_PREFIXES = (
+    ("clip_model.", "clip."),
+    ("vit_block.transformer_encoder.layers.0.", "head.block."),
+    ("mlp.layers.", "head.mlp."),
+    ("mlp.last_layer.", "head.last_layer."),
+)
 
 
 class PrefPaintHead(torch.nn.Module):
@@ -46,7 +52,7 @@ class PrefPaintHead(torch.nn.Module):
         return self.last_layer(features).squeeze(-1), features
 
 
-def split_official_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+def split_official_state(state: dict[str, Tensor], path: Path | str) -> dict[str, Tensor]:
     """The official checkpoint's keys (``prefpaintReward.pt``) as diffalign's ``clip.*`` and
     ``head.*``.
 
@@ -56,39 +62,44 @@ def split_official_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     copy is the one its forward runs). Both duplicates are dropped.
 
     Raises:
-        KeyError: a key the official ``ImageReward`` module does not have.
-        ValueError: an alias that differs from the weight it aliases.
+        WeightsError: naming ``path``: a key the official ``ImageReward`` module does not have,
+            or an alias that differs from the weight it aliases.
     """
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         if key.startswith("vit_block.encoder_layer.") or key == "mlp.last_layer_weight":
             continue
-        if key.startswith("clip_model."):
-            out["clip." + key.removeprefix("clip_model.")] = value
-        elif key.startswith("vit_block.transformer_encoder.layers.0."):
-            out["head.block." + key.removeprefix("vit_block.transformer_encoder.layers.0.")] = value
-        elif key.startswith("mlp.layers."):
-            out["head.mlp." + key.removeprefix("mlp.layers.")] = value
-        elif key.startswith("mlp.last_layer."):
-            out["head.last_layer." + key.removeprefix("mlp.last_layer.")] = value
+        for official, ours in OFFICIAL_PREFIXES:
+            if key.startswith(official):
+                out[ours + key.removeprefix(official)] = value
+                break
         else:
-            raise KeyError(f"unexpected key in a PrefPaint checkpoint: {key}")
-    alias = state.get("mlp.last_layer_weight")
-    if alias is not None and not torch.equal(alias, state.get("mlp.last_layer.weight", alias)):
-        raise ValueError("PrefPaint checkpoint: mlp.last_layer_weight differs from mlp.last_layer.weight")
+            raise WeightsError(f"{path}: unexpected key in a PrefPaint checkpoint: {key}")
+    alias, weight = state.get("mlp.last_layer_weight"), state.get("mlp.last_layer.weight")
+    if alias is not None and (
+        weight is None or alias.shape != weight.shape or not torch.equal(alias, weight)
+    ):
+        raise WeightsError(f"{path}: mlp.last_layer_weight differs from mlp.last_layer.weight (its alias)")
     return out
 
 
 def read_prefpaint_weights(path: Path) -> dict[str, Tensor]:
     """diffalign's ``prefpaint.safetensors`` or the official release's ``.pt`` (read with
-    ``weights_only=True``), as ``clip.*`` and ``head.*`` keys."""
+    ``weights_only=True``), as ``clip.*`` and ``head.*`` keys.
+
+    Raises:
+        WeightsError: naming ``path``: unreadable, unknown keys, or a part missing.
+    """
     state = load_state_dict(path)
     if any(k.startswith(("clip_model.", "mlp.layers.")) for k in state):
-        state = split_official_state(state)
+        state = split_official_state(state, path)
+    stray = [k for k in state if not k.startswith(("clip.", "head."))]
+    if stray:
+        raise WeightsError(f"{path}: keys outside clip.* and head.* in PrefPaint weights: {stray[:3]}")
     for part in ("clip.", "head."):
         if not any(k.startswith(part) for k in state):
-            raise ValueError(
-                f"PrefPaint weights: {path} has no {part}* tensors; convert the official "
+            raise WeightsError(
+                f"{path}: no {part}* tensors in PrefPaint weights; convert the official "
                 f"prefpaintReward.pt with scripts/convert_reward_weights.py prefpaint (or pass it as is)"
             )
     return state
@@ -118,24 +129,26 @@ class PrefPaintReward(RewardModel):
         random_weights: bool = False,
     ) -> None:
         super().__init__()
-        state = None
+        state, path = None, "PrefPaint weights"
         if not random_weights:
             example = "prefpaintReward.pt from kd5678/prefpaintReward, or its conversion"
             source = require_weights(weights, "PrefPaint weights", "weights", example)
-            state = read_prefpaint_weights(resolve_file(source, WEIGHT_FILES, "PrefPaint weights"))
+            path = resolve_file(source, WEIGHT_FILES, "PrefPaint weights")
+            state = read_prefpaint_weights(path)
         clip_state = None if state is None else {k[5:]: v for k, v in state.items() if k.startswith("clip.")}
         self.towers = OpenClipTowers(
-            model_name, None, "PrefPaint CLIP", state=clip_state, random_weights=True
+            model_name, path, "PrefPaint CLIP", openai_state=clip_state, random_weights=True
         )
         self.head = PrefPaintHead(self.towers.dim, heads, ff_dim)
         if state is not None:
-            self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+            head_state = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+            load_into(self.head, head_state, path, "PrefPaint head")
         self.head.requires_grad_(False).eval()
         self.normalize = normalize
         self.to(device)
 
     def embed(self, images: Tensor) -> Tensor:
-        pixels = openai_clip_pixels(images, self.towers.image_size, torch.is_grad_enabled())
+        pixels = clip_pixels(images, self.towers.image_size, "round", torch.is_grad_enabled())
         return self.towers.encode_image(pixels)
 
     def score_with_features(

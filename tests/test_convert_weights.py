@@ -10,6 +10,7 @@ import torch
 from script_loader import load_script
 
 from diffalign.rewards import load_reward
+from diffalign_rewards._weights import WeightsError
 from diffalign_rewards.clip_rewards import AestheticMLP
 
 convert = load_script("convert_reward_weights").convert
@@ -31,5 +32,39 @@ class NotATensor:
 def test_pickles_with_code_are_refused(tmp_path: Path) -> None:
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"x": NotATensor()}, f)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(WeightsError, match=r"evil\.pt: not a weights-only checkpoint.*never runs the code"):
         convert("aesthetic", tmp_path / "evil.pt", tmp_path / "out")
+    assert not (tmp_path / "out" / "aesthetic_mlp.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"", r"empty\.pt: not a weights-only checkpoint"),
+        ([torch.zeros(2)], r"empty\.pt: expected a dict of tensors \(a state dict\), got list"),
+    ],
+)
+def test_unreadable_checkpoints_name_the_file(tmp_path: Path, payload, message: str) -> None:
+    path = tmp_path / "empty.pt"
+    if isinstance(payload, bytes):
+        path.write_bytes(payload)
+    else:
+        torch.save(payload, path)
+    with pytest.raises(WeightsError, match=message):
+        convert("aesthetic", path, tmp_path / "out")
+
+
+def test_torchscript_archives_are_refused_with_a_way_out(tmp_path: Path) -> None:
+    """OpenAI's original CLIP release is a TorchScript archive: code, never loaded."""
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "ViT-B-32.pt"))
+    with pytest.raises(WeightsError, match=r"ViT-B-32\.pt is a TorchScript archive.*weights='openai'"):
+        load_reward("clipscore", weights=tmp_path / "ViT-B-32.pt")
+
+
+def test_an_aesthetic_head_that_does_not_fit_writes_nothing(tmp_path: Path) -> None:
+    state = AestheticMLP(16).state_dict()
+    state["layers.2.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "head.pth")
+    with pytest.raises(WeightsError, match=r"(?s)head\.pth does not fit AestheticMLP.*layers\.2\.weight"):
+        convert("aesthetic", tmp_path / "head.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

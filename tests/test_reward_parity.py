@@ -27,6 +27,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 from diffalign.rewards import load_reward
+from diffalign_rewards._weights import WeightsError
 
 SIZES = [(512, 512), (640, 360), (300, 700), (798, 448), (832, 1216)]  # width x height
 PROMPTS = ["a red cat on a sofa", "tom &amp; jerry, oil painting"]
@@ -152,10 +153,21 @@ def test_the_reference_sees_a_one_pixel_crop_shift(reward_assets) -> None:
 # -- PickScore: the model card's calc_probs (scores before the softmax) -----------------------
 
 
+def pil_image_processor(folder: Path) -> object:
+    """The CLIP image processor the model card and torchmetrics ran: transformers 4's default,
+    which resamples with PIL (transformers 5 keeps it as ``CLIPImageProcessorPil``)."""
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    except ImportError:  # transformers 4
+        from transformers import CLIPImageProcessor as CLIPImageProcessorPil
+    return CLIPImageProcessorPil.from_pretrained(folder)
+
+
 def pickscore_reference(images: torch.Tensor, prompts: list[str], folder: Path) -> list[float]:
     from transformers import AutoModel, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(folder)
+    processor.image_processor = pil_image_processor(folder)
     model = AutoModel.from_pretrained(folder).eval()
 
     def features(out: object) -> torch.Tensor:
@@ -279,6 +291,7 @@ def torchmetrics_reference(
     from transformers import CLIPModel, CLIPProcessor
 
     model, processor = CLIPModel.from_pretrained(folder).eval(), CLIPProcessor.from_pretrained(folder)
+    processor.image_processor = pil_image_processor(folder)
 
     def features(out: object) -> torch.Tensor:
         return out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -424,7 +437,8 @@ def test_prefpaint_conversion_keeps_the_checkpoints_clip(official_prefpaint, tmp
     from script_loader import load_script
 
     official, path = official_prefpaint
-    out = load_script("convert_reward_weights").convert("prefpaint", path, tmp_path / "out")
+    convert = load_script("convert_reward_weights").convert
+    out = convert("prefpaint", path, tmp_path / "out", model_name=TINY_OPENAI_CLIP, heads=4, ff_dim=32)
     converted = load_file(str(out))
     clip_keys = [k for k in official.state_dict() if k.startswith("clip_model.")]
     assert len(clip_keys) == len([k for k in converted if k.startswith("clip.")]) > 30
@@ -443,8 +457,58 @@ def test_prefpaint_checkpoint_with_an_unknown_key_is_refused(official_prefpaint,
     state = torch.load(path, weights_only=True)
     state["module.extra_head.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "odd.pt")
-    with pytest.raises(KeyError, match=r"unexpected key in a PrefPaint checkpoint: extra_head\.weight"):
+    with pytest.raises(
+        WeightsError, match=r"odd\.pt: unexpected key in a PrefPaint checkpoint: extra_head\.weight"
+    ):
         load_reward("prefpaint", weights=tmp_path / "odd.pt", model_name=TINY_OPENAI_CLIP, heads=4, ff_dim=32)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.pop("module.clip_model.visual.proj"), r"does not fit CLIP.*visual\.proj"),
+        (
+            lambda s: s.pop("module.mlp.last_layer.weight"),
+            r"last_layer_weight differs from mlp\.last_layer\.weight",
+        ),
+        (
+            lambda s: s.__setitem__("module.mlp.last_layer_weight", torch.zeros(1, 256)),
+            r"last_layer_weight differs",
+        ),
+        (
+            lambda s: s.__setitem__("module.mlp.layers.0.weight", torch.zeros(3, 3)),
+            r"does not fit PrefPaintHead",
+        ),
+    ],
+)
+def test_a_broken_prefpaint_checkpoint_converts_to_nothing(
+    official_prefpaint, tmp_path: Path, change, message
+) -> None:
+    """The converter loads what it wrote into the reward before keeping it; errors name the file."""
+    from script_loader import load_script
+
+    _, path = official_prefpaint
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, tmp_path / "broken.pt")
+    convert = load_script("convert_reward_weights").convert
+    with pytest.raises(WeightsError, match=r"(?s)broken\.pt.*" + message):
+        convert(
+            "prefpaint",
+            tmp_path / "broken.pt",
+            tmp_path / "out",
+            model_name=TINY_OPENAI_CLIP,
+            heads=4,
+            ff_dim=32,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_prefpaint_refuses_a_gelu_clip(official_prefpaint) -> None:
+    """Its CLIP is OpenAI's ViT-B/32: QuickGELU."""
+    _, path = official_prefpaint
+    with pytest.raises(ValueError, match=r"needs a QuickGELU model.*-quickgelu"):
+        load_reward("prefpaint", weights=path, model_name=TINY_OPEN_CLIP, heads=4, ff_dim=32)
 
 
 # -- ImageReward: through its package, where it imports ----------------------------------------

@@ -93,25 +93,25 @@ def test_jpeg_reward_is_the_jpeg_size(built) -> None:
 
 
 @pytest.mark.parametrize("shape", [(60, 80), (448, 798), (1216, 832)])
-def test_differentiable_preprocessing_is_within_a_level_of_the_exact_one(
+def test_differentiable_preprocessing_is_within_two_levels_of_the_exact_one(
     shape: tuple[int, int], reward_assets
 ) -> None:
-    """The gradient path resizes on float tensors where the reference resamples 8-bit images in
-    fixed point (PIL, the HF processor); both round to 8 bits, so they differ by at most a level."""
+    """The gradient path runs PIL's two 8-bit passes on float tensors; PIL computes them in fixed
+    point, so a few pixels land one or two 8-bit levels apart."""
     from transformers import CLIPImageProcessor
 
-    from diffalign_rewards.preprocessing import hf_processor_pixels, hps_pixels, openai_clip_pixels
+    from diffalign_rewards.preprocessing import clip_pixels, hf_processor_pixels, hps_pixels
 
     images = quantised_images(shape=shape)
     std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
     processor = CLIPImageProcessor.from_pretrained(reward_assets["clip"])
     pairs = [
-        (openai_clip_pixels(images, 224), openai_clip_pixels(images, 224, differentiable=True)),
+        (clip_pixels(images, 224, "round"), clip_pixels(images, 224, "round", True)),
         (hf_processor_pixels(images, processor), hf_processor_pixels(images, processor, differentiable=True)),
     ]
     for exact, approx in pairs:
         assert exact.shape == approx.shape == (3, 3, 224, 224)
-        assert float(((exact - approx) * std).abs().max()) <= 1.01 / 255
+        assert float(((exact - approx) * std).abs().max()) <= 2.01 / 255
     x = images.clone().requires_grad_()
     hps_pixels(x, 224).sum().backward()
     assert x.grad is not None and bool(x.grad.abs().sum() > 0)
@@ -301,11 +301,13 @@ def offline(monkeypatch):
         ("hpsv2", {"model_name": TINY_OPEN_CLIP}, "xswu/HPSv2"),
         ("prefpaint", {"model_name": TINY_OPENAI_CLIP}, "kd5678/prefpaintReward"),
         ("pickscore", {}, "yuvalkirstain/PickScore_v1"),
-        ("aesthetic", {"head": "unused"}, "openai/clip-vit-large-patch14"),
+        ("aesthetic", {}, "openai/clip-vit-large-patch14"),
     ],
 )
-def test_unreachable_hub_weights_say_what_to_place_where(offline, name, kwargs, repo) -> None:
+def test_unreachable_hub_weights_say_what_to_place_where(offline, reward_assets, name, kwargs, repo) -> None:
     """One message for every reward (transformers' generic OSError included)."""
+    if name == "aesthetic":
+        kwargs = {"head": reward_assets["aesthetic_head"]}
     with pytest.raises(FileNotFoundError) as info:
         load_reward(name, **kwargs)
     message = str(info.value)
@@ -364,3 +366,42 @@ def test_a_model_folder_without_a_processor_says_to_pass_one(reward_assets, tmp_
         load_reward("pickscore", model=tmp_path / "model_only")
     reward = load_reward("pickscore", model=tmp_path / "model_only", processor=reward_assets["clip"])
     assert reward(quantised_images(), PROMPTS).shape == (3,)
+
+
+def test_nan_images_are_refused(built) -> None:
+    images = quantised_images()
+    images[1, 0, 3, 3] = float("nan")
+    with pytest.raises(RewardInputError, match=r"NaN or inf \(image 1; 1 of 3\)"):
+        built["aesthetic"](images)
+
+
+def test_a_missing_local_path_is_not_looked_up_on_the_hub(reward_assets) -> None:
+    with pytest.raises(FileNotFoundError, match=r"no such file or folder: /nope/x\.safetensors"):
+        load_reward("clipscore", weights="/nope/x.safetensors", model_name=TINY_OPENAI_CLIP)
+    with pytest.raises(FileNotFoundError, match=r"no such folder: \./no/clip"):
+        load_reward("aesthetic", clip="./no/clip", head=reward_assets["aesthetic_head"])
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "argument"),
+    [("aesthetic", {"clip": None}, "clip="), ("pickscore", {"model": None}, "model=")],
+)
+def test_none_for_a_model_says_what_to_pass(reward_assets, name, kwargs, argument) -> None:
+    if name == "aesthetic":
+        kwargs["head"] = reward_assets["aesthetic_head"]
+    with pytest.raises(ValueError, match=rf"no weights were given\. Pass {argument}"):
+        load_reward(name, **kwargs)
+
+
+def test_the_released_aesthetic_file_name_is_found_in_a_folder(reward_assets, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(reward_assets["aesthetic_head"])), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    reward = load_reward("aesthetic", clip=reward_assets["clip"], head=tmp_path)
+    reference = load_reward("aesthetic", clip=reward_assets["clip"], head=reward_assets["aesthetic_head"])
+    torch.testing.assert_close(reward(quantised_images()), reference(quantised_images()))
+
+
+def test_images_too_thin_to_resize_are_named(built) -> None:
+    with pytest.raises(RewardInputError, match=r"images of 1000x1 pixels cannot be resized"):
+        built["hpsv2"](torch.rand(1, 3, 1000, 1), ["x"])
