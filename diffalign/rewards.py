@@ -20,6 +20,7 @@ import difflib
 import functools
 import importlib
 import importlib.metadata
+import inspect
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -94,6 +95,8 @@ class RewardModel(torch.nn.Module):
             raise RewardInputError(
                 f"images must be float in [0, 1], got {images.dtype} (divide uint8 images by 255)"
             )
+        if images.device.type == "meta":
+            raise RewardInputError("images are on the 'meta' device: they hold no values to score")
         finite = torch.isfinite(images.detach()).flatten(1).all(1)
         if not bool(finite.all()):
             bad = (~finite).nonzero().flatten().tolist()
@@ -102,13 +105,16 @@ class RewardModel(torch.nn.Module):
         if low < -1e-3 or high > 1 + 1e-3:
             hint = " (they look like [0, 255]: divide by 255)" if high > 2 else ""
             raise RewardInputError(
-                f"images must lie in [0, 1], found values in [{low:.3g}, {high:.3g}]{hint}"
+                f"images must lie in [0, 1], found values in [{low:.6g}, {high:.6g}]{hint}"
             )
         n = images.shape[0]
         if prompts is not None:
             if isinstance(prompts, str) or len(prompts) != n:
                 got = "a string" if isinstance(prompts, str) else f"{len(prompts)} prompts"
                 raise RewardInputError(f"prompts must be a list of {n} strings (one per image), got {got}")
+            odd = [p for p in prompts if not isinstance(p, str)]
+            if odd:
+                raise RewardInputError(f"prompts must be strings, got a {type(odd[0]).__name__}: {odd[0]!r}")
         elif self.needs_prompts:
             raise RewardInputError(f"reward '{self.name}' needs prompts (one per image)")
         allowed = (("masks", "masked_images") if self.needs_masks else ()) + self.context_keys
@@ -211,4 +217,17 @@ def reward_class(name_or_path: str) -> type[RewardModel]:
 def load_reward(name_or_path: str, **kwargs: Any) -> RewardModel:
     """Build a reward by registered name or ``module:Class`` path; ``kwargs`` go to its constructor
     (weights paths or hub ids, device, options)."""
-    return reward_class(name_or_path)(**kwargs)
+    cls = reward_class(name_or_path)
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        known = [k for k in params if k != "self"]
+        for key in kwargs:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                if key == "differentiable":
+                    hint = "; differentiable is given when scoring: reward(images, differentiable=True)"
+                raise TypeError(
+                    f"reward '{name_or_path}' has no option '{key}'{hint} (options: {', '.join(known)})"
+                )
+    return cls(**kwargs)

@@ -47,6 +47,16 @@ def require_weights(source: str | Path | None, what: str, argument: str, example
     return source
 
 
+def require_path(source: object, what: str) -> str | Path:
+    """Weights are named by a path or a hub id; anything else (a model object) is refused."""
+    if not isinstance(source, (str, Path)):
+        raise TypeError(
+            f"{what}: expected a file, a folder or a hub id, got a {type(source).__name__} object "
+            f"(save it with save_pretrained and pass the folder)"
+        )
+    return source
+
+
 def resolve_file(source: str | Path, filenames: str | tuple[str, ...], what: str) -> Path:
     """``source`` is a file, a folder holding one of ``filenames``, or a hub repo id holding one.
 
@@ -55,14 +65,19 @@ def resolve_file(source: str | Path, filenames: str | tuple[str, ...], what: str
             which file to place where.
     """
     names = (filenames,) if isinstance(filenames, str) else filenames
-    path = Path(source)
+    path = Path(require_path(source, what))
     if path.is_file():
         return path
     if path.is_dir():
-        for name in names:
-            if (path / name).is_file():
-                return path / name
-        raise FileNotFoundError(f"{what}: {path} has none of {', '.join(names)}")
+        found = [path / name for name in names if (path / name).is_file()]
+        if len(found) > 1:
+            raise FileNotFoundError(
+                f"{what}: {path} holds several weight files ({', '.join(f.name for f in found)}); "
+                f"pass the one to use"
+            )
+        if not found:
+            raise FileNotFoundError(f"{what}: {path} has none of {', '.join(names)}")
+        return found[0]
     if not is_hub_id(source):
         raise FileNotFoundError(f"{what}: no such file or folder: {source}")
     from huggingface_hub import hf_hub_download
@@ -95,13 +110,16 @@ def optional_file(source: str | Path, filename: str) -> Path | None:
 def from_pretrained(loader: Callable[[str], T], source: str | Path, what: str) -> T:
     """``loader(source)`` (a transformers ``from_pretrained``); a hub id that cannot be reached
     raises the same message as :func:`resolve_file` instead of transformers' generic ``OSError``."""
-    if not Path(source).exists() and not is_hub_id(source):
+    path = Path(require_path(source, what))
+    if path.is_file():
+        raise FileNotFoundError(f"{what}: {source} is a file; pass the transformers folder holding it")
+    if not path.exists() and not is_hub_id(source):
         raise FileNotFoundError(f"{what}: no such folder: {source}")
     try:
         return loader(str(source))
-    except OSError as err:
-        if Path(source).exists():
-            raise
+    except (OSError, ValueError) as err:
+        if path.exists():
+            raise WeightsError(f"{what}: {source} is not a transformers folder it can load ({err})") from err
         files = "config.json, the weights (model.safetensors) and the tokenizer and preprocessor files"
         raise FileNotFoundError(offline_hint(source, what, files, err)) from err
 

@@ -60,9 +60,12 @@ def check_activation(model_name: str, quick_gelu: bool, needs_quick_gelu: bool, 
 def declared_quick_gelu(config_file: Path) -> bool:
     """What an ``open_clip_config.json`` (open_clip's hub layout) says about QuickGELU."""
     try:
-        return bool(json.loads(config_file.read_text()).get("model_cfg", {}).get("quick_gelu", False))
+        value = json.loads(config_file.read_text()).get("model_cfg", {}).get("quick_gelu", False)
     except (json.JSONDecodeError, AttributeError) as err:
         raise WeightsError(f"{config_file}: not a valid open_clip_config.json ({err})") from err
+    if not isinstance(value, bool):
+        raise WeightsError(f"{config_file}: model_cfg.quick_gelu must be true or false, got {value!r}")
+    return value
 
 
 def load_open_clip_state(
@@ -149,7 +152,7 @@ def load_processor(loader: Callable[[str], object], source: str | Path, what: st
     model without them says to pass ``processor=``."""
     try:
         processor = from_pretrained(loader, source, what)
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError) as err:
         if isinstance(err, FileNotFoundError) and not Path(source).exists():
             raise
         raise FileNotFoundError(
@@ -186,7 +189,15 @@ class TransformersClipTowers(torch.nn.Module):
                 config = config.vision_config
 
             def load(source: str) -> torch.nn.Module:
-                return CLIPVisionModelWithProjection.from_pretrained(source, config=config)
+                from transformers.utils import logging
+
+                # the text tower's weights in a full CLIP folder are unused here, by design
+                verbosity = logging.get_verbosity()
+                logging.set_verbosity_error()
+                try:
+                    return CLIPVisionModelWithProjection.from_pretrained(source, config=config)
+                finally:
+                    logging.set_verbosity(verbosity)
 
             self.model = from_pretrained(load, model, what)
             self.image_size, self.dim = config.image_size, config.projection_dim

@@ -38,9 +38,10 @@ from diffalign.rewards import CLIP_MEAN, CLIP_STD, RewardInputError
 
 
 def quantize(images: Tensor) -> Tensor:
-    """[0, 1] float32 images rounded to 8 bits (values k / 255), with a straight-through gradient."""
-    x = images.float().clamp(0, 1)
-    return x + ((x * 255).round() / 255 - x).detach()
+    """[0, 1] float32 images clamped and rounded to 8 bits (values k / 255); the gradient passes
+    straight through both, at pixels on the bounds too."""
+    x = images.float()
+    return x + ((x.clamp(0, 1) * 255).round() / 255 - x).detach()
 
 
 def normalize(pixels: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:

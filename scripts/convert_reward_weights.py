@@ -79,11 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ff-dim", type=int, help="prefpaint: feed-forward width of its encoder layer (1024)"
     )
-    args = parser.parse_args(argv)
-    options = {"model_name": args.model_name, "heads": args.heads, "ff_dim": args.ff_dim}
-    print(
-        convert(args.kind, args.source, args.out_dir, **{k: v for k, v in options.items() if v is not None})
+    parser.add_argument(
+        "--open-clip-config", type=Path, help="a folder or .json of open_clip model configs, for --model-name"
     )
+    args = parser.parse_args(argv)
+    if args.open_clip_config is not None:
+        import open_clip
+
+        open_clip.add_model_config(args.open_clip_config)
+    if not args.source.is_file():
+        parser.error(f"source: no such file: {args.source}")
+    options = {"model_name": args.model_name, "heads": args.heads, "ff_dim": args.ff_dim}
+    try:
+        target = convert(args.kind, args.source, args.out_dir, **{k: v for k, v in options.items() if v})
+    except (OSError, ValueError, TypeError) as err:  # WeightsError is a ValueError
+        parser.error(str(err))
+    print(target)
     return 0
 
 

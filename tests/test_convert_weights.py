@@ -68,3 +68,23 @@ def test_an_aesthetic_head_that_does_not_fit_writes_nothing(tmp_path: Path) -> N
     with pytest.raises(WeightsError, match=r"(?s)head\.pth does not fit AestheticMLP.*layers\.2\.weight"):
         convert("aesthetic", tmp_path / "head.pth", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_reports_errors_without_a_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_reward_weights.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "aesthetic", str(tmp_path / "nope.pt"), str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 2 and "source: no such file:" in run.stderr and "Traceback" not in run.stderr
+    torch.save({"x": torch.zeros(1)}, tmp_path / "odd.pt")
+    run = subprocess.run(
+        [sys.executable, str(script), "aesthetic", str(tmp_path / "odd.pt"), str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert (
+        run.returncode == 2 and "odd.pt: no layers.0.weight" in run.stderr and "Traceback" not in run.stderr
+    )

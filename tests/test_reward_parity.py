@@ -581,3 +581,25 @@ def test_open_clip_config_beside_weights_is_read(reward_assets, tmp_path: Path) 
         ValueError, match=rf"needs a QuickGELU model.*'{TINY_OPEN_CLIP}'.*{TINY_OPEN_CLIP}-quickgelu"
     ):
         load_reward("clipscore", weights=tmp_path, model_name=TINY_OPEN_CLIP)
+
+
+def test_the_converter_cli_takes_custom_open_clip_configs(
+    official_prefpaint, reward_assets, tmp_path: Path
+) -> None:
+    import subprocess
+
+    _, path = official_prefpaint
+    script = Path(__file__).resolve().parents[1] / "scripts" / "convert_reward_weights.py"
+    args = [sys.executable, str(script), "prefpaint", str(path), str(tmp_path / "out")]
+    args += ["--model-name", TINY_OPENAI_CLIP, "--heads", "4", "--ff-dim", "32"]
+    run = subprocess.run(args, capture_output=True, text=True)
+    assert run.returncode == 2 and f"open_clip has no model config named '{TINY_OPENAI_CLIP}'" in run.stderr
+    configs = reward_assets["clip"].parent / "open_clip_configs"
+    run = subprocess.run([*args, "--open-clip-config", str(configs)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    kwargs = {"model_name": TINY_OPENAI_CLIP, "heads": 4, "ff_dim": 32}
+    images, masks = images_of(64, 64), torch.ones(2, 1, 64, 64)
+    torch.testing.assert_close(
+        load_reward("prefpaint", weights=tmp_path / "out", **kwargs)(images, masks=masks),
+        load_reward("prefpaint", weights=path, **kwargs)(images, masks=masks),
+    )

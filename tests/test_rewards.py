@@ -405,3 +405,38 @@ def test_the_released_aesthetic_file_name_is_found_in_a_folder(reward_assets, tm
 def test_images_too_thin_to_resize_are_named(built) -> None:
     with pytest.raises(RewardInputError, match=r"images of 1000x1 pixels cannot be resized"):
         built["hpsv2"](torch.rand(1, 3, 1000, 1), ["x"])
+
+
+def test_a_folder_with_several_weight_files_asks_which(reward_assets, tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copy(reward_assets["aesthetic_head"], tmp_path / "aesthetic_mlp.safetensors")
+    torch.save({"layers.0.weight": torch.zeros(1)}, tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    with pytest.raises(FileNotFoundError, match=r"holds several weight files .*pass the one to use"):
+        load_reward("aesthetic", clip=reward_assets["clip"], head=tmp_path)
+
+
+def test_model_objects_and_misspelt_options_are_named(reward_assets) -> None:
+    from transformers import CLIPModel
+
+    with pytest.raises(TypeError, match=r"PickScore: expected a file, a folder or a hub id, got a CLIPModel"):
+        load_reward("pickscore", model=CLIPModel.from_pretrained(reward_assets["clip"]))
+    with pytest.raises(TypeError, match=r"has no option 'wieghts'; did you mean 'weights'"):
+        load_reward("hpsv2", wieghts="x")
+    with pytest.raises(TypeError, match=r"differentiable is given when scoring"):
+        load_reward("aesthetic", differentiable=True)
+
+
+def test_prompts_must_be_strings(built) -> None:
+    with pytest.raises(RewardInputError, match=r"prompts must be strings, got a NoneType"):
+        built["clipscore"](quantised_images(), [None, "a", "b"])
+
+
+def test_gradients_reach_pixels_on_the_bounds(built) -> None:
+    """Straight-through rounding and clamping: a pixel at exactly 0 or 1 still gets a gradient."""
+    images = quantised_images()
+    images[:, :, :10] = 1.0
+    images[:, :, -10:] = 0.0
+    images.requires_grad_()
+    built["hpsv2"](images, PROMPTS, differentiable=True).sum().backward()
+    assert bool((images.grad[:, :, :10] != 0).any()) and bool((images.grad[:, :, -10:] != 0).any())
