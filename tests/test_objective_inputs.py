@@ -7,8 +7,7 @@ import torch
 from pairs import make_pairs
 
 from diffalign.config import ConfigError
-from diffalign.objectives import ObjectiveInputError, get_objective, list_objectives, register_objective
-from diffalign.objectives.pairwise import DPO
+from diffalign.objectives import DPO, ObjectiveInputError, get_objective, list_objectives, register_objective
 
 
 def test_shape_mismatch_names_both_arguments(pairs: dict[str, torch.Tensor]) -> None:
@@ -147,7 +146,7 @@ def test_bad_hyper_parameters_are_named() -> None:
 
 def test_duplicate_registration_names_both_classes() -> None:
     with pytest.raises(
-        ValueError, match=r"'dpo' is already registered by diffalign\.objectives\.pairwise\.DPO"
+        ValueError, match=r"'dpo' is already registered by diffalign\.objectives\.log_ratio\.DPO"
     ):
 
         @register_objective("dpo")

@@ -378,3 +378,24 @@ def test_accelerated_apo_uses_the_extrapolated_reference() -> None:
         **p, previous_reference_chosen_logps=prev_w, previous_reference_rejected_logps=prev_l
     )
     torch.testing.assert_close(zero_momentum.losses, dpo)
+
+
+def test_kldo_running_denominator_round_trips_through_its_state_dict() -> None:
+    """A resumed run continues KLDO's running average exactly (state saved in checkpoints)."""
+    from diffalign.objectives import get_objective
+
+    g = torch.Generator().manual_seed(0)
+    batches = [{k: torch.randn(4, generator=g, dtype=torch.float64) for k in (
+        "policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps"
+    )} for _ in range(4)]  # fmt: skip
+    straight = get_objective("kldo")
+    losses = [float(straight(**b).loss) for b in batches]
+    first = get_objective("kldo")
+    for b in batches[:2]:
+        first(**b)
+    resumed = get_objective("kldo")
+    assert resumed.state_dict()["steps"] == 0
+    resumed.load_state_dict(first.state_dict())
+    assert [float(resumed(**b).loss) for b in batches[2:]] == losses[2:]
+    fresh = get_objective("kldo")
+    assert float(fresh(**batches[2]).loss) != losses[2]  # the running average does change the loss

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 from diffalign.cli import main
-from diffalign.objectives import register_objective
+from diffalign.objectives import DPO, register_objective
 from diffalign.objectives.base import _REGISTRY
-from diffalign.objectives.pairwise import DPO
 from diffalign.selfcheck import SelfCheckConfig, run_selfcheck
 
 

@@ -24,29 +24,25 @@ from diffalign.objectives.base import (
     register_objective,
     soft_preference_probs,
 )
+from diffalign.objectives.kldo import KLDO
 from diffalign.objectives.listwise import NCA, InfoNCA, ListwiseObjective
-from diffalign.objectives.pairwise import (
+from diffalign.objectives.log_ratio import (
     APO,
     CDPO,
-    CPO,
     DPO,
     FDPO,
     IPO,
-    KLDO,
-    MADPO,
-    ORPO,
     RSO,
     APODown,
     APOZero,
     DROranking,
     Hinge,
-    MaPPO,
-    PairwiseObjective,
     RobustDPO,
-    SimPO,
-    SmoothedDPO,
 )
+from diffalign.objectives.pairwise import PairwiseObjective
 from diffalign.objectives.policy_gradient import PPOClip
+from diffalign.objectives.reference_free import CPO, ORPO, SimPO
+from diffalign.objectives.reward_weighted import MADPO, MaPPO, SmoothedDPO
 from diffalign.objectives.sampling import rso_rejection_sample
 
 __all__ = [
