@@ -49,6 +49,7 @@ __all__ = [
     "config_from_args",
     "describe",
     "load_config",
+    "packaged_config",
     "parse_overrides",
     "to_dict",
 ]
@@ -163,6 +164,26 @@ def _nest_overrides(data: dict[str, Any], overrides: Mapping[str, _Override]) ->
             node = child
         node[parts[-1]] = value
     return data
+
+
+def packaged_config(*parts: str) -> Path:
+    """A YAML config shipped with diffalign (``configs/`` in a checkout, ``diffalign.configs`` in
+    an installed wheel), e.g. ``packaged_config("demo", "diffusion_dpo.yaml")``.
+
+    Raises:
+        FileNotFoundError: naming the configs that exist beside it.
+    """
+    from importlib.resources import files
+
+    root = Path(str(files("diffalign.configs")))
+    path = root.joinpath(*parts)
+    if not path.is_file():
+        folder = path.parent
+        known = sorted(p.name for p in folder.glob("*.yaml")) if folder.is_dir() else []
+        raise FileNotFoundError(
+            f"no packaged config {'/'.join(parts)} (in {folder}: {', '.join(known) or 'none'})"
+        )
+    return path
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:

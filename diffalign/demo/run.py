@@ -32,8 +32,6 @@ from diffalign.images import save_grid, to_pil
 
 __all__ = ["DemoConfig", "run_demo"]
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
-
 
 @dataclass
 class DemoConfig:
@@ -172,14 +170,15 @@ def _curve(values: list[float], path: Path, title: str) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.api import train
-    from diffalign.config import load_config
+    from diffalign.config import load_config, packaged_config
     from diffalign.diffusion.policy import DiffusionPolicy
     from diffalign.training.config import TrainConfig
 
     started = time.perf_counter()
-    config_file = CONFIGS / f"{cfg.method}.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no demo config for method '{cfg.method}': {config_file}")
+    try:
+        config_file = packaged_config("demo", f"{cfg.method}.yaml")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no demo config for method '{cfg.method}': {err}") from err
     out, base_path = cfg.output_dir, base_folder(cfg.pretrain)
     data = out / "data" / "pairs.jsonl"
     # loaded first so that a wrong key fails now, not after minutes of pretraining
