@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
 from diffalign.demo.pretrain import PretrainConfig, base_folder, pretrained_base, trained_classifier
 from diffalign.demo.world import prompts
+from diffalign.evaluation import compare, evaluate, sample_images
 from diffalign.images import save_grid, to_pil
 
 __all__ = ["DemoConfig", "run_demo"]
@@ -64,36 +64,25 @@ class DemoConfig:
     )
 
 
-def _sample(policy: Any, prompt_list: list[str], seed: int, cfg: DemoConfig, desc: str) -> torch.Tensor:
-    from diffalign.diffusion.sampling import sample_with_trajectory
-
-    out = []
-    for start in tqdm(range(0, len(prompt_list), 128), desc=desc, unit="batch"):
-        chunk = prompt_list[start : start + 128]
-        g = torch.Generator().manual_seed(seed * 100_003 + start)
-        traj = sample_with_trajectory(
-            policy,
-            chunk,
-            num_inference_steps=cfg.sampler_steps,
-            guidance_scale=cfg.guidance_scale,
-            eta=0.0,
-            generator=g,
-        )
-        out.append(traj.images)
-    return torch.cat(out)
-
-
-def _annotate(images: torch.Tensor, prompt_list: list[str], cfg: DemoConfig, pairs_file: Path) -> dict:
-    """Writes the images to ``pairs_file``'s folder and the annotator's pairs to ``pairs_file``."""
-    from diffalign.rewards import load_reward
-
-    reward = load_reward("demo_size")
+def _annotate(
+    images: torch.Tensor, reward: Any, prompt_list: list[str], cfg: DemoConfig, pairs_file: Path
+) -> dict:
+    """Writes the images to ``pairs_file``'s folder and the annotator's pairs, with the reward's
+    scores of both images, to ``pairs_file``."""
     scores = reward(images, prompt_list)
     g = torch.Generator().manual_seed(cfg.seed + 7)
     folder = pairs_file.parent / "images"
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(to_pil(images)):
         im.save(folder / f"{i}.png")
+
+    def row(prompt: str, chosen: int, rejected: int) -> dict:
+        # the reward's scores ride along for the objectives that weigh pairs by them (mappo, ...)
+        return {
+            "prompt": prompt, "chosen": f"images/{chosen}.png", "rejected": f"images/{rejected}.png",
+            "chosen_reward": float(scores[chosen]), "rejected_reward": float(scores[rejected]),
+        }  # fmt: skip
+
     rows, disagree, ties = [], 0, 0
     by_prompt: dict[str, list[int]] = {}
     for i, p in enumerate(prompt_list):
@@ -104,48 +93,14 @@ def _annotate(images: torch.Tensor, prompt_list: list[str], cfg: DemoConfig, pai
             gap = float(scores[a] - scores[b])
             if abs(gap) < cfg.tie_margin:
                 ties += 1
-                rows.append(
-                    {"prompt": p, "chosen": f"images/{a}.png", "rejected": f"images/{b}.png", "label": 0.5}
-                )
+                rows.append({**row(p, a, b), "label": 0.5})
                 continue
             a_wins = torch.rand(1, generator=g).item() < 1 / (1 + math.exp(-gap / cfg.annotator_temperature))
             disagree += int(a_wins != (gap > 0))
             w, lo = (a, b) if a_wins else (b, a)
-            rows.append({"prompt": p, "chosen": f"images/{w}.png", "rejected": f"images/{lo}.png"})
+            rows.append(row(p, w, lo))
     pairs_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return {"pairs": len(rows), "ties": ties, "label_noise": disagree / max(1, len(rows) - ties)}
-
-
-def _wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
-def _diversity(images: torch.Tensor, prompt_list: list[str]) -> float:
-    values = []
-    for p in dict.fromkeys(prompt_list):
-        group = images[[i for i, q in enumerate(prompt_list) if q == p]].flatten(1)
-        d = torch.cdist(group, group)
-        values.append(float(d.sum() / (len(group) * (len(group) - 1))))
-    return sum(values) / len(values)
-
-
-def _evaluate(
-    policy: Any, classifier: Any, cfg: DemoConfig, seed: int, name: str
-) -> tuple[dict, torch.Tensor, list[str], torch.Tensor]:
-    from diffalign.rewards import load_reward
-
-    eval_prompts = [p for p in cfg.held_out_prompts for _ in range(cfg.eval_samples_per_prompt)]
-    images = _sample(policy, eval_prompts, seed, cfg, f"sampling the {name} model (held-out prompts)")
-    scores = load_reward("demo_size")(images, eval_prompts)
-    stats = {
-        "reward": float(scores.mean()),
-        "fidelity": classifier.accuracy(images, eval_prompts),
-        "diversity": _diversity(images, eval_prompts),
-    }
-    return stats, scores, eval_prompts, images
 
 
 def _curve(values: list[float], path: Path, title: str) -> None:
@@ -172,6 +127,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.api import train
     from diffalign.config import load_config, packaged_config
     from diffalign.diffusion.policy import DiffusionPolicy
+    from diffalign.rewards import load_reward
     from diffalign.training.config import TrainConfig
 
     started = time.perf_counter()
@@ -190,11 +146,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     pretrained_base(cfg.pretrain)
     classifier, classifier_accuracy = trained_classifier(cfg.pretrain.seed, cfg.classifier_steps)
     base = DiffusionPolicy.from_pretrained(base_path)
+    reward = load_reward("demo_size")
 
-    train_prompts = [p for p in prompts() if p not in cfg.held_out_prompts]
-    sample_prompts = [p for p in train_prompts for _ in range(cfg.samples_per_prompt)]
-    images = _sample(base, sample_prompts, cfg.seed + 1, cfg, "sampling the base model (training prompts)")
-    annotation = _annotate(images, sample_prompts, cfg, data)
+    annotation = _collect_preferences(cfg, base, reward, data)
     metrics_file = out / "training" / "metrics.jsonl"
     # the training loop appends (it may resume); a rerun into this folder plots only its own steps
     earlier = len(metrics_file.read_text().splitlines()) if metrics_file.is_file() else 0
@@ -203,32 +157,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     export = out / "training" / "checkpoints" / f"checkpoint-{result.global_step}" / "export"
     _load_export(aligned, export)
 
-    base_stats, base_scores, eval_prompts, base_images = _evaluate(
-        base, classifier, cfg, cfg.seed + 1000, "base"
-    )
-    aligned_stats, aligned_scores, _, aligned_images = _evaluate(
-        aligned, classifier, cfg, cfg.seed + 1000, "aligned"
-    )
-    wins = float(
-        (aligned_scores > base_scores).float().sum() + 0.5 * (aligned_scores == base_scores).float().sum()
-    )
-    n = len(eval_prompts)
-    low, high = _wilson(wins, n)
-    log = [json.loads(line) for line in metrics_file.read_text().splitlines()[earlier:]]
-    per, k, n_prompts = (
-        cfg.eval_samples_per_prompt,
-        min(8, cfg.eval_samples_per_prompt),
-        len(cfg.held_out_prompts),
-    )
-    # per held-out prompt, a base row above an aligned row: same prompt and seed in each column
-    rows = [imgs[i * per : i * per + k] for i in range(n_prompts) for imgs in (base_images, aligned_images)]
-    save_grid(rows, out / "before_after.png", scale=4)
-    _curve([m["loss"] for m in log], out / "loss.png", "training loss")
-    _curve(
-        [m["rewards/margins"] for m in log if "rewards/margins" in m],
-        out / "reward_margin.png",
-        "implicit reward margin",
-    )
+    measured = _evaluate_both(cfg, {"base": base, "aligned": aligned}, reward, classifier.accuracy)
+    _plots(cfg, measured, [json.loads(line) for line in metrics_file.read_text().splitlines()[earlier:]])
     report = {
         "method": cfg.method,
         "objective": train_cfg.objective,
@@ -236,18 +166,57 @@ def run_demo(cfg: DemoConfig) -> dict:
         "held_out_prompts": cfg.held_out_prompts,
         "annotation": annotation,
         "classifier_accuracy_on_real_images": classifier_accuracy,
-        "base": base_stats,
-        "aligned": aligned_stats,
-        "win_rate": wins / n,
-        "win_rate_95ci": [low, high],
-        "fidelity_drop_points": 100 * (base_stats["fidelity"] - aligned_stats["fidelity"]),
-        "diversity_ratio": aligned_stats["diversity"] / base_stats["diversity"],
+        "base": measured["base"].summary(),
+        "aligned": measured["aligned"].summary(),
+        **compare(measured["base"], measured["aligned"]),
         "training_steps": result.global_step,
         "seconds": time.perf_counter() - started,
         "config": json.loads(json.dumps(asdict(cfg), default=str)),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _collect_preferences(cfg: DemoConfig, base: Any, reward: Any, data: Path) -> dict:
+    """Base samples of every training prompt, annotated into pairs at ``data``."""
+    train_prompts = [p for p in prompts() if p not in cfg.held_out_prompts]
+    sample_prompts = [p for p in train_prompts for _ in range(cfg.samples_per_prompt)]
+    images = sample_images(
+        base, sample_prompts, cfg.seed + 1, cfg.sampler_steps, cfg.guidance_scale,
+        desc="sampling the base model (training prompts)",
+    )  # fmt: skip
+    return _annotate(images, reward, sample_prompts, cfg, data)
+
+
+def _evaluate_both(cfg: DemoConfig, models: dict[str, Any], reward: Any, fidelity: Any) -> dict:
+    """Each model sampled on the held-out prompts with the same seeds, and measured."""
+    eval_prompts = [p for p in cfg.held_out_prompts for _ in range(cfg.eval_samples_per_prompt)]
+    return {
+        name: evaluate(
+            model,
+            eval_prompts,
+            reward,
+            cfg.seed + 1000,
+            fidelity,
+            cfg.sampler_steps,
+            cfg.guidance_scale,
+            desc=f"sampling the {name} model (held-out prompts)",
+        )
+        for name, model in models.items()
+    }
+
+
+def _plots(cfg: DemoConfig, measured: dict, log: list[dict]) -> None:
+    """Before/after grid (per held-out prompt a base row above an aligned row, same seed in each
+    column) and the training curves."""
+    out, per = cfg.output_dir, cfg.eval_samples_per_prompt
+    k = min(8, per)
+    pair = (measured["base"].images, measured["aligned"].images)
+    rows = [imgs[i * per : i * per + k] for i in range(len(cfg.held_out_prompts)) for imgs in pair]
+    save_grid(rows, out / "before_after.png", scale=4)
+    _curve([m["loss"] for m in log], out / "loss.png", "training loss")
+    margins = [m["rewards/margins"] for m in log if "rewards/margins" in m]
+    _curve(margins, out / "reward_margin.png", "implicit reward margin")
 
 
 def _load_export(policy: Any, export: Path) -> None:
