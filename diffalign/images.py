@@ -1,4 +1,15 @@
-"""Images as tensors (float NCHW in [0, 1]): to PIL, sample grids, inpainting's masked images."""
+"""Images as tensors (float NCHW in [0, 1]): to PIL, sample grids, inpainting's masked images.
+
+A masked image has two conventions, and each model must get the one it was built with:
+
+- :func:`masked_for_inpainting`: grey (0.5) in the hole, what diffusers' inpainting pipelines
+  encode into the UNet's masked-image channels (and what the demo world's examples hold);
+- :func:`masked_for_reward`: black (0) in the hole, what PrefPaint's reward was trained on and
+  what diffalign's Bradley-Terry inpainting reward trains and scores with.
+
+Both take ``masks`` (N, 1, H, W) or (1, H, W), broadcast against the images, with the hole
+where ``masks >= 0.5``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["mask_out", "save_grid", "to_pil"]
+__all__ = ["masked_for_inpainting", "masked_for_reward", "save_grid", "to_pil"]
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
@@ -26,7 +37,17 @@ def save_grid(rows: list[Tensor], path: str | Path, scale: int = 1) -> None:
     image.save(path)
 
 
-def mask_out(images: Tensor, masks: Tensor) -> Tensor:
-    """The masked image an inpainting model is given: grey (0.5) where ``masks`` >= 0.5. Diffusers'
-    inpaint pipelines zero the normalised ([-1, 1]) image there, which is grey in [0, 1]."""
+def masked_for_inpainting(images: Tensor, masks: Tensor) -> Tensor:
+    """The masked image an inpainting UNet is given: grey (0.5) where ``masks >= 0.5``, the image
+    elsewhere. Diffusers' ``StableDiffusionInpaintPipeline.__call__`` computes
+    ``init_image * (mask_condition < 0.5)`` on the image normalised to [-1, 1]: 0 there is 0.5
+    in [0, 1]."""
     return torch.where(masks >= 0.5, 0.5, images)
+
+
+def masked_for_reward(images: Tensor, masks: Tensor) -> Tensor:
+    """The masked input an inpainting reward scores beside the result: black (0) where
+    ``masks >= 0.5``, the image elsewhere. PrefPaint's reward was trained on this (official
+    ``InpaintRewardDataset.py``: ``color = (1 - mask) * color`` with the 8-bit mask thresholded
+    at 125, i.e. 0.49; binary masks agree with 0.5). Not the grey :func:`masked_for_inpainting`."""
+    return torch.where(masks >= 0.5, 0.0, images)

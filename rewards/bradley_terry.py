@@ -22,6 +22,7 @@ from torch import Tensor
 
 from diffalign.config import build
 from diffalign.data.preference import PairRecord, load_image, read_preference_pairs
+from diffalign.images import masked_for_reward
 from diffalign.rewards import RewardModel
 from diffalign_rewards._weights import load_state_dict
 from diffalign_rewards.clip_rewards import ClipImageEmbedder
@@ -58,7 +59,10 @@ def _head(in_dim: int, hidden: int) -> torch.nn.Module:
 class BradleyTerryReward(RewardModel):
     """A reward trained by ``scripts/train_reward.py``; ``path`` is its output folder.
 
-    Differentiable; an inpainting model (trained with ``inpainting: true``) needs ``masks``.
+    Differentiable; an inpainting model (trained with ``inpainting: true``) needs ``masks``, and
+    embeds the masked input black in the hole, as training did
+    (:func:`~diffalign.images.masked_for_reward`): ``masked_images`` given must follow it, by
+    default the scored image with ``masks`` blacked out.
     """
 
     differentiable = True
@@ -92,7 +96,7 @@ class BradleyTerryReward(RewardModel):
     ) -> Tensor:
         emb = self.embed(images)
         if self.spec.inpainting:
-            masked = masked_images if masked_images is not None else images * (masks < 0.5)
+            masked = masked_images if masked_images is not None else masked_for_reward(images, masks)
             emb = torch.cat([emb, self.embed(masked)], dim=-1)
         return self.head(emb).squeeze(-1)
 
@@ -140,7 +144,7 @@ def _embed_all(
             if r.mask is None:
                 raise ValueError(f"{r.where}: an inpainting reward needs a 'mask' for every pair")
             mask = load_image(r.mask, r.where, size, grey=True)
-            w, lo = torch.cat([w, w * (mask < 0.5)]), torch.cat([lo, lo * (mask < 0.5)])
+            w, lo = torch.cat([w, masked_for_reward(w, mask)]), torch.cat([lo, masked_for_reward(lo, mask)])
         return w, lo
 
     def flush() -> None:

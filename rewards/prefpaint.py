@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from diffalign.images import masked_for_reward
 from diffalign.rewards import RewardModel
 from diffalign_rewards._weights import WeightsError, load_into, load_state_dict, require_weights, resolve_file
 from diffalign_rewards.clip_rewards import OpenClipTowers
@@ -111,8 +112,10 @@ class PrefPaintReward(RewardModel):
     ``weights``: the official ``prefpaintReward.pt`` (hub repo ``kd5678/prefpaintReward``, the
     default), its conversion ``prefpaint.safetensors`` by ``scripts/convert_reward_weights.py``,
     or a folder holding either; CLIP and head come from the same file. ``model_name``: the
-    open_clip architecture of its CLIP. ``masked_images`` is the image the inpainting model was
-    given with the region blacked out; by default the inpainted image with ``masks`` blacked out.
+    open_clip architecture of its CLIP. ``masked_images``: the masked input, black in the hole
+    as the reward was trained (:func:`~diffalign.images.masked_for_reward`; the official data is
+    the original image so blacked out), not the grey input of the inpainting UNet; by default
+    the inpainted image with ``masks`` blacked out.
     """
 
     needs_masks = True
@@ -173,7 +176,7 @@ class PrefPaintReward(RewardModel):
         self, images: Tensor, masks: Tensor, masked_images: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         if masked_images is None:
-            masked_images = images * (masks < 0.5)
+            masked_images = masked_for_reward(images, masks)
         dtype = self.head.last_layer.weight.dtype
         scores, features = self.head(self.embed(images).to(dtype), self.embed(masked_images).to(dtype))
         scores, features = scores.float(), features.float()

@@ -55,7 +55,7 @@ def bench_diffalign(model_path: Path, data: Path, out: Path, args: argparse.Name
     ])  # fmt: skip
     train(cfg)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rate = {m["step"]: m["pairs_per_second"] for m in log}
+    rate = {m["step"]: m["samples_per_second"] for m in log}
     pairs = {s: s * args.batch for s in rate}
     elapsed = pairs[steps] / rate[steps] - pairs[args.warmup] / rate[args.warmup]
     return elapsed / args.steps

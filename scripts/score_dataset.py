@@ -5,7 +5,10 @@
 
 A Pick-a-Pic-style parquet gets ``{column_prefix}_0`` and ``{column_prefix}_1`` (the scores of
 ``jpg_0`` and ``jpg_1``) next to its columns; a JSONL file of pairs becomes a parquet with
-``prompt``, ``chosen``, ``rejected`` and ``{column_prefix}_chosen`` / ``{column_prefix}_rejected``.
+``prompt``, ``chosen``, ``rejected`` (image paths, rewritten relative to the output's folder) and
+``{column_prefix}_chosen`` / ``{column_prefix}_rejected``. ``diffalign.data.read_preference_pairs``
+reads both back (``score_prefix=column_prefix``; ``method_options.score_prefix`` of
+``diffusion_dpo``).
 Work is cached in ``<output>.parts/<key>/`` one chunk at a time, so a run that stops resumes where
 it left off; the parts are merged into ``output`` at the end. The key is a fingerprint of
 everything the scores depend on (the data file's size and modification time; the reward, its
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,8 +137,24 @@ def score_dataset(cfg: ScoreDatasetConfig) -> Path:
         tmp = part.with_suffix(".tmp")
         pq.write_table(pa.table(columns), tmp)
         tmp.replace(part)  # a part is either complete or absent
-    pq.write_table(pa.concat_tables([pq.read_table(p) for p in parts]), cfg.output)
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    if cfg.data.suffix != ".parquet":  # the parts keep the JSONL's paths: the cache holds for any output
+        table = _paths_relative_to(table, cfg.data.parent, cfg.output.parent)
+    pq.write_table(table, cfg.output)
     return cfg.output
+
+
+def _paths_relative_to(table: Any, source: Path, target: Path) -> Any:
+    """``table`` with its ``chosen`` / ``rejected`` image paths (relative to ``source``) made
+    relative to ``target``, where readers of the output look for them."""
+    import pyarrow as pa
+
+    for key in ("chosen", "rejected"):
+        paths = [
+            os.path.relpath((source / p).resolve(), target.resolve()) for p in table.column(key).to_pylist()
+        ]
+        table = table.set_column(table.schema.get_field_index(key), key, pa.array(paths, pa.string()))
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:

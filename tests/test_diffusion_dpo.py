@@ -118,7 +118,7 @@ def test_train_and_load_the_export(
         "rewards/accuracies",
         "rewards/margins",
         "mse/reference_chosen",
-        "pairs_per_second",
+        "samples_per_second",
     } <= set(lines[-1])
     export = out / "checkpoints" / "checkpoint-4" / "export"
     base = DiffusionPipeline.from_pretrained(tiny_pipelines[kind])

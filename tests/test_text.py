@@ -94,7 +94,7 @@ def test_bad_rows_are_named(tmp_path: Path) -> None:
         read_text_preferences(write([{"prompt": "a", "chosen": "b", "rejected": "  "}]))
     with pytest.raises(ValueError, match=r"rows\.jsonl:1: 2 rewards for 3 completions"):
         read_text_preferences(write([{"prompt": "a", "completions": ["x", "y", "z"], "rewards": [1, 2]}]))
-    with pytest.raises(ValueError, match=r"rows\.jsonl:1: rewards must be finite"):
+    with pytest.raises(ValueError, match=r"rows\.jsonl:1: reward score 'chosen_reward' must be finite"):
         read_text_preferences(
             write(
                 [
@@ -290,7 +290,9 @@ def test_rso_data_step_pairs_the_accepted_samples(lm_path: Path, tmp_path: Path)
 
 def test_objectives_that_need_rewards_refuse_rows_without_them(lm_path: Path, tmp_path: Path) -> None:
     data = synthetic_preferences(tmp_path / "d.jsonl", rows=4)  # pairs, no reward columns
-    with pytest.raises(ValueError, match=r"d\.jsonl:1: objective 'mappo' needs rewards per candidate"):
+    with pytest.raises(
+        ValueError, match=r"objective 'mappo' requires `chosen_rewards` .* rows of .*d\.jsonl have no rewards"
+    ):
         _method(lm_path, data, tmp_path / "out", "objective={name: mappo}")
     _method(lm_path, data, tmp_path / "out", "objective={name: infonca}")  # K = 2: the hard label suffices
 

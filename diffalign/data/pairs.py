@@ -1,6 +1,7 @@
 """A torch Dataset of preference pairs, with the image transforms of Diffusion-DPO's training.
 
-Each item is ``{"prompt", "chosen", "rejected", "label"}`` with images float (3, R, R) in [0, 1]:
+Each item is ``{"prompt", "chosen", "rejected", "label", "rewards"}`` with images float (3, R, R) in [0, 1]
+and ``rewards`` the record's (chosen, rejected) reward scores or None:
 resized so the short side is R (bilinear, as the official script), cropped to R x R (center or
 random), and flipped horizontally with probability 1/2 (the same flip and crop for both images
 of a pair, so that they stay comparable). Bad rows (missing or corrupt images) raise an error
@@ -78,14 +79,27 @@ class PreferencePairDataset(Dataset):
                 rejected = F.interpolate(rejected[None], size=chosen.shape[-2:], mode="bilinear")[0]
             rng = random.Random(f"{self.seed}-{self.epoch}-{index}")
             pair = self._transform(torch.stack([chosen, rejected]), rng)
-            return {"prompt": record.prompt, "chosen": pair[0], "rejected": pair[1], "label": record.label}
+            return {
+                "prompt": record.prompt,
+                "chosen": pair[0],
+                "rejected": pair[1],
+                "label": record.label,
+                "rewards": record.rewards,
+            }
         raise ValueError("every preference pair failed to load")
 
 
 def collate_pairs(items: list[dict]) -> dict:
+    """A batch of B pairs: ``prompts`` (list), ``chosen`` / ``rejected`` (B, 3, R, R), ``labels`` (B,)
+    and ``chosen_rewards`` / ``rejected_rewards`` (B,) float64 (scores keep their precision), or
+    None for unscored data (the reader makes a dataset all scored or all unscored)."""
+    scored = items[0]["rewards"] is not None
+    rewards = torch.tensor([it["rewards"] for it in items], dtype=torch.float64) if scored else None
     return {
         "prompts": [it["prompt"] for it in items],
         "chosen": torch.stack([it["chosen"] for it in items]),
         "rejected": torch.stack([it["rejected"] for it in items]),
         "labels": torch.tensor([it["label"] for it in items], dtype=torch.float32),
+        "chosen_rewards": None if rewards is None else rewards[:, 0],
+        "rejected_rewards": None if rewards is None else rewards[:, 1],
     }

@@ -1,20 +1,31 @@
 """Preference pairs: reading them, and decoding their images.
 
-Two sources, one record type:
+Sources, one record type:
 
-- a Pick-a-Pic-style parquet file (columns ``caption``, ``jpg_0``, ``jpg_1`` (encoded image
-  bytes), ``label_0``, ``label_1``): the image with label 1 is the chosen one; a 0.5/0.5 row is
-  a tie, dropped by default (``ties="drop"``, as the official Diffusion-DPO code does) or kept
-  with label 0.5 (``ties="half"``);
+- a Pick-a-Pic-style parquet file or folder of shards (columns ``caption``, ``jpg_0``, ``jpg_1``
+  (encoded image bytes), ``label_0``, ``label_1``): the image with label 1 is the chosen one; a
+  0.5/0.5 row is a tie, dropped by default (``ties="drop"``, as the official Diffusion-DPO code
+  does) or kept with label 0.5 (``ties="half"``);
 - a Hugging Face dataset with those columns: a folder written by ``save_to_disk`` or, where a
   network exists, a hub id (``split`` chooses the split; Pick-a-Pic's public copy is gone, so
   local files are the usual case);
 - a JSONL file, one object per line: ``prompt``, ``chosen`` and ``rejected`` (image paths,
   relative to the JSONL's folder), optional ``label`` (1, or 0.5 for a tie) and ``mask`` (for
-  inpainting, white = repainted region).
+  inpainting, white = repainted region); a parquet file with these columns (what
+  ``scripts/score_dataset.py`` writes for a JSONL input) reads the same way, its paths relative
+  to its own folder.
 
-Bad input names the file and row: a missing column or key, an unreadable label, a missing or
-corrupt image (when it is decoded).
+Reward scores (optional; ``PairRecord.rewards``, (chosen, rejected)), for the objectives that use
+them (MaPPO, MADPO, SmPO, NCA):
+
+- ``score_prefix`` set: the columns ``scripts/score_dataset.py`` writes with that
+  ``column_prefix``, ``<prefix>_0`` / ``<prefix>_1`` beside ``jpg_0`` / ``jpg_1``, or
+  ``<prefix>_chosen`` / ``<prefix>_rejected`` for pair rows; every kept row must have both;
+- otherwise pair rows may carry ``chosen_reward`` / ``rejected_reward`` (or ``score_chosen`` /
+  ``score_rejected``), the text rows' fields; all rows or none.
+
+Bad input names the file and row: a missing column or key, an unreadable label, a missing,
+null, NaN or infinite score, a missing or corrupt image (when it is decoded).
 """
 
 from __future__ import annotations
@@ -29,7 +40,14 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from diffalign.data.rows import pair_label, read_rows
+from diffalign.data.rows import (
+    REWARD_FIELDS,
+    check_columns,
+    check_rewards_all_or_none,
+    pair_label,
+    pair_rewards,
+    read_rows,
+)
 
 __all__ = ["PairRecord", "load_image", "read_preference_pairs"]
 
@@ -44,6 +62,7 @@ class PairRecord:
     label: float  # P(chosen preferred): 1.0, or 0.5 for a tie kept
     where: str  # "file:row", for error messages
     mask: ImageRef | None = None
+    rewards: tuple[float, float] | None = None  # reward scores of (chosen, rejected)
 
 
 def _tie_or_win(label_0: float, where: str) -> float | None:
@@ -55,46 +74,82 @@ def _tie_or_win(label_0: float, where: str) -> float | None:
 
 
 PICK_A_PIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
 
 def read_preference_pairs(
-    path: str | Path, ties: Literal["drop", "half"] = "drop", split: str = "train"
+    path: str | Path,
+    ties: Literal["drop", "half"] = "drop",
+    split: str = "train",
+    score_prefix: str | None = None,
 ) -> list[PairRecord]:
-    """All pairs of a ``.parquet`` / ``.jsonl`` file, a ``save_to_disk`` folder or a hub dataset id;
-    images stay encoded until ``load_image``."""
+    """All pairs of a ``.parquet`` / ``.jsonl`` file, a folder of parquet shards, a ``save_to_disk``
+    folder or a hub dataset id; images stay encoded until ``load_image``. ``score_prefix``: read
+    the reward-score columns ``scripts/score_dataset.py`` wrote with that ``column_prefix``.
+
+    Raises ``ValueError`` naming the source (a missing column) or the row (a bad label, image
+    reference or score; a row without scores among scored ones)."""
     if ties not in ("drop", "half"):
         raise ValueError(f"ties must be 'drop' or 'half', got {ties!r}")
     path = Path(path)
-    if path.suffix in (".jsonl", ".json"):
-        return [
-            r
-            for where, row in read_rows(path, what="preference data")
-            if (r := _jsonl_pair(row, where, path.parent, ties))
+    rows = read_rows(path, split, what="preference data")
+    names = list(rows[0][1]) if rows else []
+    if path.suffix in (".jsonl", ".json") or ("jpg_0" not in names and set(PAIR_COLUMNS) <= set(names)):
+        fields = ((f"{score_prefix}_chosen", f"{score_prefix}_rejected"),) if score_prefix else REWARD_FIELDS
+        folder = path if path.is_dir() else path.parent
+        records = [
+            r for where, row in rows if (r := _pair_row(row, where, folder, ties, fields, bool(score_prefix)))
         ]
-    rows = read_rows(path, split, columns=PICK_A_PIC_COLUMNS, what="preference data")
-    return [r for where, row in rows if (r := _pick_a_pic(row, where, ties))]
+    else:
+        scores = (f"{score_prefix}_0", f"{score_prefix}_1") if score_prefix else ()
+        if rows:
+            check_columns(names, (*PICK_A_PIC_COLUMNS, *scores), str(path))
+        records = [r for where, row in rows if (r := _pick_a_pic(row, where, ties, scores))]
+    check_rewards_all_or_none(records)
+    return records
 
 
-def _pick_a_pic(row: dict, where: str, ties: str) -> PairRecord | None:
+def _pick_a_pic(row: dict, where: str, ties: str, scores: tuple[str, ...]) -> PairRecord | None:
     win = _tie_or_win(row["label_0"], where)
     if win is None and ties == "drop":
         return None
     first_wins = row["label_0"] >= 0.5
     chosen, rejected = (row["jpg_0"], row["jpg_1"]) if first_wins else (row["jpg_1"], row["jpg_0"])
-    return PairRecord(str(row["caption"] or ""), chosen, rejected, win or 0.5, where)
+    rewards = pair_rewards(row, where, (scores,), required=True) if scores else None
+    if rewards is not None and not first_wins:
+        rewards = rewards[::-1]
+    return PairRecord(str(row["caption"] or ""), chosen, rejected, win or 0.5, where, rewards=rewards)
 
 
-def _jsonl_pair(row: dict, where: str, folder: Path, ties: str) -> PairRecord | None:
-    for key in ("prompt", "chosen", "rejected"):
+def _pair_row(
+    row: dict, where: str, folder: Path, ties: str, fields: tuple[tuple[str, str], ...], scored: bool
+) -> PairRecord | None:
+    for key in PAIR_COLUMNS:
         if key not in row:
             raise ValueError(f"{where}: missing key '{key}' (need prompt, chosen, rejected)")
     label = pair_label(row, where)
     if label == 0.5 and ties == "drop":
         return None
-    mask = folder / row["mask"] if row.get("mask") else None
+    mask = _image_ref(row, "mask", folder, where) if row.get("mask") else None
     return PairRecord(
-        str(row["prompt"]), folder / row["chosen"], folder / row["rejected"], label, where, mask
+        str(row["prompt"]),
+        _image_ref(row, "chosen", folder, where),
+        _image_ref(row, "rejected", folder, where),
+        label,
+        where,
+        mask,
+        pair_rewards(row, where, fields, required=scored),
     )
+
+
+def _image_ref(row: dict, key: str, folder: Path, where: str) -> ImageRef:
+    """A path relative to the data's folder, or encoded image bytes."""
+    value = row[key]
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str) and value:
+        return folder / value
+    raise ValueError(f"{where}: '{key}' must be an image path or encoded bytes, got {value!r:.60}")
 
 
 def load_image(ref: ImageRef, where: str, size: int | None = None, grey: bool = False) -> Tensor:

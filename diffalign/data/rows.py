@@ -9,14 +9,31 @@
   (``split`` chooses the split).
 
 ``columns`` (optional) names the columns to read; a missing one is an error naming the source.
+
+A pair's optional label and reward scores are read here too (``pair_label``, ``pair_rewards``),
+so that image and text pairs take the same fields.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-__all__ = ["pair_label", "read_rows"]
+__all__ = [
+    "REWARD_FIELDS",
+    "check_columns",
+    "check_rewards_all_or_none",
+    "pair_label",
+    "pair_rewards",
+    "read_rows",
+]
+
+# (chosen, rejected) reward fields of a pair row, tried in turn: diffalign's and TRL's names, then
+# UltraFeedback's (which is also what `scripts/score_dataset.py column_prefix=score` writes)
+REWARD_FIELDS = (("chosen_reward", "rejected_reward"), ("score_chosen", "score_rejected"))
 
 
 def pair_label(row: dict, where: str) -> float:
@@ -27,6 +44,48 @@ def pair_label(row: dict, where: str) -> float:
     if isinstance(label, bool) or not isinstance(label, (int, float)) or label not in (0.5, 1.0):
         raise ValueError(f"{where}: label must be 1 or 0.5 (a tie), got {label!r}")
     return float(label)
+
+
+def pair_rewards(
+    row: dict, where: str, fields: Sequence[tuple[str, str]] = REWARD_FIELDS, required: bool = False
+) -> tuple[float, float] | None:
+    """The reward scores ``(first, second)`` of a pair row from the first of ``fields`` (pairs of
+    column names) the row has, or None when it has none (``required``: a ``ValueError``).
+
+    Raises ``ValueError`` naming the row and column when only one column of a pair is present, or a
+    score is null, not a number, NaN or infinite (``scripts/score_dataset.py`` writes NaN for an
+    image it could not read): a pair scored on one side only has no reward gap.
+    """
+    for names in fields:
+        if not any(name in row for name in names):
+            continue
+        scores = []
+        for name in names:
+            value = row.get(name)
+            if name not in row:
+                raise ValueError(
+                    f"{where}: missing reward score '{name}' (a pair needs '{names[0]}' and '{names[1]}')"
+                )
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where}: reward score '{name}' must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{where}: reward score '{name}' must be finite, got {value}")
+            scores.append(float(value))
+        return scores[0], scores[1]
+    if required:
+        wanted = " or ".join(f"'{a}' and '{b}'" for a, b in fields)
+        raise ValueError(f"{where}: missing reward scores (needs {wanted})")
+    return None
+
+
+def check_rewards_all_or_none(records: Sequence[Any]) -> None:
+    """Raise ``ValueError`` naming the first record (any object with ``rewards`` and ``where``)
+    without reward scores when others have them: an objective that uses them cannot skip rows."""
+    unscored = [r for r in records if r.rewards is None]
+    if unscored and len(unscored) < len(records):
+        raise ValueError(
+            f"{unscored[0].where}: no reward scores, while other rows have them; give all rows or none"
+        )
 
 
 def read_rows(
@@ -45,7 +104,7 @@ def read_rows(
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        _check_columns(table.column_names, columns, str(path))
+        check_columns(table.column_names, columns, str(path))
         rows = (table.select(list(columns)) if columns else table).to_pylist()
         return [(f"{path}:{i}", row) for i, row in enumerate(rows)]
     if path.suffix in (".jsonl", ".json"):
@@ -53,7 +112,8 @@ def read_rows(
     raise ValueError(f"{path}: unsupported {what} format (use .parquet, .jsonl or a dataset folder)")
 
 
-def _check_columns(names: list[str], columns: tuple[str, ...] | None, source: str) -> None:
+def check_columns(names: Sequence[str], columns: tuple[str, ...] | None, source: str) -> None:
+    """Raise ``ValueError`` naming ``source`` and the first of ``columns`` missing from ``names``."""
     missing = [c for c in columns or () if c not in names]
     if missing:
         raise ValueError(f"{source}: missing column '{missing[0]}' (needs {', '.join(columns or ())})")
@@ -76,7 +136,7 @@ def _read_hf_dataset(
         if split not in data:
             raise ValueError(f"{name}: no split '{split}' (has {', '.join(data)})")
         data = data[split]
-    _check_columns(data.column_names, columns, name)
+    check_columns(data.column_names, columns, name)
     rows = (data.select_columns(list(columns)) if columns else data).to_list()
     return [(f"{name}:{i}", row) for i, row in enumerate(rows)]
 

@@ -63,10 +63,10 @@ def cache_dir() -> Path:
 def _build_pipeline(seed: int):  # type: ignore[no-untyped-def]
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
-    from diffalign.diffusion.tiny import _text_encoder, tiny_tokenizer
+    from diffalign.diffusion.tiny import tiny_text_encoder, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(16)
-    encoder = _text_encoder(32, False, len(tokenizer), 16, seed + 1)
+    encoder = tiny_text_encoder(32, False, len(tokenizer), 16, seed + 1)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=SIZE,

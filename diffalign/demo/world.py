@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from diffalign.images import mask_out
+from diffalign.images import masked_for_inpainting
 
 __all__ = [
     "BACKGROUND",
@@ -89,8 +89,10 @@ def shape_masks(shapes: list[str], cx: Tensor, cy: Tensor, r: Tensor, size: int 
 
 @dataclass
 class InpaintingExamples:
-    """What an inpainting model sees and should restore; ``masked_images`` are grey (0.5) under the
-    mask, as diffusers' inpainting pipelines prepare them."""
+    """What an inpainting model sees and should restore. ``masked_images`` are the UNet's input,
+    grey (0.5) under the mask (:func:`~diffalign.images.masked_for_inpainting`, as diffusers'
+    inpainting pipelines prepare them); an inpainting reward takes
+    :func:`~diffalign.images.masked_for_reward` (black) instead."""
 
     images: Tensor  # (N, 3, SIZE, SIZE) in [0, 1]: the full pictures
     masks: Tensor  # (N, 1, SIZE, SIZE), 1 where the model paints
@@ -127,7 +129,7 @@ class World:
         inside_x = (pos[None] >= x0[:, None]) & (pos[None] < (x0 + side)[:, None])
         inside_y = (pos[None] >= y0[:, None]) & (pos[None] < (y0 + side)[:, None])
         masks = (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None]
-        return InpaintingExamples(images, masks, mask_out(images, masks), chosen)
+        return InpaintingExamples(images, masks, masked_for_inpainting(images, masks), chosen)
 
     def dataset(self, n: int, generator: torch.Generator) -> tuple[Tensor, list[str]]:
         """``n`` images with uniformly drawn prompts."""

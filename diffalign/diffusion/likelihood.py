@@ -1,4 +1,5 @@
 """``denoising_logp``: the denoising-error (ELBO) proxy for an image's log-likelihood.
+``denoising_logp_at`` scores the same proxy at noisy latents and targets the caller made.
 
 For K candidate images of each of B prompts, one timestep ``t`` and one noise ``eps`` are drawn
 per prompt and shared by its K candidates and by the policy and the reference (Diffusion-DPO
@@ -28,7 +29,7 @@ from torch import Tensor
 from diffalign.diffusion.policy import Conditioning, DiffusionPolicy, InpaintInputs
 from diffalign.diffusion.schedule import require_finite
 
-__all__ = ["DenoisingLogp", "denoising_logp", "denoising_target"]
+__all__ = ["DenoisingLogp", "denoising_logp", "denoising_logp_at", "denoising_target"]
 
 
 @dataclass
@@ -38,7 +39,7 @@ class DenoisingLogp:
     policy_mse: Tensor  # (B, K)
     reference_mse: Tensor | None
     timesteps: Tensor  # (B,)
-    noise: Tensor  # (B, C, h, w): shared by the K candidates of each prompt
+    noise: Tensor | None  # (B, C, h, w), shared by each prompt's K candidates; None from denoising_logp_at
 
 
 def denoising_target(policy: DiffusionPolicy, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -67,6 +68,15 @@ def _weights(policy: DiffusionPolicy, timesteps: Tensor, weighting: str, gamma: 
     return {"v_prediction": clipped / (snr + 1), "sample": clipped}[kind]
 
 
+def _check_candidates(policy: DiffusionPolicy, latents: Tensor, name: str) -> None:
+    if latents.dim() != 5:
+        raise ValueError(f"{name} must be (B, K, C, h, w), got shape {tuple(latents.shape)}")
+    if latents.shape[2] != policy.latent_channels:
+        raise ValueError(
+            f"{name} have {latents.shape[2]} channels, the UNet predicts {policy.latent_channels}"
+        )
+
+
 def denoising_logp(
     policy: DiffusionPolicy,
     latents: Tensor,
@@ -80,23 +90,19 @@ def denoising_logp(
     snr_gamma: float = 5.0,
     inpaint: InpaintInputs | None = None,
 ) -> DenoisingLogp:
-    """Log-likelihood proxies of K candidates per prompt.
+    """Log-likelihood proxies of K candidates per prompt, at forward-noised latents.
 
     ``latents``: (B, K, C, h, w) scaled VAE latents; ``cond``: B rows (one per prompt);
     ``inpaint``: B rows. ``timesteps`` (B,) and ``noise`` (B, C, h, w) are drawn from
     ``generator`` when not given (uniform over the training timesteps, standard normal).
+    ``x_t = add_noise(x_0, noise, t)`` and the target of the prediction type are scored by
+    :func:`denoising_logp_at`. Raises ``ValueError`` on shapes that do not fit, or without a
+    reference when ``with_reference``.
     """
-    if latents.dim() != 5:
-        raise ValueError(f"latents must be (B, K, C, h, w), got shape {tuple(latents.shape)}")
-    b, k = latents.shape[:2]
-    if latents.shape[2] != policy.latent_channels:
-        raise ValueError(
-            f"latents have {latents.shape[2]} channels, the UNet predicts {policy.latent_channels}"
-        )
-    if len(cond) != b:
-        raise ValueError(f"conditioning has {len(cond)} rows for {b} prompts")
+    _check_candidates(policy, latents, "latents")
     if with_reference:
-        policy.require_reference()  # before the policy's forward, not after it
+        policy.require_reference()  # before any random draw or UNet call
+    b, k = latents.shape[:2]
     device = latents.device
     if timesteps is None:
         timesteps = torch.randint(
@@ -111,13 +117,57 @@ def denoising_logp(
             f"timesteps must be ({b},) and noise {tuple(latents[:, 0].shape)}, got "
             f"{tuple(timesteps.shape)} and {tuple(noise.shape)}"
         )
+    flat, t_flat = latents.flatten(0, 1), timesteps.repeat_interleave(k)
+    noise_flat = noise.repeat_interleave(k, dim=0)
+    noisy = policy.scheduler.add_noise(flat, noise_flat, t_flat).reshape(latents.shape)
+    target = denoising_target(policy, flat, noise_flat, t_flat).reshape(latents.shape)
+    out = denoising_logp_at(
+        policy, noisy, target, timesteps, cond, with_reference=with_reference, weighting=weighting,
+        snr_gamma=snr_gamma, inpaint=inpaint,
+    )  # fmt: skip
+    out.noise = noise
+    return out
+
+
+def denoising_logp_at(
+    policy: DiffusionPolicy,
+    noisy_latents: Tensor,
+    targets: Tensor,
+    timesteps: Tensor,
+    cond: Conditioning,
+    *,
+    with_reference: bool = True,
+    weighting: Literal["constant", "min_snr"] = "constant",
+    snr_gamma: float = 5.0,
+    inpaint: InpaintInputs | None = None,
+) -> DenoisingLogp:
+    """Log-likelihood proxies at given noisy latents and targets, as :func:`denoising_logp` scores.
+
+    For methods whose ``x_t`` is not a forward-noised ``x_0``: SmPO inverts ``x_0`` with ReNoise
+    to ``z`` and trains towards ``(z - sqrt(a_t) x_0) / sqrt(1 - a_t)`` at ``(z, t)`` (official
+    ``JaydenLyh/SmPO`` ``train.py``). ``noisy_latents`` and ``targets``: (B, K, C, h, w) (the
+    target in the policy's prediction type); ``timesteps``: (B,), one per prompt, shared by its
+    K candidates; ``cond`` and ``inpaint``: B rows. ``logp = -0.5 * w(t) * mse`` (per-element
+    mean); the reference, under no-grad, sees the same inputs. The result's ``noise`` is None.
+    Raises ``ValueError`` on shapes that do not fit, or without a reference when
+    ``with_reference``; ``FloatingPointError`` naming the timestep if a log-prob is not finite.
+    """
+    _check_candidates(policy, noisy_latents, "noisy_latents")
+    b, k = noisy_latents.shape[:2]
+    if targets.shape != noisy_latents.shape or timesteps.shape != (b,):
+        raise ValueError(
+            f"targets must be shaped like noisy_latents {tuple(noisy_latents.shape)} and timesteps "
+            f"({b},), got {tuple(targets.shape)} and {tuple(timesteps.shape)}"
+        )
+    if len(cond) != b:
+        raise ValueError(f"conditioning has {len(cond)} rows for {b} prompts")
+    if with_reference:
+        policy.require_reference()  # before the policy's forward, not after it
     # candidate-major, as the official code's [winners; losers]: the same batch layout makes the
     # UNet's float arithmetic identical, so beta 5000 does not amplify layout-dependent rounding
-    flat = latents.transpose(0, 1).reshape(k * b, *latents.shape[2:])
+    noisy = noisy_latents.transpose(0, 1).flatten(0, 1)
+    target = targets.transpose(0, 1).flatten(0, 1).float()
     t_flat = timesteps.repeat(k)
-    noise_flat = noise.repeat(k, 1, 1, 1)
-    noisy = policy.scheduler.add_noise(flat, noise_flat, t_flat)
-    target = denoising_target(policy, flat, noise_flat, t_flat).float()
     cond_flat = Conditioning.cat([cond] * k)
     inpaint_flat = inpaint.repeat(k) if inpaint is not None else None
     weight = _weights(policy, timesteps, weighting, snr_gamma)[:, None]
@@ -134,4 +184,4 @@ def denoising_logp(
         )
     both = policy_logp.detach() if ref_logp is None else torch.cat([policy_logp.detach(), ref_logp], 1)
     require_finite(both.T, "denoising_logp", timesteps)  # names the prompt's timestep
-    return DenoisingLogp(policy_logp, ref_logp, policy_mse, ref_mse, timesteps, noise)
+    return DenoisingLogp(policy_logp, ref_logp, policy_mse, ref_mse, timesteps, None)

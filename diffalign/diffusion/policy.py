@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffalign.images import mask_out
+from diffalign.images import masked_for_inpainting
 
 __all__ = ["Conditioning", "DiffusionPolicy", "InpaintInputs", "attention_backend_available"]
 
@@ -106,6 +106,42 @@ def _fuse_lora(pipe, adapter: str | Path) -> None:  # type: ignore[no-untyped-de
     pipe.unet.requires_grad_(True)  # peft froze it to attach the adapter; training decides what trains
 
 
+def _load_pipeline(source: str, torch_dtype: torch.dtype | None, local_files_only: bool | None):  # type: ignore[no-untyped-def]
+    """``DiffusionPipeline.from_pretrained`` with errors that name the folder and the fix."""
+    from diffusers import DiffusionPipeline
+
+    is_dir = Path(source).is_dir()
+    if not is_dir and Path(source).exists():
+        raise FileNotFoundError(
+            f"{source} is a file; pass the pipeline folder (the one with model_index.json)"
+        )
+    if is_dir and not (Path(source) / "model_index.json").is_file():
+        if _holds_lora(Path(source)):
+            raise FileNotFoundError(
+                f"{source} is a LoRA folder, not a pipeline: set model.pretrained to the base pipeline "
+                f"it was trained on and model.adapter={source} (it is fused into the UNet)"
+            )
+        raise FileNotFoundError(f"{source} has no model_index.json: not a diffusers pipeline folder")
+    kwargs: dict = {"safety_checker": None}
+    if torch_dtype is not None:
+        kwargs["torch_dtype"] = torch_dtype
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    if is_dir:  # components saved as null (a pixel-space model has no VAE) load as None
+        index = json.loads((Path(source) / "model_index.json").read_text())
+        kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v[0] is None})
+    try:
+        return DiffusionPipeline.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        if is_dir:
+            raise
+        raise FileNotFoundError(
+            f"could not load diffusion pipeline '{source}': it is not a local folder and the hub did not "
+            f"provide it ({type(err).__name__}: {err}). Without a network, download it elsewhere "
+            f"(e.g. `huggingface-cli download {source} --local-dir DIR`) and pass DIR instead."
+        ) from err
+
+
 def attention_backend_available(backend: str) -> tuple[bool, str]:
     """Whether ``backend`` can run here, and if not, why."""
     if backend in ("sdpa", "classic"):
@@ -133,7 +169,6 @@ class DiffusionPolicy:
     tokenizers: list[object] = field(default_factory=list)
     reference_unet: torch.nn.Module | None = None
     force_zeros_for_empty_prompt: bool = False
-    source: str = ""
     # the UNet as the training loop prepared it (DDP/FSDP wrapper); policy forwards go through it
     train_unet: torch.nn.Module | None = None
 
@@ -157,39 +192,9 @@ class DiffusionPolicy:
         the UNet and text encoders, so that the policy and its reference both start from it;
         ``ValueError`` if it holds no LoRA weights for this pipeline.
         """
-        from diffusers import DDPMScheduler, DiffusionPipeline
+        from diffusers import DDPMScheduler
 
-        source = str(name_or_path)
-        is_dir = Path(source).is_dir()
-        if not is_dir and Path(source).exists():
-            raise FileNotFoundError(
-                f"{source} is a file; pass the pipeline folder (the one with model_index.json)"
-            )
-        if is_dir and not (Path(source) / "model_index.json").is_file():
-            if _holds_lora(Path(source)):
-                raise FileNotFoundError(
-                    f"{source} is a LoRA folder, not a pipeline: set model.pretrained to the base pipeline "
-                    f"it was trained on and model.adapter={source} (it is fused into the UNet)"
-                )
-            raise FileNotFoundError(f"{source} has no model_index.json: not a diffusers pipeline folder")
-        kwargs: dict = {"safety_checker": None}
-        if torch_dtype is not None:
-            kwargs["torch_dtype"] = torch_dtype
-        if local_files_only is not None:
-            kwargs["local_files_only"] = local_files_only
-        if is_dir:  # components saved as null (a pixel-space model has no VAE) load as None
-            index = json.loads((Path(source) / "model_index.json").read_text())
-            kwargs.update({k: None for k, v in index.items() if isinstance(v, list) and v[0] is None})
-        try:
-            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-        except (OSError, ValueError) as err:
-            if is_dir:
-                raise
-            raise FileNotFoundError(
-                f"could not load diffusion pipeline '{source}': it is not a local folder and the hub did not "
-                f"provide it ({type(err).__name__}: {err}). Without a network, download it elsewhere "
-                f"(e.g. `huggingface-cli download {source} --local-dir DIR`) and pass DIR instead."
-            ) from err
+        pipe = _load_pipeline(str(name_or_path), torch_dtype, local_files_only)
         if adapter is not None:
             _fuse_lora(pipe, adapter)
         encoders = [
@@ -203,7 +208,6 @@ class DiffusionPolicy:
             text_encoders=encoders,
             tokenizers=tokenizers,
             force_zeros_for_empty_prompt=bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
-            source=source,
         )
         for module in (policy.vae, *policy.text_encoders):
             if module is not None:
@@ -301,6 +305,50 @@ class DiffusionPolicy:
             yield self.unet
         finally:
             self.unet.enable_adapters()
+
+    def frozen_copy(self) -> DiffusionPolicy:
+        """A lagged or old policy: its own frozen copy of the UNet as it is now, everything else shared.
+
+        The copy holds a deep copy of ``self.unet`` (``requires_grad`` off, eval mode; LoRA
+        layers and their scale copied with it, so its outputs are the live model's effective
+        weights) and shares the VAE, text encoders, tokenizers and noise schedule with ``self``
+        (``.to()`` on the copy therefore moves those too: move ``copy.unet`` alone to change only
+        its device or dtype). It has no reference UNet and no ``train_unet``: its forwards, and
+        sampling through it, never run the live or the trained (DDP/accelerate-wrapped) module.
+        Re-sync it with :meth:`load_unet_from`. Diffusion-DRO samples its negatives from such a
+        copy synced every optimizer step; PrefPaint's PPO samples from one synced every 15
+        iterations.
+        """
+        unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        # accelerate's mixed precision replaces `forward` on the instance; an override that deepcopy
+        # cannot rebind (a closure over the live module's method) would run the live UNet
+        for name in ("forward", "_original_forward"):
+            vars(unet).pop(name, None)
+        return DiffusionPolicy(
+            unet=unet,
+            scheduler=self.scheduler,
+            vae=self.vae,
+            text_encoders=list(self.text_encoders),
+            tokenizers=list(self.tokenizers),
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+        )
+
+    @torch.no_grad()
+    def load_unet_from(self, live: DiffusionPolicy) -> None:
+        """Copy ``live.unet``'s weights (LoRA factors included) into this policy's UNet, in place.
+
+        One tensor copy per weight, no allocation; the dtype and device of this UNet are kept
+        (a bfloat16 copy of a float32 live UNet gets the weights rounded). ``live.unet`` is the
+        module inside any DDP wrapper, so its state dict is the whole model on every process
+        (FSDP shards it: not supported).
+
+        Raises:
+            ValueError: ``live`` is this policy.
+            RuntimeError: the UNets differ in structure (another model, LoRA on one side only).
+        """
+        if live.unet is self.unet:
+            raise ValueError("load_unet_from: the source is this policy's own UNet")
+        self.unet.load_state_dict(live.unet.state_dict())
 
     def enable_gradient_checkpointing(self) -> None:
         self.unet.enable_gradient_checkpointing()
@@ -427,7 +475,8 @@ class DiffusionPolicy:
     ) -> InpaintInputs:
         """Mask and masked-image latents for an inpainting UNet, as diffusers' inpaint pipeline makes
         them: mask binarised at 0.5 and resized (nearest) to latent size; the masked image keeps
-        the pixels where the mask is 0 and is encoded with a posterior sample from ``generator``."""
+        the pixels where the mask is 0, is grey elsewhere (:func:`~diffalign.images.masked_for_inpainting`)
+        and is encoded with a posterior sample from ``generator``."""
         if not self.is_inpainting:
             raise ValueError(
                 f"this UNet has {self.unet.config.in_channels} input channels; inpainting needs "
@@ -438,7 +487,7 @@ class DiffusionPolicy:
                 f"masks must be (N, 1, H, W) matching images {tuple(images.shape)}, got {tuple(masks.shape)}"
             )
         binary = (masks.to(self.device) >= 0.5).to(self.dtype)
-        masked = mask_out(images.to(self.device, self.dtype), binary)
+        masked = masked_for_inpainting(images.to(self.device, self.dtype), binary)
         masked_latents = self.encode_images(masked, generator=generator)
         h, w = images.shape[-2] // self.vae_scale_factor, images.shape[-1] // self.vae_scale_factor
         mask_latents = torch.nn.functional.interpolate(binary, size=(h, w))
@@ -491,10 +540,14 @@ class DiffusionPolicy:
         guidance_scale: float,
         inpaint: InpaintInputs | None = None,
     ) -> Tensor:
-        """Classifier-free guidance: ``u + g (c - u)`` from one batched forward over [uncond; cond]."""
+        """Classifier-free guidance: ``u + g (c - u)`` from one batched forward over [uncond; cond].
+        ``t``: a scalar or one timestep per row of ``latents``."""
         if guidance_scale <= 1.0 or uncond is None:
             return self.unet_forward(latents, t, cond, inpaint)
         both = Conditioning.cat([uncond, cond])
         both_inpaint = inpaint.repeat(2) if inpaint is not None else None
-        pred_uncond, pred_cond = self.unet_forward(torch.cat([latents] * 2), t, both, both_inpaint).chunk(2)
+        both_t = t.repeat(2) if t.dim() == 1 else t
+        pred_uncond, pred_cond = self.unet_forward(
+            torch.cat([latents] * 2), both_t, both, both_inpaint
+        ).chunk(2)
         return pred_uncond + guidance_scale * (pred_cond - pred_uncond)

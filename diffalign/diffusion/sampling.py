@@ -5,7 +5,8 @@ DDIM (eta > 0) or DDPM step, computed as diffusers' ``DDIMScheduler.step`` /
 ``DDPMScheduler.step`` compute them; ``step_logprob`` is the Gaussian log-density of a given
 ``x_{t-1}`` under it. ``sample_with_trajectory`` runs the sampler (the diffusers scheduler's own
 ``step`` does every update, so images equal the pipeline's under the same seed) and records the
-latents, timesteps, guided predictions and per-step log-probabilities.
+latents, timesteps, guided predictions and per-step log-probabilities; ``trajectory_logps``
+recomputes chosen steps' log-probabilities with gradients (DDPO/PPO's ``log pi_theta``).
 
 The log-density is the MEAN over latent dimensions, not the sum (as DDPO's code): a sum over
 ~16k dimensions turns per-dimension differences of 1e-3 into log-ratios of 16, whose exp
@@ -16,6 +17,7 @@ detached): the density is a function of the policy's prediction at a fixed sampl
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,6 +34,7 @@ __all__ = [
     "make_scheduler",
     "sample_with_trajectory",
     "step_logprob",
+    "trajectory_logps",
     "transition_stats",
 ]
 
@@ -186,7 +189,9 @@ def _sampler_step(scheduler, pred: Tensor, t: Tensor, latents: Tensor, step_kwar
 
 @dataclass
 class Trajectory:
-    """A recorded sampling run. ``latents[:, 0]`` is x_T, ``latents[:, -1]`` the final x_0."""
+    """A recorded sampling run. ``latents[:, 0]`` is x_T, ``latents[:, -1]`` the final x_0. It keeps
+    what :func:`trajectory_logps` needs to recompute each step: both conditionings, the guidance
+    scale, the sampler and its eta."""
 
     images: Tensor  # (N, 3, H, W) in [0, 1]
     latents: Tensor  # (N, T + 1, C, h, w)
@@ -194,6 +199,10 @@ class Trajectory:
     predictions: Tensor  # (N, T, C, h, w): the guided model outputs used by each step
     log_probs: Tensor | None  # (N, T), None for samplers without a Gaussian step
     conditioning: Conditioning
+    unconditional: Conditioning | None  # guidance's negative branch; None when guidance_scale <= 1
+    guidance_scale: float
+    sampler: SamplerName
+    eta: float  # DDIM's; DDPM's steps do not use it
     inpaint: InpaintInputs | None = None
 
 
@@ -220,29 +229,23 @@ def sample_with_trajectory(
     VAE posterior sample for inpainting, then each stochastic step's noise), so the same
     ``generator`` seed gives the same images as the pipeline with the same scheduler class.
     ``log_probs`` are recorded for DDIM with ``eta > 0`` and DDPM (0 for DDPM's deterministic
-    last step); DPM-Solver++ records none.
+    last step); DPM-Solver++ records none. ``latents``: x_T (N, C, h, w), drawn when not given;
+    ``image`` (N, 3, H, W) in [0, 1] and ``mask`` (N, 1, H, W), 1 = repaint, for inpainting UNets.
+    Raises ``ValueError`` on inputs that do not fit the model, ``FloatingPointError`` if a latent
+    or log-prob is not finite (naming the step).
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
     if sampler == "ddim" and eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     scheduler = make_scheduler(policy, sampler)
-    scale = policy.vae_scale_factor
-    height = height or policy.unet.config.sample_size * scale
-    width = width or policy.unet.config.sample_size * scale
-    n = len(prompts)
-    device, dtype = policy.device, policy.dtype
-    cond = policy.encode_prompts(prompts, image_size=(height, width))
-    use_cfg = guidance_scale > 1.0
-    uncond = policy.unconditional(n, image_size=(height, width)) if use_cfg else None
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    size = (
+        height or policy.unet.config.sample_size * policy.vae_scale_factor,
+        width or policy.unet.config.sample_size * policy.vae_scale_factor,
+    )
+    cond = policy.encode_prompts(prompts, image_size=size)
+    uncond = policy.unconditional(len(prompts), image_size=size) if guidance_scale > 1.0 else None
+    scheduler.set_timesteps(num_inference_steps, device=policy.device)
     require_sampleable(scheduler, scheduler.timesteps, training_alphas=policy.scheduler.alphas_cumprod)
-    shape = (n, policy.latent_channels, height // scale, width // scale)
-    if latents is None:
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    elif tuple(latents.shape) != shape:
-        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-    latents = latents.to(device, dtype) * scheduler.init_noise_sigma
+    x_T = _initial_latents(policy, scheduler, len(prompts), size, latents, generator)
     inpaint = None
     if image is not None or mask is not None:
         if image is None or mask is None:
@@ -250,36 +253,142 @@ def sample_with_trajectory(
         inpaint = policy.prepare_inpaint(image, mask, generator=generator)
     elif policy.is_inpainting:
         raise ValueError("this is an inpainting UNet: pass `image` and `mask`")
-    step_kwargs = {"generator": generator}
-    if sampler == "ddim":
-        step_kwargs["eta"] = eta
-    record_logp = sampler == "ddpm" or (sampler == "ddim" and eta > 0)
+    guide = (cond, uncond, guidance_scale, inpaint)
+    states, predictions, log_probs = _run_steps(policy, scheduler, x_T, guide, eta, generator)
+    timesteps = scheduler.timesteps.clone()
+    require_finite(states[:, 1:], "the sampled latents", timesteps)
+    if log_probs is not None:
+        require_finite(log_probs, "the step log-probs", timesteps)
+    return Trajectory(
+        images=policy.decode_latents(states[:, -1]) if decode else torch.empty(0),
+        latents=states, timesteps=timesteps, predictions=predictions, log_probs=log_probs,
+        conditioning=cond, unconditional=uncond, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
+        inpaint=inpaint,
+    )  # fmt: skip
+
+
+def _initial_latents(
+    policy: DiffusionPolicy,
+    scheduler,
+    n: int,
+    size: tuple[int, int],
+    latents: Tensor | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """x_T as the pipelines draw it (``randn_tensor``), scaled by ``init_noise_sigma``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    scale = policy.vae_scale_factor
+    shape = (n, policy.latent_channels, size[0] // scale, size[1] // scale)
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=policy.device, dtype=policy.dtype)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+    return latents.to(policy.device, policy.dtype) * scheduler.init_noise_sigma
+
+
+def _run_steps(
+    policy: DiffusionPolicy,
+    scheduler,
+    latents: Tensor,
+    guide: tuple[Conditioning, Conditioning | None, float, InpaintInputs | None],
+    eta: float,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Denoise x_T (N, C, h, w) through every timestep of ``scheduler``. ``guide``: the
+    conditioning, its negative, the guidance scale and inpainting inputs. Returns the latents
+    (N, T + 1, C, h, w), the guided predictions (N, T, C, h, w) and, for Gaussian steps, the
+    log-probs (N, T)."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    is_ddim = isinstance(scheduler, DDIMScheduler)
+    step_kwargs = {"generator": generator, **({"eta": eta} if is_ddim else {})}
+    record_logp = isinstance(scheduler, DDPMScheduler) or (is_ddim and eta > 0)
     states, predictions, log_probs = [latents], [], []
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t)
-        pred = policy.guided_prediction(model_input, t, cond, uncond, guidance_scale, inpaint)
+        pred = policy.guided_prediction(model_input, t, *guide)
         new_latents = _sampler_step(scheduler, pred, t, latents, step_kwargs)
         if record_logp:
             mean, std = transition_stats(scheduler, pred, t, latents, eta=eta)
             deterministic = not bool((std > 0).all())  # DDPM's last step
             log_probs.append(
-                torch.zeros(n, device=device) if deterministic else gaussian_logp(new_latents, mean, std)
+                torch.zeros(len(latents), device=latents.device)
+                if deterministic
+                else gaussian_logp(new_latents, mean, std)
             )
         latents = new_latents
         states.append(latents)
         predictions.append(pred)
-    trajectory = Trajectory(
-        images=torch.empty(0),
-        latents=torch.stack(states, 1),
-        timesteps=scheduler.timesteps.clone(),
-        predictions=torch.stack(predictions, 1),
-        log_probs=torch.stack(log_probs, 1) if record_logp else None,
-        conditioning=cond,
-        inpaint=inpaint,
+    recorded = torch.stack(log_probs, 1) if record_logp else None
+    return torch.stack(states, 1), torch.stack(predictions, 1), recorded
+
+
+def trajectory_logps(
+    policy: DiffusionPolicy, trajectory: Trajectory, steps: Sequence[int] | Tensor | None = None
+) -> Tensor:
+    """``log p(x_{t-1} | x_t)`` of chosen steps of a recorded trajectory under ``policy``, with
+    gradients to its UNet: (N, S) float32, the per-dimension mean as :func:`step_logprob`.
+
+    Step ``j`` recomputes the guided prediction at ``trajectory.latents[:, j]`` as sampling did
+    (the trajectory's conditionings, guidance scale and inpainting inputs; a scheduler of its
+    sampler with its T steps and eta) and scores the recorded ``latents[:, j + 1]``. With the
+    policy that sampled, this equals ``trajectory.log_probs`` to float rounding; with another
+    (PPO's trained policy on the old policy's samples) it is the importance ratio's numerator
+    (DDPO, kvablack/ddpo-pytorch ``scripts/train.py``: ``ddim_step_with_logprob`` on the stored
+    latents and next latents). ``steps``: indices into ``trajectory.timesteps``, (S,) for every
+    sample or (N, S) per sample (DDPO trains each sample on its own random steps); default all T.
+    All N*S transitions go through the UNet as one batch (twice the rows with guidance): pass
+    fewer steps per call to bound memory. Call under grad; the recorded latents are constants.
+    DDPM's last step from t = 1 (SD's ``steps_offset=1``) has std 1e-10 (diffusers' variance
+    floor): its log-prob is finite but any change of the mean makes its ratio overflow; leave it out.
+
+    Raises:
+        ValueError: the trajectory's sampler has no Gaussian step (DPM-Solver++), a chosen step
+            is deterministic (DDIM with eta 0, DDPM's last), ``steps`` is out of range or
+            misshapen, or ``policy``'s schedule gives other timesteps than the trajectory's.
+    """
+    if trajectory.sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"a '{trajectory.sampler}' trajectory has no per-step log-probs (use ddim or ddpm)")
+    n, total = trajectory.latents.shape[0], len(trajectory.timesteps)
+    device = trajectory.latents.device
+    idx = _step_indices(steps, n, total).to(device)
+    scheduler = make_scheduler(policy, trajectory.sampler)
+    scheduler.set_timesteps(total, device=device)
+    if not torch.equal(scheduler.timesteps.cpu(), trajectory.timesteps.cpu()):
+        raise ValueError(
+            f"the policy's {trajectory.sampler} schedule with {total} steps has timesteps "
+            f"{scheduler.timesteps.tolist()[:3]}..., the trajectory {trajectory.timesteps.tolist()[:3]}..."
+        )
+    s = idx.shape[1]
+    rows, cols = torch.arange(n, device=device).expand(s, n), idx.T  # step-major (S, N), as cat below
+    x = trajectory.latents[rows, cols].flatten(0, 1)
+    prev = trajectory.latents[rows, cols + 1].flatten(0, 1)
+    t = trajectory.timesteps.to(device)[cols].flatten()
+    uncond = trajectory.unconditional
+    pred = policy.guided_prediction(
+        scheduler.scale_model_input(x, t),
+        t,
+        Conditioning.cat([trajectory.conditioning] * s),
+        None if uncond is None else Conditioning.cat([uncond] * s),
+        trajectory.guidance_scale,
+        None if trajectory.inpaint is None else trajectory.inpaint.repeat(s),
     )
-    require_finite(trajectory.latents[:, 1:], "the sampled latents", trajectory.timesteps)
-    if trajectory.log_probs is not None:
-        require_finite(trajectory.log_probs, "the step log-probs", trajectory.timesteps)
-    if decode:
-        trajectory.images = policy.decode_latents(latents)
-    return trajectory
+    return step_logprob(scheduler, pred, t, x, prev, eta=trajectory.eta).reshape(s, n).T
+
+
+def _step_indices(steps: Sequence[int] | Tensor | None, n: int, total: int) -> Tensor:
+    """``steps`` as an (N, S) long tensor of indices in [0, total); ``ValueError`` otherwise."""
+    idx = torch.arange(total) if steps is None else torch.as_tensor(steps).cpu()
+    if idx.is_floating_point() or idx.dim() not in (1, 2):
+        raise ValueError(
+            f"steps must be integer indices, (S,) or ({n}, S), got {idx.dtype} {tuple(idx.shape)}"
+        )
+    idx = idx.long().expand(n, -1) if idx.dim() == 1 else idx.long()
+    if idx.shape[0] != n or idx.shape[1] == 0:
+        raise ValueError(f"steps must be (S,) or ({n}, S) with S >= 1, got {tuple(idx.shape)}")
+    if bool(((idx < 0) | (idx >= total)).any()):
+        raise ValueError(
+            f"steps must lie in [0, {total}) (the trajectory's steps), got {idx.unique().tolist()}"
+        )
+    return idx

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["SD15_UNET_CONFIG", "build_tiny_pipeline", "tiny_tokenizer"]
+__all__ = ["SD15_UNET_CONFIG", "build_tiny_pipeline", "tiny_text_encoder", "tiny_tokenizer"]
 
 SD15_UNET_CONFIG = {
     "sample_size": 64,
@@ -49,7 +49,11 @@ def tiny_tokenizer(max_length: int = 16):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def _text_encoder(hidden: int, projection: bool, vocab_size: int, max_length: int, seed: int):
+def tiny_text_encoder(
+    hidden: int, projection: bool, vocab_size: int, max_length: int, seed: int
+) -> torch.nn.Module:
+    """A 2-layer CLIP text encoder of width ``hidden`` initialised from ``seed`` (with SDXL's
+    projection head when ``projection``), for :func:`tiny_tokenizer`'s vocabulary."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -88,7 +92,6 @@ def build_tiny_pipeline(
     Latents are ``sample_size`` wide; the two-level VAE makes images twice that (32 px by default).
     """
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
@@ -96,22 +99,12 @@ def build_tiny_pipeline(
         UNet2DConditionModel,
     )
 
-    path = Path(path)
+    if unet_config is not None and kind != "sd":
+        raise ValueError("unet_config is only supported for kind='sd'")
     max_length = 16
     tokenizer = tiny_tokenizer(max_length)
-    vocab = len(tokenizer)
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=2 * sample_size,
-    )
+    vae = _tiny_vae(sample_size)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -122,7 +115,53 @@ def build_tiny_pipeline(
         prediction_type=prediction_type,
         **(scheduler_options or {}),
     )
-    unet_kwargs = {
+    unet_kwargs = dict(unet_config) if unet_config is not None else _tiny_unet_kwargs(kind, sample_size)
+    # SDXL: two 16-d encoders whose hidden states are concatenated to the UNet's 32
+    width = 16 if kind == "sdxl" else unet_kwargs["cross_attention_dim"]
+    encoders = [
+        tiny_text_encoder(width, i == 1, len(tokenizer), max_length, seed + 1 + i)
+        for i in range(2 if kind == "sdxl" else 1)
+    ]
+    torch.manual_seed(seed + 3)
+    unet = UNet2DConditionModel(**unet_kwargs)
+    parts = {
+        "vae": vae,
+        "text_encoder": encoders[0],
+        "tokenizer": tokenizer,
+        "unet": unet,
+        "scheduler": scheduler,
+    }
+    if kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            **parts, text_encoder_2=encoders[1], tokenizer_2=tiny_tokenizer(max_length)
+        )
+    else:
+        cls = StableDiffusionInpaintPipeline if kind == "inpaint" else StableDiffusionPipeline
+        pipe = cls(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return Path(path)
+
+
+def _tiny_vae(sample_size: int) -> torch.nn.Module:
+    """A two-level KL VAE with 4 latent channels: images are twice ``sample_size`` wide."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=2 * sample_size,
+    )
+
+
+def _tiny_unet_kwargs(kind: str, sample_size: int) -> dict:
+    """The tiny UNet's config: 9 input channels for inpainting, SDXL's added conditions for sdxl."""
+    kwargs = {
         "sample_size": sample_size,
         "in_channels": 9 if kind == "inpaint" else 4,
         "out_channels": 4,
@@ -135,44 +174,10 @@ def build_tiny_pipeline(
         "cross_attention_dim": 32,
     }
     if kind == "sdxl":
-        encoder_1 = _text_encoder(16, False, vocab, max_length, seed + 1)
-        encoder_2 = _text_encoder(16, True, vocab, max_length, seed + 2)
-        unet_kwargs.update(
-            cross_attention_dim=32,  # 16 + 16: the two encoders' hidden states are concatenated
+        kwargs.update(
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=16 + 6 * 8,
+            projection_class_embeddings_input_dim=16 + 6 * 8,  # pooled text (16) + 6 time ids x 8
             transformer_layers_per_block=1,
         )
-        torch.manual_seed(seed + 3)
-        unet = UNet2DConditionModel(**unet_kwargs)
-        pipe = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=encoder_1,
-            text_encoder_2=encoder_2,
-            tokenizer=tokenizer,
-            tokenizer_2=tiny_tokenizer(max_length),
-            unet=unet,
-            scheduler=scheduler,
-        )
-    else:
-        if unet_config is not None:
-            if kind != "sd":
-                raise ValueError("unet_config is only supported for kind='sd'")
-            unet_kwargs = dict(unet_config)
-        encoder = _text_encoder(unet_kwargs["cross_attention_dim"], False, vocab, max_length, seed + 1)
-        torch.manual_seed(seed + 3)
-        unet = UNet2DConditionModel(**unet_kwargs)
-        cls = StableDiffusionInpaintPipeline if kind == "inpaint" else StableDiffusionPipeline
-        pipe = cls(
-            vae=vae,
-            text_encoder=encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    pipe.save_pretrained(path)
-    return path
+    return kwargs

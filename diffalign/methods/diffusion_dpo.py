@@ -9,7 +9,18 @@ Algorithm (the paper's Eq. 14; the official code's reductions), per batch of pai
    for full fine-tuning, the same UNet with adapters disabled for LoRA);
 4. ``loss = objective(logp_w, logp_l, ref_w, ref_l)``: ``dpo`` at beta 5000 is exactly
    ``-log sigma(-0.5 beta ((mse_w - mse_l) - (ref_w - ref_l)))``; any registered pairwise
-   objective (``ipo``, ``mappo``, ``simpo``, ...) works unchanged.
+   objective (``ipo``, ``simpo``, ``kldo``, ...) works unchanged, and the listwise ``nca`` /
+   ``infonca`` take the pair as K = 2 candidates (their targets: the scores, else the label).
+
+Reward scores of the pairs (``method_options.score_prefix``: the columns ``scripts/score_dataset.py``
+wrote; or JSONL ``chosen_reward`` / ``rejected_reward``) reach the objectives that use them:
+``mappo`` and ``madpo`` (which need them), ``smoothed_dpo`` (SmPO's soft labels; it needs them:
+the hard labels of pairs are no soft labels), ``nca`` / ``infonca`` (their targets).
+
+The objective is checked against the data when the method is built, before any model loads: an
+objective that is not pairwise or listwise, one that needs scores the data does not have, or
+``ipo`` with ``length_normalized`` (diffusion has no lengths: ``denoising_logp`` is already a
+per-element mean, so plain ``ipo`` is the per-unit form) is a ``ValueError`` naming what it needs.
 
 ``sft: true`` trains the plain denoising loss on the chosen images instead (the paper's SFT
 baseline). Ties kept with ``data.ties=half`` carry the soft label 1/2 into the objective (see
@@ -19,7 +30,7 @@ baseline). Ties kept with ``data.ties=half`` carry the soft label 1/2 into the o
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,16 +43,47 @@ from diffalign.data.preference import read_preference_pairs
 from diffalign.diffusion.likelihood import denoising_logp
 from diffalign.diffusion.policy import Conditioning, DiffusionPolicy
 from diffalign.diffusion.sampling import check_sampling, sample_with_trajectory
-from diffalign.objectives import check_ties, get_objective, soft_preference_probs
+from diffalign.objectives import (
+    check_objective_inputs,
+    check_ties,
+    get_objective,
+    soft_preference_probs,
+)
 from diffalign.training.config import TrainConfig
 from diffalign.training.loop import Method
 
 
 @dataclass
 class DiffusionDPOOptions:
-    sft: bool = False
-    timestep_weighting: Literal["constant", "min_snr"] = "constant"
-    validation_guidance: float = 5.0
+    sft: bool = field(
+        default=False, metadata={"help": "train the denoising loss on the chosen images (SFT baseline)"}
+    )
+    timestep_weighting: Literal["constant", "min_snr"] = field(
+        default="constant", metadata={"help": "weight of each timestep's error (constant: the paper's)"}
+    )
+    validation_guidance: float = field(default=5.0, metadata={"help": "guidance scale of validation grids"})
+    score_prefix: str | None = field(
+        default=None,
+        metadata={
+            "help": "read reward scores from the columns scripts/score_dataset.py wrote with this "
+            "column_prefix (<prefix>_0/<prefix>_1 beside jpg_0/jpg_1, <prefix>_chosen/<prefix>_rejected "
+            "in pair rows); unset: JSONL pairs' optional chosen_reward/rejected_reward"
+        },
+    )
+
+
+_SCORES_HINT = (
+    "the pairs have no reward scores: score them with scripts/score_dataset.py and set "
+    "method_options.score_prefix to its column_prefix, or give chosen_reward and rejected_reward "
+    "on every JSONL row"
+)
+# what to give or change, by the objective input an error names (see `check_objective_inputs`)
+_INPUT_HINTS = {
+    "chosen_rewards": _SCORES_HINT,
+    "rejected_rewards": _SCORES_HINT,
+    "chosen_lengths": "diffusion_dpo has no candidate lengths: denoising_logp is already a per-element "
+    "mean, so the objective without length_normalized is the per-unit form",
+}
 
 
 class DiffusionDPO(Method):
@@ -49,10 +91,14 @@ class DiffusionDPO(Method):
         super().__init__(cfg)
         self.options = build(DiffusionDPOOptions, cfg.method_options, source="method_options")
         self.objective = get_objective(**cfg.objective)
-        if self.objective.kind != "pairwise":
-            raise ValueError(f"diffusion_dpo needs a pairwise objective, got '{self.objective.name}'")
+        # the data first: an objective the pairs cannot feed is refused before any model loads
+        self.records = read_preference_pairs(
+            cfg.data.path, ties=cfg.data.ties, split=cfg.data.split, score_prefix=self.options.score_prefix
+        )
+        if not self.records:
+            raise ValueError(f"{cfg.data.path}: no preference pairs to train on (data.ties={cfg.data.ties})")
         if not self.options.sft:  # the SFT baseline weighs ties itself and never calls the objective
-            check_ties(self.objective, cfg.data.ties)
+            self._check_objective()
         policy = DiffusionPolicy.from_pretrained(cfg.model.pretrained, adapter=cfg.model.adapter)
         if policy.is_inpainting:
             raise ValueError(
@@ -79,8 +125,25 @@ class DiffusionDPO(Method):
         if cfg.model.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
         self.policy = policy
-        self.records = read_preference_pairs(cfg.data.path, ties=cfg.data.ties, split=cfg.data.split)
         self._dataset: PreferencePairDataset | None = None
+
+    def _check_objective(self) -> None:
+        """Raise ``ValueError`` naming what the objective needs when these pairs cannot feed it: a
+        kind other than pairwise or listwise, soft labels it cannot use, or an input (reward
+        scores, lengths) the steps would not have; the steps' own input code decides the last."""
+        objective, scored = self.objective, self.records[0].rewards is not None
+        if objective.kind not in ("pairwise", "listwise"):
+            raise ValueError(
+                f"diffusion_dpo trains on preference pairs; objective '{objective.name}' is a "
+                f"{objective.kind} objective and needs {', '.join(objective.required_inputs())}"
+            )
+        check_ties(objective, self.cfg.data.ties, scored_data=scored)
+        # all-hard labels, the worst case: a batch of wins passes no soft labels at all
+        scores = torch.zeros(2) if scored else None
+        batch = {"labels": torch.ones(2), "chosen_rewards": scores, "rejected_rewards": scores}
+        logps = torch.zeros(2, 2)
+        inputs = self._objective_inputs(logps, logps if objective.uses_reference else None, batch)
+        check_objective_inputs(objective, inputs, "diffusion_dpo", _INPUT_HINTS)
 
     def trainable_module(self) -> torch.nn.Module:
         return self.policy.unet
@@ -124,14 +187,7 @@ class DiffusionDPO(Method):
             with_reference=self.objective.uses_reference,
             weighting=self.options.timestep_weighting,
         )
-        ref = out.reference
-        result = self.objective(
-            policy_chosen_logps=out.policy[:, 0],
-            policy_rejected_logps=out.policy[:, 1],
-            reference_chosen_logps=None if ref is None else ref[:, 0],
-            reference_rejected_logps=None if ref is None else ref[:, 1],
-            preference_probs=soft_preference_probs(batch["labels"], out.policy.device),
-        )
+        result = self.objective(**self._objective_inputs(out.policy, out.reference, batch))
         metrics = dict(result.metrics)
         mse = out.policy_mse.detach()
         metrics.update(
@@ -141,6 +197,23 @@ class DiffusionDPO(Method):
             metrics["mse/reference_chosen"] = float(out.reference_mse[:, 0].mean())
             metrics["mse/reference_rejected"] = float(out.reference_mse[:, 1].mean())
         return result.loss, metrics
+
+    def _objective_inputs(
+        self, policy: torch.Tensor, reference: torch.Tensor | None, batch: dict
+    ) -> dict[str, torch.Tensor | None]:
+        """The objective's inputs from log-likelihoods (B, 2) (chosen first) and a batch's labels and
+        scores: the scores only for an objective that uses them, the labels only when not all 1."""
+        device = policy.device
+        scored = self.objective.uses_rewards and batch["chosen_rewards"] is not None
+        return {
+            "policy_chosen_logps": policy[:, 0],
+            "policy_rejected_logps": policy[:, 1],
+            "reference_chosen_logps": None if reference is None else reference[:, 0],
+            "reference_rejected_logps": None if reference is None else reference[:, 1],
+            "chosen_rewards": batch["chosen_rewards"].to(device) if scored else None,
+            "rejected_rewards": batch["rejected_rewards"].to(device) if scored else None,
+            "preference_probs": soft_preference_probs(batch["labels"], device),
+        }
 
     def _sft_step(
         self, latents: torch.Tensor, cond: Conditioning, labels: torch.Tensor

@@ -12,7 +12,14 @@ Per batch of rows (x, y_1 .. y_K), K = 2 for (chosen, rejected) pairs:
    get candidate 0 as chosen and candidate 1 as rejected, or, for K > 2 rows with rewards, the
    best and the worst; listwise objectives (``nca``, ``infonca``) get all K with their rewards
    (K = 2: the pair, with its rewards or its label). A pair's ``label`` (1, or 0.5 for a tie kept
-   with ``data.ties=half``) is passed as ``preference_probs``: a tie trains towards 1/2.
+   with ``data.ties=half``) is passed as ``preference_probs``: a tie trains towards 1/2. Rewards
+   reach only the objectives that use them (``mappo``, ``madpo``, ``smoothed_dpo``, ``nca``,
+   ``infonca``).
+
+The objective is checked against the rows when the method is built, before the model loads: an
+objective that is not pairwise or listwise, K > 2 candidates without rewards, or an objective
+that needs rewards the rows do not have (``mappo``, ``madpo``, ``smoothed_dpo``, whose soft
+labels come from rewards, never from hard labels) is a ``ValueError`` naming what it needs.
 
 Metrics as TRL names them: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
 ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``.
@@ -32,13 +39,18 @@ from torch.utils.data import Dataset
 
 from diffalign.config import build
 from diffalign.fingerprint import fingerprint, module_fingerprint, rows_fingerprint
-from diffalign.objectives import check_ties, get_objective, soft_preference_probs
-from diffalign.text.data import read_text_preferences
+from diffalign.objectives import (
+    check_objective_inputs,
+    check_ties,
+    get_objective,
+    soft_preference_probs,
+)
+from diffalign.text.data import TextRecord, read_text_preferences
 from diffalign.text.dataset import TextPreferenceDataset
 from diffalign.text.loading import load_causal_lm
 from diffalign.text.logps import Tokenization, completion_logps
 from diffalign.training.config import TrainConfig
-from diffalign.training.loop import Method
+from diffalign.training.loop import Method, Stateful
 
 __all__ = ["TextPreference", "TextPreferenceOptions"]
 
@@ -55,10 +67,9 @@ class TextPreference(Method):
         super().__init__(cfg)
         self.options = build(TextPreferenceOptions, cfg.method_options, source="method_options")
         self.objective = get_objective(**cfg.objective)
-        if self.objective.kind not in ("pairwise", "listwise"):
-            raise ValueError(
-                f"text_preference needs a pairwise or listwise objective, got '{self.objective.name}'"
-            )
+        # the data first: an objective the rows cannot feed is refused before any model loads
+        records = read_text_preferences(cfg.data.path, cfg.data.split, cfg.data.ties)
+        self._check_objective(records)
         model, self.tokenizer = load_causal_lm(cfg.model.pretrained, cfg.model.adapter)
         if self.options.disable_dropout:
             for module in model.modules():
@@ -79,17 +90,36 @@ class TextPreference(Method):
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.model = self.train_model = model
-        records = read_text_preferences(cfg.data.path, cfg.data.split, cfg.data.ties)
-        check_ties(self.objective, cfg.data.ties, scored_data=records[0].rewards is not None)
         self.data = TextPreferenceDataset(records, self.tokenizer, self.options.tokenization)
-        wants_rewards = {"chosen_rewards", "rewards"} & set(self.objective.required_inputs())
-        if records[0].rewards is None and (wants_rewards or len(records[0].completions) > 2):
-            why = (
-                "K > 2 candidates"
-                if len(records[0].completions) > 2
-                else f"objective '{self.objective.name}'"
+
+    def _check_objective(self, records: list[TextRecord]) -> None:
+        """Raise ``ValueError`` naming what the objective needs when these rows cannot feed it: a
+        kind other than pairwise or listwise, K > 2 candidates without rewards to rank them, soft
+        labels it cannot use, or an input (rewards) the steps would not have; the steps' own input
+        code decides the last."""
+        objective, scored, k = self.objective, records[0].rewards is not None, len(records[0].completions)
+        if objective.kind not in ("pairwise", "listwise"):
+            raise ValueError(
+                f"text_preference trains on preference pairs or K candidates; objective '{objective.name}' "
+                f"is a {objective.kind} objective and needs {', '.join(objective.required_inputs())}"
             )
-            raise ValueError(f"{records[0].where}: {why} needs rewards per candidate, and the rows have none")
+        if k > 2 and not scored:
+            raise ValueError(
+                f"{records[0].where}: K > 2 candidates need rewards to rank them, and the rows have none"
+            )
+        check_ties(objective, self.cfg.data.ties, scored_data=scored)
+        # all-hard labels, the worst case: a batch of wins passes no soft labels at all
+        logps = torch.zeros(2, k)
+        inputs = self._objective_inputs(
+            logps, logps if objective.uses_reference else None, torch.ones(2, k),
+            logps if scored else None, torch.ones(2),
+        )  # fmt: skip
+        hint = (
+            f"the rows of {self.cfg.data.path} have no rewards: give chosen_reward and rejected_reward "
+            "(or score_chosen and score_rejected) on every row"
+        )
+        hints = {"chosen_rewards": hint, "rejected_rewards": hint, "rewards": hint}
+        check_objective_inputs(objective, inputs, "text_preference", hints)
 
     def _add_lora(self, model: torch.nn.Module) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -133,22 +163,39 @@ class TextPreference(Method):
             )
         logps, lengths = policy.summed.view(-1, k), policy.lengths.view(-1, k)
         rewards = None if batch["rewards"] is None else batch["rewards"].to(device)
-        if self.objective.kind == "listwise" and k > 2:
-            result = self.objective(policy_logps=logps, reference_logps=reference, rewards=rewards)
-        else:  # pairs (any objective, with their labels), or the best and worst of K for a pairwise one
-            pick = _chosen_rejected(k, rewards, len(logps), logps.device)
-            two = lambda x: None if x is None else x.gather(1, pick)  # noqa: E731
-            lp, ref, rw, ln = two(logps), two(reference), two(rewards), two(lengths)
-            result = self.objective(
-                policy_chosen_logps=lp[:, 0], policy_rejected_logps=lp[:, 1],
-                reference_chosen_logps=None if ref is None else ref[:, 0],
-                reference_rejected_logps=None if ref is None else ref[:, 1],
-                chosen_rewards=None if rw is None else rw[:, 0],
-                rejected_rewards=None if rw is None else rw[:, 1],
-                chosen_lengths=ln[:, 0], rejected_lengths=ln[:, 1],
-                preference_probs=soft_preference_probs(batch["labels"], device),
-            )  # fmt: skip
+        result = self.objective(**self._objective_inputs(logps, reference, lengths, rewards, batch["labels"]))
         return result.loss, dict(result.metrics)
+
+    def _objective_inputs(
+        self,
+        logps: torch.Tensor,
+        reference: torch.Tensor | None,
+        lengths: torch.Tensor,
+        rewards: torch.Tensor | None,
+        labels: torch.Tensor,
+    ) -> dict[str, torch.Tensor | None]:
+        """The objective's inputs from per-candidate log-probs, reference log-probs, lengths and
+        rewards (B, K) and the rows' labels (B,): all K for a listwise objective with K > 2;
+        otherwise a pair (candidate 0 and 1, or the best and worst of K by reward), with its label
+        as a soft label when not all 1. Rewards go only to an objective that uses them."""
+        used = rewards if self.objective.uses_rewards else None
+        k = logps.shape[1]
+        if self.objective.kind == "listwise" and k > 2:
+            return {"policy_logps": logps, "reference_logps": reference, "rewards": used}
+        pick = _chosen_rejected(k, rewards, len(logps), logps.device)
+        two = lambda x: None if x is None else x.gather(1, pick)  # noqa: E731
+        lp, ref, rw, ln = two(logps), two(reference), two(used), two(lengths)
+        return {
+            "policy_chosen_logps": lp[:, 0],
+            "policy_rejected_logps": lp[:, 1],
+            "reference_chosen_logps": None if ref is None else ref[:, 0],
+            "reference_rejected_logps": None if ref is None else ref[:, 1],
+            "chosen_rewards": None if rw is None else rw[:, 0],
+            "rejected_rewards": None if rw is None else rw[:, 1],
+            "chosen_lengths": ln[:, 0],
+            "rejected_lengths": ln[:, 1],
+            "preference_probs": soft_preference_probs(labels, logps.device),
+        }
 
     def _reference_logps(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
@@ -189,6 +236,10 @@ class TextPreference(Method):
         save_file({"logps": logps}, str(tmp))
         tmp.replace(path)
         return logps
+
+    def state(self) -> dict[str, Stateful]:
+        """A stateful objective's state (KLDO's running denominator, each rank's own average)."""
+        return {"objective": self.objective} if hasattr(self.objective, "state_dict") else {}
 
     def export(self, path: Path) -> None:
         """The model (or its LoRA adapter) and the tokenizer, for ``from_pretrained``."""

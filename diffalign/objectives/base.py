@@ -29,7 +29,7 @@ into 5e-4 in the logit). Losses come back in that dtype; gradients flow back in 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, ClassVar, Literal, TypeVar
@@ -46,6 +46,7 @@ __all__ = [
     "Objective",
     "ObjectiveInputError",
     "ObjectiveOutput",
+    "check_objective_inputs",
     "check_ties",
     "get_objective",
     "list_objectives",
@@ -130,6 +131,12 @@ class Objective:
         """Whether a reference model's log-likelihoods are needed (recipes skip its forward if not)."""
         return any(n.startswith("reference") for n in self.required_inputs())
 
+    @property
+    def uses_rewards(self) -> bool:
+        """Whether reward scores enter the loss: required (MaPPO, MADPO) or the source of its targets
+        (SmPO, NCA, InfoNCA). Recipes pass scores only to these."""
+        return self.targets_from_rewards or bool({"rewards", "chosen_rewards"} & set(self.required_inputs()))
+
     def compute(self, x: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
@@ -202,6 +209,24 @@ def soft_preference_probs(labels: Tensor, device: torch.device) -> Tensor | None
     """A batch's pair labels (B,) as ``preference_probs`` on ``device``, or None when all are 1: hard
     labels need no input, and deciding it here, on the CPU, spares the device a synchronisation."""
     return None if bool((labels == 1).all()) else labels.to(device)
+
+
+def check_objective_inputs(
+    objective: Objective, inputs: dict[str, Tensor | None], recipe: str, hints: Mapping[str, str]
+) -> None:
+    """Validate, when a recipe is built, the inputs its steps will pass: ``inputs`` are placeholder
+    tensors of a batch's shapes (B, or (B, K)), made by the recipe's own step code from what its
+    data has, so that a missing column or option is refused before any model loads or step runs.
+    Nothing is computed: the objective's ``validate`` has no side effects.
+
+    Raises ``ValueError`` ``"<recipe>: <the objective's message>; <hint>"``, the hint being the first
+    of ``hints`` (input name -> what to give or change) whose input the message names.
+    """
+    try:
+        objective.validate(inputs)
+    except ObjectiveInputError as err:
+        hint = next((h for name, h in hints.items() if f"`{name}`" in str(err)), None)
+        raise ValueError(f"{recipe}: {err}" + (f"; {hint}" if hint else "")) from err
 
 
 def check_ties(objective: Objective, ties: str, scored_data: bool = False) -> None:

@@ -4,15 +4,17 @@ Accepted rows (JSONL, parquet, a ``save_to_disk`` folder or a hub id; see ``diff
 
 - pairs: ``prompt``, ``chosen``, ``rejected`` (strings, or TRL's conversational form: a list of
   ``{"role", "content"}`` messages), optional rewards ``chosen_reward`` / ``rejected_reward``
-  (UltraFeedback's ``score_chosen`` / ``score_rejected`` are read as well), for ``mappo`` and
-  ``madpo``, and an optional ``label`` (1, or 0.5 for a tie: dropped with ``ties="drop"``, kept as
+  (UltraFeedback's ``score_chosen`` / ``score_rejected`` are read as well; the image pairs of
+  ``diffalign.data.preference`` take the same fields), for ``mappo``, ``madpo`` and
+  ``smoothed_dpo``, and an optional ``label`` (1, or 0.5 for a tie: dropped with ``ties="drop"``, kept as
   a soft label with ``ties="half"``, as the image readers do);
 - K candidates: ``prompt``, ``completions`` (a list), ``rewards`` (a list of scalars of the same
   length), for ``nca`` / ``infonca`` (or any pairwise objective, on the best and worst).
 
 A record keeps its candidates in a fixed order (pairs: chosen first). Bad rows raise an error
 naming the source and row: a missing column, an empty completion (whose log-probability would be
-a sum over nothing), rewards of the wrong count or not finite.
+a sum over nothing), rewards of the wrong count, on one side of a pair only, or not finite, and a
+row without rewards among rows with them.
 """
 
 from __future__ import annotations
@@ -22,14 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from diffalign.data.rows import pair_label, read_rows
+from diffalign.data.rows import check_rewards_all_or_none, pair_label, pair_rewards, read_rows
 
 __all__ = ["TextRecord", "read_text_preferences"]
 
 Message = dict[str, str]
 Text = str | list[Message]
-
-_REWARD_ALIASES = (("chosen_reward", "rejected_reward"), ("score_chosen", "score_rejected"))
 
 
 @dataclass
@@ -48,11 +48,7 @@ def read_text_preferences(
     records = [r for where, row in rows if (r := _record(row, where)).label == 1.0 or ties == "half"]
     if not records:
         raise ValueError(f"{path}: no rows" + (" (every row is a tie, and ties='drop')" if rows else ""))
-    unscored = [r for r in records if r.rewards is None]
-    if unscored and len(unscored) < len(records):
-        raise ValueError(
-            f"{unscored[0].where}: no rewards, while other rows have them; give all rows or none"
-        )
+    check_rewards_all_or_none(records)
     kinds = {len(r.completions) for r in records}
     if len(kinds) > 1:
         raise ValueError(f"{path}: rows have different numbers of candidates ({sorted(kinds)}); use one form")
@@ -78,8 +74,8 @@ def _record(row: dict, where: str) -> TextRecord:
                     f"{where}: missing '{key}' (a row needs prompt, chosen, rejected; or prompt, completions)"
                 )
         completions, names = [row["chosen"], row["rejected"]], ["chosen", "rejected"]
-        keys = next((k for k in _REWARD_ALIASES if k[0] in row and k[1] in row), None)
-        rewards = [row[keys[0]], row[keys[1]]] if keys else None
+        scores = pair_rewards(row, where)
+        rewards = None if scores is None else list(scores)
     for name, completion in zip(names, completions, strict=True):
         if not _content(completion).strip():
             raise ValueError(f"{where}: '{name}' is empty (an empty completion has no tokens to score)")

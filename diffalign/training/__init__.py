@@ -1,7 +1,7 @@
 """The method-agnostic training loop and its configuration."""
 
 from diffalign.training.config import DataConfig, LoraSettings, ModelConfig, OptimConfig, TrainConfig
-from diffalign.training.loop import Method, TrainResult, run_training
+from diffalign.training.loop import Method, Stateful, TrainResult, run_training
 
 __all__ = [
     "DataConfig",
@@ -9,6 +9,7 @@ __all__ = [
     "Method",
     "ModelConfig",
     "OptimConfig",
+    "Stateful",
     "TrainConfig",
     "TrainResult",
     "run_training",

@@ -110,14 +110,25 @@ class TrainConfig:
     )
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimiser section"})
     max_steps: int = field(default=2000, metadata={"help": "optimiser steps"})
-    batch_size: int = field(default=1, metadata={"help": "pairs per device per micro-batch"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    batch_size: int = field(default=1, metadata={"help": "rows (pairs, prompts) per device per loader batch"})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "micro-batches per optimiser step (a loader batch is one, unless the method "
+            "makes several of it)"
+        },
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
         default="no", metadata={"help": "autocast precision"}
     )
     seed: int = field(default=0, metadata={"help": "seed (noise, timesteps, data order)"})
     ema_decay: float | None = field(default=None, metadata={"help": "EMA of trained weights (none: off)"})
-    checkpoint_every: int = field(default=500, metadata={"help": "save state + export every N steps"})
+    checkpoint_every: int = field(
+        default=500,
+        metadata={
+            "help": "save state + export every N steps (at the end of the loader batch that reaches them)"
+        },
+    )
     keep_checkpoints: int = field(default=3, metadata={"help": "how many checkpoints to keep"})
     resume_from: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
     log_every: int = field(default=10, metadata={"help": "log metrics every N steps"})

@@ -6,6 +6,30 @@ batch (as the official Diffusion-DPO scripts), checkpoints (``accelerator.save_s
 method's diffusers-format export) every N steps keeping the last K, resume from ``latest`` or a
 folder, trackers (tensorboard when installed, wandb when asked), a ``metrics.jsonl`` that is
 always written, a progress bar with loss and throughput, and validation sample grids.
+
+The loop owns the data (a shuffled loader, epochs, skipping on resume); a method shapes what it
+trains on through three hooks, each a no-op by default, so that online methods (rollouts, replay
+buffers, lagged copies, stat trackers) need no loop of their own:
+
+- ``micro_batches(batch, step)`` turns one loader batch into the micro-batches ``step`` sees (a
+  rollout, then inner epochs over its chunks). **Each micro-batch is one accumulation
+  micro-step**: the optimiser steps after every ``gradient_accumulation_steps`` micro-batches,
+  counted across loader batches and epochs, so that every optimiser step averages the same number
+  of micro-batches. The default (the loader batch itself) is accumulation over loader batches, as
+  before; a rollout method sets ``gradient_accumulation_steps`` to divide its micro-batch count
+  when it wants its optimiser steps not to straddle two rollouts.
+- ``on_optimizer_step(step)`` runs after optimiser step ``step`` and its EMA update, before
+  logging, validation and the checkpoint: checkpoint-N holds the state after hook N.
+- ``state()`` names what a checkpoint keeps beside weights, optimiser and EMA; every rank saves
+  and loads its own (a replay buffer, or KLDO's running average, differs by rank; accelerate's
+  ``register_for_checkpointing`` keeps the main process's only).
+
+Resuming is exact because every random draw is a function of (seed, step, micro-batch, rank),
+whatever ran before, and because checkpoints are taken only where training can restart: at the
+end of a loader batch, with no accumulation window open (after every step, for one micro-batch
+per loader batch). A checkpoint that falls due elsewhere is written at the next such point, under
+the step reached then. The last one is written at ``max_steps`` wherever it falls; a run resumed
+from it with a larger ``max_steps`` goes on from the next loader batch.
 """
 
 from __future__ import annotations
@@ -16,9 +40,10 @@ import re
 import shutil
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -28,9 +53,18 @@ from diffalign.config import to_dict
 from diffalign.images import save_grid
 from diffalign.training.config import OptimConfig, TrainConfig
 
-__all__ = ["Method", "TrainResult", "run_training"]
+__all__ = ["Method", "Stateful", "TrainResult", "run_training"]
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_END = object()  # what next() returns when a method's micro-batches run out
+
+
+class Stateful(Protocol):
+    """Anything a checkpoint can keep: a module, a buffer, a tracker, a stateful objective."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
 
 
 class Method(ABC):
@@ -65,11 +99,32 @@ class Method(ABC):
 
     @abstractmethod
     def step(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss and metrics of one micro-batch."""
+        """Loss and metrics of one micro-batch (one of :meth:`micro_batches`)."""
 
     @abstractmethod
     def export(self, path: Path) -> None:
         """Write the trained weights in a format diffusers loads."""
+
+    def micro_batches(self, batch: Any, step: int) -> Iterable[Any]:
+        """The micro-batches :meth:`step` trains on, made from one loader batch; ``step`` is the
+        number of optimiser steps done when the loader batch arrives.
+
+        Each one is an accumulation micro-step (see the module docstring). The loop seeds torch
+        from (seed, step, micro-batch, rank) before asking for each, so a generator's rollout is
+        reproducible on resume; it must yield as many on every rank. Default: the batch itself.
+        """
+        yield batch
+
+    def on_optimizer_step(self, step: int) -> None:  # noqa: B027 (a no-op unless overridden)
+        """Called on every rank after optimiser step ``step`` (1 for the first) and its EMA update,
+        before logging, validation and checkpointing: sync a lagged copy, refresh a buffer."""
+
+    def state(self) -> dict[str, Stateful]:
+        """What a checkpoint keeps of the method, by name (buffers, lagged copies, trackers,
+        stateful objectives). Asked at every save and load, so the objects may be replaced
+        between them. Each rank saves and restores its own; ``load_state_dict`` gets its tensors on
+        the CPU. Default: nothing."""
+        return {}
 
     def sample_grid(self, prompts: list[str], seed: int, steps: int) -> torch.Tensor | None:
         """Validation images (N, 3, H, W) in [0, 1] for fixed prompts and seed, or None."""
@@ -130,63 +185,48 @@ def _resume_path(cfg: TrainConfig) -> Path | None:
     return path
 
 
-def run_training(cfg: TrainConfig, method: Method) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+@dataclass
+class _Run:
+    """What the phases of one training run share: the prepared objects and where training is."""
 
-    # a second run in one process (the Python API) may ask for another precision or accumulation:
-    # forget the previous run's settings, keep the process group
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    trackers = [t for t in cfg.report_to if _tracker_available(t)]
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        # data order from (seed, epoch) alone: a resumed run sees the batches the interrupted one would have
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with=trackers or None,
-        project_config=ProjectConfiguration(
-            project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs")
-        ),
-    )
-    set_seed(cfg.seed, device_specific=True)
+    cfg: TrainConfig
+    method: Method
+    accelerator: Any
+    module: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    dataset: Dataset
+    ema: Any
+    step: int = 0  # optimiser steps done
+    loader_batches: int = 0  # loader batches begun, over all epochs
+    saved_step: int = 0  # the step of the last checkpoint written or resumed from
+    micro: int = 0  # micro-batches in the open accumulation window
+    window: list[dict[str, float]] = field(default_factory=list)  # metrics since the last log
+    last: dict[str, float] = field(default_factory=dict)
+    samples: int = 0  # loader rows seen by all ranks in this process
+    started: float = field(default_factory=time.perf_counter)
+    progress: Any = None
+
+
+def run_training(cfg: TrainConfig, method: Method) -> TrainResult:
+    """Train ``method`` for ``cfg.max_steps`` optimiser steps (from a checkpoint when
+    ``cfg.resume_from`` names one) and return the last logged metrics.
+
+    Raises ValueError when the method has nothing to train or its data is empty, and when a
+    checkpoint's method state does not fit the method or the number of processes.
+    """
+    accelerator, trackers = _accelerator(cfg)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
     method.setup(accelerator.device, weight_dtype)
-
     module = method.trainable_module()
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(
-            f"the method has no trainable parameters: every parameter of its {type(module).__name__} "
-            "has requires_grad=False"
-        )
-    scale = (
-        accelerator.num_processes * cfg.gradient_accumulation_steps * cfg.batch_size
-        if cfg.optim.scale_lr
-        else 1
-    )
-    optimizer = make_optimizer(cfg.optim, params, cfg.optim.lr * scale)
-    from diffusers.optimization import get_scheduler
-
-    # accelerate steps a prepared scheduler once per process: count warmup and length likewise
-    scheduler = get_scheduler(
-        cfg.optim.schedule,
-        optimizer,
-        num_warmup_steps=cfg.optim.warmup_steps * accelerator.num_processes,
-        num_training_steps=cfg.max_steps * accelerator.num_processes,
-    )
+    params = _trainable(module)
+    optimizer, scheduler = _optimizer_and_scheduler(cfg, params, accelerator.num_processes)
     dataset, collate = method.dataset()
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        num_workers=cfg.data.num_workers,
-        drop_last=len(dataset) >= cfg.batch_size * accelerator.num_processes,
-    )
+    loader = _loader(cfg, dataset, collate, accelerator.num_processes)
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
     method.use_prepared(module)
     ema = None
@@ -196,86 +236,228 @@ def run_training(cfg: TrainConfig, method: Method) -> TrainResult:
         ema = EMAModel(params, decay=cfg.ema_decay)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-
-    global_step = 0
-    resume = _resume_path(cfg)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        global_step = int(CHECKPOINT.match(resume.name).group(1))
-        accelerator.print(f"resumed from {resume} at step {global_step}")
+    _register_method_state(accelerator, method)
+    run = _Run(cfg, method, accelerator, module, params, optimizer, scheduler, loader, dataset, ema)
+    _resume(run)
     if accelerator.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         (cfg.output_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         if trackers:
             accelerator.init_trackers("diffalign", config=_flat(to_dict(cfg)))
-
-    steps_per_epoch = max(1, len(loader) // cfg.gradient_accumulation_steps)
-    progress = tqdm(
-        total=cfg.max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
+    run.progress = tqdm(
+        total=cfg.max_steps, initial=run.step, desc="train", disable=not accelerator.is_local_main_process
     )
-    metrics_file = cfg.output_dir / "metrics.jsonl"
-    window: list[dict[str, float]] = []
-    last: dict[str, float] = {}
-    started, pairs_seen = time.perf_counter(), 0
-    epoch = global_step // steps_per_epoch
-    # a resumed run continues mid-epoch where the checkpoint was taken
-    skip = (global_step % steps_per_epoch) * cfg.gradient_accumulation_steps
-    micro = 0
-    while global_step < cfg.max_steps:
-        for has_epoch in (loader, dataset):
-            if hasattr(has_epoch, "set_epoch"):
-                has_epoch.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        skip = 0
-        for batch in batches:
-            module.train()
-            # the method's random draws (noise, timesteps, caption dropout) are a function of
-            # (seed, step, micro-batch, rank): resuming reproduces them whatever ran before
-            torch.manual_seed(_draw_seed(cfg.seed, global_step, micro, accelerator.process_index))
-            micro += 1
-            with accelerator.accumulate(module):
-                loss, metrics = method.step(batch)
-                accelerator.backward(loss)
-                if (
-                    accelerator.sync_gradients
-                    and cfg.optim.max_grad_norm is not None
-                    and cfg.optim.name != "adafactor"
-                ):
-                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            window.append({**metrics, "loss": float(loss.detach())})
-            pairs_seen += cfg.batch_size * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            micro = 0
-            global_step += 1
-            if ema is not None:
-                ema.step(params)
-            progress.update(1)
-            if global_step % cfg.log_every == 0 or global_step == cfg.max_steps:
-                last = _reduce(accelerator, window)
-                last.update(lr=scheduler.get_last_lr()[0], step=global_step,
-                            pairs_per_second=pairs_seen / (time.perf_counter() - started),
-                            dropped_samples=float(method.dropped_samples()))  # fmt: skip
-                window.clear()
-                progress.set_postfix(loss=f"{last['loss']:.4g}", pairs_s=f"{last['pairs_per_second']:.2f}")
-                if accelerator.is_main_process:
-                    with metrics_file.open("a") as f:
-                        f.write(json.dumps(last) + "\n")
-                accelerator.log(last, step=global_step)
-            if cfg.validation_every and cfg.validation_prompts and global_step % cfg.validation_every == 0:
-                _validate(accelerator, method, cfg, global_step, ema, params)
-            if global_step % cfg.checkpoint_every == 0 or global_step == cfg.max_steps:
-                _checkpoint(accelerator, method, cfg, global_step, ema, params)
-            if global_step >= cfg.max_steps:
-                break
-        epoch += 1
-    progress.close()
+    _train(run)
+    run.progress.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(cfg.output_dir, last, global_step)
+    return TrainResult(cfg.output_dir, run.last, run.step)
+
+
+def _accelerator(cfg: TrainConfig) -> tuple[Any, list[str]]:
+    """A fresh Accelerator for this run, and the trackers it logs to."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        GradientAccumulationPlugin,
+        ProjectConfiguration,
+        set_seed,
+    )
+
+    # a second run in one process (the Python API) may ask for another precision or accumulation:
+    # forget the previous run's settings, keep the process group
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    trackers = [t for t in cfg.report_to if _tracker_available(t)]
+    accelerator = Accelerator(
+        # windows of exactly N micro-batches, across epochs: accelerate's default closes one at
+        # each epoch's end, which a method yielding several micro-batches per batch would split
+        gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
+        ),
+        mixed_precision=cfg.mixed_precision,
+        # data order from (seed, epoch) alone: a resumed run sees the batches the interrupted one would have
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(
+            project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs")
+        ),
+    )
+    set_seed(cfg.seed, device_specific=True)
+    return accelerator, trackers
+
+
+def _trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(
+            f"the method has no trainable parameters: every parameter of its {type(module).__name__} "
+            "has requires_grad=False"
+        )
+    return params
+
+
+def _optimizer_and_scheduler(
+    cfg: TrainConfig, params: list[torch.nn.Parameter], world: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    from diffusers.optimization import get_scheduler
+
+    scale = world * cfg.gradient_accumulation_steps * cfg.batch_size if cfg.optim.scale_lr else 1
+    optimizer = make_optimizer(cfg.optim, params, cfg.optim.lr * scale)
+    # accelerate steps a prepared scheduler once per process: count warmup and length likewise
+    scheduler = get_scheduler(
+        cfg.optim.schedule,
+        optimizer,
+        num_warmup_steps=cfg.optim.warmup_steps * world,
+        num_training_steps=cfg.max_steps * world,
+    )
+    return optimizer, scheduler
+
+
+def _loader(cfg: TrainConfig, dataset: Dataset, collate: Any, world: int) -> DataLoader:
+    if len(dataset) == 0:
+        raise ValueError("the method's dataset is empty: there is nothing to train on")
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=cfg.data.num_workers,
+        drop_last=len(dataset) >= cfg.batch_size * world,
+    )
+
+
+def _register_method_state(accelerator: Any, method: Method) -> None:
+    """Make ``accelerator.save_state`` / ``load_state`` write and read ``method_state_<rank>.pt``
+    on every rank (accelerate's own custom objects are saved by the main process only)."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def save(models: Any, weights: Any, folder: str) -> None:
+        states = method.state()
+        if states:
+            saved = {name: states[name].state_dict() for name in sorted(states)}
+            torch.save(saved, Path(folder) / f"method_state_{rank}.pt")
+
+    def load(models: Any, folder: str) -> None:
+        states, found = method.state(), sorted(Path(folder).glob("method_state_*.pt"))
+        if not states and not found:
+            return
+        if not found:
+            raise ValueError(
+                f"{folder} has no method state, and the method keeps {sorted(states)}: it was written "
+                "by a run that did not save them, and resuming would restart them"
+            )
+        if len(found) != world:
+            raise ValueError(
+                f"{folder} holds the method state of {len(found)} processes, this run has {world}: "
+                "each rank's state is its own, resume with as many processes"
+            )
+        # trusted as accelerate's own custom states are: a checkpoint this run's code wrote
+        saved = torch.load(Path(folder) / f"method_state_{rank}.pt", map_location="cpu", weights_only=False)
+        if saved.keys() != states.keys():
+            raise ValueError(
+                f"{folder} holds method state {sorted(saved)}, the method keeps {sorted(states)}"
+            )
+        for name in sorted(states):
+            states[name].load_state_dict(saved[name])
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def _resume(run: _Run) -> None:
+    path = _resume_path(run.cfg)
+    if path is None:
+        return
+    run.accelerator.load_state(str(path))
+    saved = json.loads((path / "trainer_state.json").read_text())
+    run.step = run.saved_step = saved["global_step"]
+    # checkpoints from before micro_batches: one loader batch per micro-batch
+    run.loader_batches = saved.get("loader_batches", run.step * run.cfg.gradient_accumulation_steps)
+    run.accelerator.print(f"resumed from {path} at step {run.step}")
+
+
+def _train(run: _Run) -> None:
+    """Epochs of loader batches until ``max_steps``, from where a resume left off."""
+    cfg, accelerator = run.cfg, run.accelerator
+    while run.step < cfg.max_steps:
+        epoch, skip = divmod(run.loader_batches, len(run.loader))
+        for has_epoch in (run.loader, run.dataset):
+            if hasattr(has_epoch, "set_epoch"):
+                has_epoch.set_epoch(epoch)
+        for batch in accelerator.skip_first_batches(run.loader, skip) if skip else run.loader:
+            run.loader_batches += 1
+            run.samples += cfg.batch_size * accelerator.num_processes
+            _train_on(run, batch)
+            every = cfg.checkpoint_every
+            due = run.step // every > run.saved_step // every or run.step == cfg.max_steps
+            # only here, with no window open, can a resumed run redo exactly what follows
+            if due and run.step > run.saved_step and run.micro == 0:
+                _checkpoint(run)
+            if run.step >= cfg.max_steps:
+                return
+
+
+def _train_on(run: _Run, batch: Any) -> None:
+    """Every micro-batch the method makes of one loader batch, until ``max_steps``."""
+    cfg, accelerator = run.cfg, run.accelerator
+    micro_batches = iter(run.method.micro_batches(batch, run.step))
+    while run.step < cfg.max_steps:
+        # the method's random draws (rollouts, noise, timesteps, caption dropout) are a function
+        # of (seed, step, micro-batch, rank): resuming reproduces them whatever ran before
+        torch.manual_seed(_draw_seed(cfg.seed, run.step, run.micro, accelerator.process_index))
+        micro_batch = next(micro_batches, _END)
+        if micro_batch is _END:
+            return
+        run.micro += 1
+        run.module.train()
+        with accelerator.accumulate(run.module):
+            loss, metrics = run.method.step(micro_batch)
+            accelerator.backward(loss)
+            if (
+                accelerator.sync_gradients
+                and cfg.optim.max_grad_norm is not None
+                and cfg.optim.name != "adafactor"
+            ):
+                accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        run.window.append({**metrics, "loss": float(loss.detach())})
+        if accelerator.sync_gradients:
+            _after_optimizer_step(run)
+
+
+def _after_optimizer_step(run: _Run) -> None:
+    """EMA, the method's hook, then logging and validation when due."""
+    cfg = run.cfg
+    run.micro = 0
+    run.step += 1
+    if run.ema is not None:
+        run.ema.step(run.params)
+    run.method.on_optimizer_step(run.step)
+    run.progress.update(1)
+    if run.step % cfg.log_every == 0 or run.step == cfg.max_steps:
+        _log(run)
+    if cfg.validation_every and cfg.validation_prompts and run.step % cfg.validation_every == 0:
+        _validate(run.accelerator, run.method, cfg, run.step, run.ema, run.params)
+
+
+def _log(run: _Run) -> None:
+    accelerator = run.accelerator
+    run.last = _reduce(accelerator, run.window)
+    run.last.update(lr=run.scheduler.get_last_lr()[0], step=run.step,
+                    samples_per_second=run.samples / (time.perf_counter() - run.started),
+                    dropped_samples=float(run.method.dropped_samples()))  # fmt: skip
+    run.window.clear()
+    run.progress.set_postfix(
+        loss=f"{run.last['loss']:.4g}", samples_s=f"{run.last['samples_per_second']:.2f}"
+    )
+    if accelerator.is_main_process:
+        with (run.cfg.output_dir / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(run.last) + "\n")
+    accelerator.log(run.last, step=run.step)
 
 
 def _draw_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -322,17 +504,30 @@ def _with_ema(ema: Any, params: list[torch.nn.Parameter], fn: Any) -> None:
         ema.restore(params)
 
 
-def _checkpoint(
-    accelerator: Any, method: Method, cfg: TrainConfig, step: int, ema: Any, params: list
-) -> None:
-    path = cfg.output_dir / "checkpoints" / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
+def _checkpoint(run: _Run) -> None:
+    """checkpoint-N: accelerate's state (with every rank's method state), the export and where the
+    loop is. Written as checkpoint-N.partial and renamed when complete: a run killed while saving
+    resumes from the checkpoint before."""
+    accelerator, cfg = run.accelerator, run.cfg
+    path = cfg.output_dir / "checkpoints" / f"checkpoint-{run.step}"
+    partial = path.with_name(f"{path.name}.partial")
+    if accelerator.is_main_process and partial.exists():  # left by a run killed while saving
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
     if accelerator.is_main_process:
-        _with_ema(ema, params, lambda: method.export(path / "export"))
-        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        _with_ema(run.ema, run.params, lambda: run.method.export(partial / "export"))
+        position = {"global_step": run.step, "loader_batches": run.loader_batches}
+        (partial / "trainer_state.json").write_text(json.dumps(position))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if path.exists():  # a run started afresh in the same folder
+            shutil.rmtree(path)
+        partial.rename(path)
         for old in checkpoints(cfg.output_dir)[: -cfg.keep_checkpoints]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+    run.saved_step = run.step
 
 
 def _validate(accelerator: Any, method: Method, cfg: TrainConfig, step: int, ema: Any, params: list) -> None:
