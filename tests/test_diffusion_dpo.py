@@ -194,6 +194,25 @@ def test_resume_restores_optimizer_scheduler_and_step(tiny_pipelines, pairs: Pat
         torch.testing.assert_close(a["state"][k]["exp_avg_sq"], b["state"][k]["exp_avg_sq"])
 
 
+def test_a_resumed_kldo_run_continues_its_running_average(
+    tiny_pipelines, pairs: Path, tmp_path: Path
+) -> None:
+    """KLDO's running denominator is method state: resuming from checkpoint-2 gives the losses of
+    the uninterrupted run (a fresh average would change step 3's loss)."""
+    from diffalign.api import train
+
+    args = ["max_steps=4", "checkpoint_every=2", "objective={name: kldo, beta: 500}"]
+    train(config(*overrides(tiny_pipelines["sd"], pairs, tmp_path / "full", *args)))
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "checkpoint-2", cut / "checkpoints" / "checkpoint-2")
+    train(config(*overrides(tiny_pipelines["sd"], pairs, cut, *args, "resume_from=latest")))
+    full = [
+        json.loads(line)["loss"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    ]
+    resumed = [json.loads(line)["loss"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert resumed == full[2:]
+
+
 def test_bad_data_is_named_or_skipped(tiny_pipelines, pairs: Path, tmp_path: Path) -> None:
     from diffalign.api import train
 

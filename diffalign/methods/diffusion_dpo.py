@@ -50,7 +50,7 @@ from diffalign.objectives import (
     soft_preference_probs,
 )
 from diffalign.training.config import TrainConfig
-from diffalign.training.loop import Method
+from diffalign.training.loop import Method, Stateful
 
 
 @dataclass
@@ -168,6 +168,10 @@ class DiffusionDPO(Method):
 
     def dropped_samples(self) -> int:
         return self._dataset.skipped if self._dataset is not None else 0
+
+    def state(self) -> dict[str, Stateful]:
+        """A stateful objective's state (KLDO's running denominator), kept by checkpoints."""
+        return {"objective": self.objective} if hasattr(self.objective, "state_dict") else {}
 
     def step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         policy = self.policy
