@@ -16,4 +16,4 @@ def train(config: TrainConfig | str | Path, overrides: Sequence[str] = ()) -> Tr
     from diffalign.methods import get_method
 
     cfg = config if isinstance(config, TrainConfig) else load_config(TrainConfig, config, overrides)
-    return run_training(cfg, get_method(cfg.method)(cfg))
+    return run_training(get_method(cfg.method)(cfg))

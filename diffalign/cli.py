@@ -3,6 +3,7 @@
 ``diffalign selfcheck [--config FILE] [key=value ...]`` trains a toy policy with every
 registered objective and fails when one of them does not align it.
 ``diffalign objectives`` lists the registered objectives with their hyper-parameters.
+``diffalign methods`` lists the methods with the values they give the keys a config leaves unset.
 ``diffalign train --config FILE [key=value ...]`` trains a method (as ``scripts/train.py``).
 ``diffalign demo [--method M] [--objective O] [key=value ...]`` pretrains (or loads) the demo
 world's base model, aligns it and writes a report (as ``scripts/demo.py``).
@@ -81,6 +82,29 @@ def _objectives(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods(args: argparse.Namespace) -> int:
+    from diffalign.methods import METHODS, get_method
+
+    def dotted(values: dict, prefix: str = "") -> list[str]:
+        return [
+            line
+            for key, value in values.items()
+            for line in (
+                dotted(value, f"{prefix}{key}.")
+                if isinstance(value, dict) and key != "objective"
+                else [f"{prefix}{key}={value}"]
+            )
+        ]
+
+    for name in METHODS:
+        cls = get_method(name)
+        summary = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        print(f"{name}: {summary}")
+        for line in dotted(dict(cls.defaults)):
+            print(f"  {line}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="diffalign", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.set_defaults(func=_demo)
     p = sub.add_parser("objectives", help="list the registered objectives and their defaults")
     p.set_defaults(func=_objectives)
+    p = sub.add_parser("methods", help="list the methods and their defaults for unset config keys")
+    p.set_defaults(func=_methods)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

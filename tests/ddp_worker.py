@@ -28,7 +28,7 @@ def main() -> None:
     ])  # fmt: skip
     method = get_method(cfg.method)(cfg)
     initial = torch.cat([p.detach().flatten() for p in method.policy.unet.parameters()]).clone()
-    result = run_training(cfg, method)
+    result = run_training(method)
     state = PartialState()
     weights = torch.cat([p.detach().flatten() for p in method.policy.unet.parameters()])
     record = {

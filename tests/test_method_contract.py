@@ -128,7 +128,8 @@ def _cfg(out: Path, *, max_steps: int, checkpoint_every: int, **extra: object) -
         method="online", model=ModelConfig(pretrained="none"), data=DataConfig(path=Path("none")),
         output_dir=out, max_steps=max_steps, batch_size=2, checkpoint_every=checkpoint_every,
         keep_checkpoints=10, log_every=1, report_to=[],
-        optim=OptimConfig(lr=1e-2, scale_lr=False, schedule="constant", warmup_steps=0), **extra,
+        optim=OptimConfig(lr=1e-2, scale_lr=False, weight_decay=0.0, schedule="constant", warmup_steps=0),
+        **extra,
     )  # fmt: skip
 
 
@@ -155,7 +156,7 @@ def test_a_killed_online_run_resumes_bit_identical(tmp_path: Path, where: str) -
     """SIGKILL at a random step (after its hook, or while its checkpoint is being written), then
     ``resume_from: latest``: policy, lagged copy and replay buffer equal the uninterrupted run's."""
     full = Online(_cfg(tmp_path / "full", max_steps=20, checkpoint_every=5))
-    run_training(full.cfg, full)
+    run_training(full)
     # checkpoint-15 holds the state after hook 15, which synced the lagged copy
     at_15 = tmp_path / "full" / "checkpoints" / "checkpoint-15"
     lagged = torch.load(at_15 / "method_state_0.pt")["lagged"]
@@ -173,7 +174,7 @@ def test_a_killed_online_run_resumes_bit_identical(tmp_path: Path, where: str) -
     expected = [f"checkpoint-{s}" for s in range(5, latest + 1, 5)]
     assert names == sorted(expected + ([f"checkpoint-{kill_at}.partial"] if where == "while_saving" else []))
     resumed = Online(_cfg(out, max_steps=20, checkpoint_every=5, resume_from="latest"))
-    assert run_training(resumed.cfg, resumed).global_step == 20
+    assert run_training(resumed).global_step == 20
     assert resumed.hook_steps == list(range(latest + 1, 21)), kill_at
     _assert_identical(_final(resumed), _final(full))  # killed at kill_at
     assert all(_losses(out)[s] == loss for s, loss in _losses(tmp_path / "full").items())
@@ -185,11 +186,11 @@ def test_a_killed_online_run_resumes_bit_identical(tmp_path: Path, where: str) -
     shutil.copytree(out / "checkpoints" / f"checkpoint-{latest}", bare)
     (bare / "method_state_0.pt").unlink()
     stateless = Stateless(_cfg(tmp_path / "bare", max_steps=20, checkpoint_every=5, resume_from="latest"))
-    run_training(stateless.cfg, stateless)
+    run_training(stateless)
     assert not torch.equal(stateless.policy.weight, full.policy.weight)
     cfg = _cfg(tmp_path / "bare", max_steps=25, checkpoint_every=5, resume_from="latest")
     with pytest.raises(ValueError, match=r"has no method state, and the method keeps \['buffer', 'lagged'\]"):
-        run_training(cfg, Online(cfg))
+        run_training(Online(cfg))
 
 
 def test_several_micro_batches_per_loader_batch(tmp_path: Path) -> None:
@@ -197,7 +198,7 @@ def test_several_micro_batches_per_loader_batch(tmp_path: Path) -> None:
     loader batches, one epoch being 5), windows straddle loader batches and the epoch's end, and
     checkpoints are written at the loader-batch ends that close a window; resuming is exact."""
     full = Rollouts(_cfg(tmp_path / "full", max_steps=9, checkpoint_every=1, gradient_accumulation_steps=2))
-    assert run_training(full.cfg, full).global_step == 9
+    assert run_training(full).global_step == 9
     assert full.hook_steps == list(range(1, 10))
     assert full.micro_windows == [s for s in range(9) for _ in range(2)]
     assert full.batch_steps == [0, 1, 3, 4, 6, 7]
@@ -216,7 +217,7 @@ def test_several_micro_batches_per_loader_batch(tmp_path: Path) -> None:
             resume_from="latest",
         )
     )
-    run_training(resumed.cfg, resumed)
+    run_training(resumed)
     assert resumed.batch_steps == [3, 4, 6, 7] and resumed.hook_steps == list(range(4, 10))
     _assert_identical(_final(resumed), _final(full))
 
@@ -238,7 +239,7 @@ def test_kldo_resumes_with_its_running_average(tmp_path: Path) -> None:
             "batch_size=4", "checkpoint_every=3", "log_every=1", "optim.lr=1e-2", "report_to=[]", *extra,
         ])  # fmt: skip
         trained = method(cfg)
-        run_training(cfg, trained)
+        run_training(trained)
         return trained
 
     full = train(tmp_path / "full")
@@ -300,7 +301,7 @@ def _worker(argv: list[str]) -> None:
         args.out, max_steps=args.max_steps, checkpoint_every=5, resume_from="latest" if args.resume else None
     )
     method = Online(cfg, args.kill_at, args.kill_while_saving)
-    run_training(cfg, method)
+    run_training(method)
     from accelerate import PartialState
 
     torch.save(_final(method), args.out / f"final-{PartialState().process_index}.pt")

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
 
 from diffalign.demo.pretrain import PretrainConfig, base_folder, pretrained_base, trained_classifier
 from diffalign.demo.world import prompts
@@ -103,32 +102,26 @@ def _annotate(
     return {"pairs": len(rows), "ties": ties, "label_noise": disagree / max(1, len(rows) - ties)}
 
 
-def _curve(values: list[float], path: Path, title: str) -> None:
-    """A plain line plot with PIL (no plotting dependency)."""
-    w, h, pad = 480, 240, 30
-    image = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((pad, 5), title, fill="black")
-    if len(values) >= 2:
-        lo, hi = min(values), max(values)
-        span = hi - lo or 1.0
-        points = [
-            (pad + i * (w - 2 * pad) / (len(values) - 1), h - pad - (v - lo) / span * (h - 2 * pad))
-            for i, v in enumerate(values)
-        ]
-        draw.line(points, fill="navy", width=2)
-        draw.text((2, pad - 10), f"{hi:.3g}", fill="black")
-        draw.text((2, h - pad), f"{lo:.3g}", fill="black")
-    draw.rectangle([pad, pad, w - pad, h - pad], outline="grey")
-    image.save(path)
+def _curve(log: list[dict], key: str, path: Path, title: str) -> None:
+    """``key`` of the logged metrics against the optimiser step, as a PNG at ``path``."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+
+    points = [(m["step"], m[key]) for m in log if key in m]
+    fig = Figure(figsize=(6, 3), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 30 else None)
+    ax.set(title=title, xlabel="optimiser step", ylabel=key)
+    ax.grid(alpha=0.3)
+    fig.savefig(path)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.api import train
     from diffalign.config import load_config, packaged_config
     from diffalign.diffusion.policy import DiffusionPolicy
+    from diffalign.methods import get_method
     from diffalign.rewards import load_reward
-    from diffalign.training.config import TrainConfig
+    from diffalign.training.config import TrainConfig, with_method_defaults
 
     started = time.perf_counter()
     try:
@@ -142,6 +135,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         f"model.pretrained={base_path}", f"data.path={data}", f"output_dir={out / 'training'}",
         f"seed={cfg.seed}", *cfg.train_overrides,
     ])  # fmt: skip
+    train_cfg = with_method_defaults(train_cfg, train_cfg.method, get_method(train_cfg.method).defaults)
     out.mkdir(parents=True, exist_ok=True)
     pretrained_base(cfg.pretrain)
     classifier, classifier_accuracy = trained_classifier(cfg.pretrain.seed, cfg.classifier_steps)
@@ -214,9 +208,8 @@ def _plots(cfg: DemoConfig, measured: dict, log: list[dict]) -> None:
     pair = (measured["base"].images, measured["aligned"].images)
     rows = [imgs[i * per : i * per + k] for i in range(len(cfg.held_out_prompts)) for imgs in pair]
     save_grid(rows, out / "before_after.png", scale=4)
-    _curve([m["loss"] for m in log], out / "loss.png", "training loss")
-    margins = [m["rewards/margins"] for m in log if "rewards/margins" in m]
-    _curve(margins, out / "reward_margin.png", "implicit reward margin")
+    _curve(log, "loss", out / "loss.png", "training loss")
+    _curve(log, "rewards/margins", out / "reward_margin.png", "implicit reward margin")
 
 
 def _load_export(policy: Any, export: Path) -> None:

@@ -31,7 +31,16 @@ from torch import Tensor
 
 from diffalign.images import masked_for_inpainting
 
-__all__ = ["Conditioning", "DiffusionPolicy", "InpaintInputs", "attention_backend_available"]
+__all__ = [
+    "UNET_ATTENTION_PROJECTIONS",
+    "Conditioning",
+    "DiffusionPolicy",
+    "InpaintInputs",
+    "attention_backend_available",
+]
+
+UNET_ATTENTION_PROJECTIONS = ("to_k", "to_q", "to_v", "to_out.0")
+"""The UNet modules diffusers' LoRA training scripts adapt: each attention's projections."""
 
 
 @dataclass
@@ -258,16 +267,17 @@ class DiffusionPolicy:
         self,
         rank: int = 4,
         alpha: float | None = None,
-        target_modules: Sequence[str] | None = None,
+        target_modules: Sequence[str] = UNET_ATTENTION_PROJECTIONS,
         init: str | bool = "gaussian",
     ) -> None:
         """Freeze the UNet and add trainable LoRA adapters (peft) to ``target_modules``, by default its
-        attention projections (``to_k``, ``to_q``, ``to_v``, ``to_out.0``, as diffusers' scripts)."""
+        attention projections (as diffusers' LoRA scripts)."""
         from peft import LoraConfig
 
         self.unet.requires_grad_(False)
-        targets = list(target_modules or ("to_k", "to_q", "to_v", "to_out.0"))
-        config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights=init, target_modules=targets)
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha or rank, init_lora_weights=init, target_modules=list(target_modules)
+        )
         self.unet.add_adapter(config)
 
     @property

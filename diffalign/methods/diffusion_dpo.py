@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch.utils.data import Dataset
@@ -41,7 +41,7 @@ from diffalign.config import build
 from diffalign.data.pairs import PreferencePairDataset, collate_pairs
 from diffalign.data.preference import read_preference_pairs
 from diffalign.diffusion.likelihood import denoising_logp
-from diffalign.diffusion.policy import Conditioning, DiffusionPolicy
+from diffalign.diffusion.policy import UNET_ATTENTION_PROJECTIONS, Conditioning, DiffusionPolicy
 from diffalign.diffusion.sampling import check_sampling, sample_with_trajectory
 from diffalign.objectives import (
     check_objective_inputs,
@@ -87,8 +87,18 @@ _INPUT_HINTS = {
 
 
 class DiffusionDPO(Method):
+    # the official SD1.5 script's (train.py; launchers/sd15.sh): beta 5000, lr 1e-8 per sample
+    # scaled by the batch, 500 warmup steps, 20% empty prompts, center crop with flips at 512
+    defaults: ClassVar[dict[str, Any]] = {
+        "objective": {"name": "dpo", "beta": 5000.0},
+        "optim": {"lr": 1e-8, "scale_lr": True, "weight_decay": 1e-2, "warmup_steps": 500},
+        "data": {"resolution": 512, "random_crop": False, "hflip": True, "caption_dropout": 0.2},
+        "model": {"lora": {"target_modules": list(UNET_ATTENTION_PROJECTIONS)}},
+    }
+
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
+        cfg = self.cfg  # with the defaults above filled in
         self.options = build(DiffusionDPOOptions, cfg.method_options, source="method_options")
         self.objective = get_objective(**cfg.objective)
         # the data first: an objective the pairs cannot feed is refused before any model loads

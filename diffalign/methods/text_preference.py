@@ -32,7 +32,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import Dataset
@@ -63,8 +63,17 @@ class TextPreferenceOptions:
 
 
 class TextPreference(Method):
+    # TRL's DPOConfig (beta 0.1, lr 1e-6, no warmup, no weight decay, lr unscaled); LoRA on every
+    # linear layer, peft's and TRL's usual choice for causal LMs
+    defaults: ClassVar[dict[str, Any]] = {
+        "objective": {"name": "dpo", "beta": 0.1},
+        "optim": {"lr": 1e-6, "scale_lr": False, "weight_decay": 0.0, "warmup_steps": 0},
+        "model": {"lora": {"target_modules": ["all-linear"]}},
+    }
+
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
+        cfg = self.cfg  # with the defaults above filled in
         self.options = build(TextPreferenceOptions, cfg.method_options, source="method_options")
         self.objective = get_objective(**cfg.objective)
         # the data first: an objective the rows cannot feed is refused before any model loads
@@ -128,7 +137,7 @@ class TextPreference(Method):
             # the new adapter trains on base + merged adapter: exports must name that as their base
             model.name_or_path = str(save_starting_point(model, self.tokenizer, self.cfg.output_dir))
         lora = self.cfg.model.lora
-        targets = lora.target_modules or ["all-linear"]  # TRL's and peft's usual choice for causal LMs
+        targets = lora.target_modules
         return get_peft_model(model, LoraConfig(
             r=lora.rank, lora_alpha=lora.alpha or lora.rank, task_type="CAUSAL_LM",
             target_modules="all-linear" if targets == ["all-linear"] else targets,

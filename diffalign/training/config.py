@@ -2,15 +2,38 @@
 
 Method-specific settings live in ``method_options`` and are checked by the method's own
 options dataclass; the objective is ``objective: {name: ..., **hyper-parameters}``.
+
+Keys whose right value depends on the method (the objective and its beta, the learning rate and
+its scaling, warmup, weight decay, LoRA targets, the image-only data keys) default to unset here;
+:func:`with_method_defaults` fills them from the method's ``defaults`` (``Method.__init__`` calls
+it), and refuses one that is set when the method does not use it.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["DataConfig", "LoraSettings", "ModelConfig", "OptimConfig", "TrainConfig"]
+__all__ = [
+    "DataConfig",
+    "LoraSettings",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "with_method_defaults",
+]
+
+_BY_METHOD = "method_default"  # metadata key: "loop" (the loop reads it: must end set) or "method"
+
+
+def _by_method(help: str, read_by: Literal["loop", "method"] = "method") -> dict[str, str]:
+    """The metadata of a field left unset (None) in the shared config and filled from the
+    method's defaults."""
+    return {"help": f"{help} (unset: the method's default)", _BY_METHOD: read_by}
 
 
 @dataclass
@@ -18,11 +41,7 @@ class LoraSettings:
     rank: int = field(default=4, metadata={"help": "LoRA rank"})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)"})
     target_modules: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "modules to adapt (default: the method's; the UNet's attention projections for "
-            "diffusion, every linear layer ([all-linear]) for text)"
-        },
+        default=None, metadata=_by_method("modules to adapt ([all-linear]: every linear layer)")
     )
 
 
@@ -61,11 +80,15 @@ class DataConfig:
         }
     )
     split: str = field(default="train", metadata={"help": "split of a datasets folder or hub dataset"})
-    resolution: int = field(default=512, metadata={"help": "training image size (short side, then cropped)"})
-    random_crop: bool = field(default=False, metadata={"help": "random instead of center crop"})
-    hflip: bool = field(default=True, metadata={"help": "random horizontal flip (same for both images)"})
-    caption_dropout: float = field(
-        default=0.2, metadata={"help": "probability of training on the empty prompt"}
+    resolution: int | None = field(
+        default=None, metadata=_by_method("training image size (short side, then cropped)")
+    )
+    random_crop: bool | None = field(default=None, metadata=_by_method("random instead of center crop"))
+    hflip: bool | None = field(
+        default=None, metadata=_by_method("random horizontal flip (same for both images)")
+    )
+    caption_dropout: float | None = field(
+        default=None, metadata=_by_method("probability of training on the empty prompt")
     )
     ties: Literal["drop", "half"] = field(
         default="drop", metadata={"help": "drop tied pairs (official) or keep"}
@@ -80,19 +103,23 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "adamw8bit", "adafactor"] = field(default="adamw", metadata={"help": "optimiser"})
-    lr: float = field(default=1e-8, metadata={"help": "learning rate (per sample when scale_lr)"})
-    scale_lr: bool = field(
-        default=True,
-        metadata={"help": "multiply lr by world size x accumulation x batch, as the official scripts"},
+    lr: float | None = field(
+        default=None, metadata=_by_method("learning rate (per sample when scale_lr)", "loop")
     )
-    weight_decay: float = field(default=1e-2, metadata={"help": "weight decay"})
+    scale_lr: bool | None = field(
+        default=None,
+        metadata=_by_method(
+            "multiply lr by world size x accumulation x batch (the official Diffusion-DPO scripts do)", "loop"
+        ),
+    )
+    weight_decay: float | None = field(default=None, metadata=_by_method("weight decay", "loop"))
     betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"help": "Adam betas"})
     eps: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "gradient clipping (none: off)"})
     schedule: Literal["constant", "constant_with_warmup", "cosine"] = field(
         default="constant_with_warmup", metadata={"help": "learning-rate schedule"}
     )
-    warmup_steps: int = field(default=500, metadata={"help": "warmup optimiser steps"})
+    warmup_steps: int | None = field(default=None, metadata=_by_method("warmup optimiser steps", "loop"))
 
 
 @dataclass
@@ -101,9 +128,8 @@ class TrainConfig:
     model: ModelConfig = field(metadata={"help": "model section"})
     data: DataConfig = field(metadata={"help": "data section"})
     output_dir: Path = field(default=Path("outputs/run"), metadata={"help": "checkpoints, exports, logs"})
-    objective: dict[str, Any] = field(
-        default_factory=lambda: {"name": "dpo", "beta": 5000.0},
-        metadata={"help": "objective name and hparams"},
+    objective: dict[str, Any] | None = field(
+        default=None, metadata=_by_method("objective name and hparams ({name: dpo, beta: 0.1})")
     )
     method_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "the method's own options"}
@@ -149,5 +175,38 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if "name" not in self.objective:
-            raise ValueError("objective needs a 'name' (e.g. {name: dpo, beta: 5000})")
+        if self.objective is not None and "name" not in self.objective:
+            raise ValueError("objective needs a 'name' (e.g. {name: dpo, beta: 0.1})")
+
+
+def with_method_defaults(cfg: TrainConfig, method: str, defaults: Mapping[str, Any]) -> TrainConfig:
+    """A copy of ``cfg`` whose unset method-dependent keys take ``defaults`` (a nested mapping
+    of config keys, e.g. ``{"optim": {"lr": 1e-8}}``: the method's ``defaults``).
+
+    A section the config leaves out (``model.lora`` without LoRA) stays out.
+
+    Raises:
+        ValueError: naming the dotted key, when a key the method has no default for is set (the
+            method does not use it: ``data.resolution`` on a text method), or a key the loop reads
+            stays unset.
+    """
+    cfg = copy.deepcopy(cfg)
+    _fill(cfg, defaults, method, "")
+    return cfg
+
+
+def _fill(section: Any, defaults: Mapping[str, Any], method: str, prefix: str) -> None:
+    for f in dataclasses.fields(section):
+        key, value, default = f"{prefix}{f.name}", getattr(section, f.name), defaults.get(f.name)
+        if dataclasses.is_dataclass(value):
+            _fill(value, default or {}, method, f"{key}.")
+            continue
+        read_by = f.metadata.get(_BY_METHOD)
+        if read_by is None:
+            continue
+        if value is None and default is not None:
+            setattr(section, f.name, copy.deepcopy(default))
+        elif value is not None and default is None and read_by == "method":
+            raise ValueError(f"{key} is set, but method {method} does not use it: remove it")
+        elif value is None and read_by == "loop":
+            raise ValueError(f"{key} is unset and method {method} has no default for it: set it")

@@ -40,10 +40,10 @@ import re
 import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from diffalign.config import to_dict
 from diffalign.images import save_grid
-from diffalign.training.config import OptimConfig, TrainConfig
+from diffalign.training.config import OptimConfig, TrainConfig, with_method_defaults
 
 __all__ = ["Method", "Stateful", "TrainResult", "run_training"]
 
@@ -70,15 +70,22 @@ class Stateful(Protocol):
 class Method(ABC):
     """A recipe: what to train, on which data, with which loss. The loop does the rest.
 
-    ``Method.__init__`` seeds every random generator from ``cfg.seed`` (the same on every rank),
-    and subclasses call it first: whatever a recipe builds before the loop (LoRA adapters, heads,
-    copies, samplers) is then a function of the config alone, whatever ran before in the process.
+    ``Method.__init__`` fills the config's unset method-dependent keys from :attr:`defaults`
+    into ``self.cfg`` (a copy: the caller's config is left as it was; a key the method does not
+    use is refused), and seeds every random generator from ``cfg.seed`` (the same on every rank).
+    Subclasses call it first and read ``self.cfg``: whatever a recipe builds before the loop (LoRA
+    adapters, heads, copies, samplers) is then a function of the config alone, whatever ran before
+    in the process.
     """
+
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    """The method's values of the keys the shared config leaves unset, as nested config keys
+    (``{"objective": {...}, "optim": {"lr": ...}}``); see :func:`with_method_defaults`."""
 
     def __init__(self, cfg: TrainConfig) -> None:
         from accelerate.utils import set_seed
 
-        self.cfg = cfg
+        self.cfg = with_method_defaults(cfg, cfg.method, self.defaults)
         set_seed(cfg.seed)
 
     @abstractmethod
@@ -210,13 +217,14 @@ class _Run:
     progress: Any = None
 
 
-def run_training(cfg: TrainConfig, method: Method) -> TrainResult:
-    """Train ``method`` for ``cfg.max_steps`` optimiser steps (from a checkpoint when
+def run_training(method: Method) -> TrainResult:
+    """Train ``method`` for ``method.cfg.max_steps`` optimiser steps (from a checkpoint when
     ``cfg.resume_from`` names one) and return the last logged metrics.
 
     Raises ValueError when the method has nothing to train or its data is empty, and when a
     checkpoint's method state does not fit the method or the number of processes.
     """
+    cfg = method.cfg
     accelerator, trackers = _accelerator(cfg)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
