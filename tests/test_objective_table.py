@@ -107,7 +107,7 @@ def build(method: str, objective: dict[str, Any], kind: str, data: dict[str, Any
     cfg = TrainConfig(
         method=method,
         model=ModelConfig(pretrained=model),
-        data=DataConfig(path=path, resolution=32),
+        data=DataConfig(path=path, resolution=32 if method == "diffusion_dpo" else None),
         objective=objective,
         method_options=options,
         output_dir=data["out"],

@@ -20,6 +20,16 @@ import torch
 
 __all__ = ["SD15_UNET_CONFIG", "build_tiny_pipeline", "tiny_text_encoder", "tiny_tokenizer"]
 
+SD_DDIM_SCHEDULE = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+}
+"""Stable Diffusion's DDIM scheduler config (its ``scheduler_config.json``), that of every tiny pipeline."""
+
 SD15_UNET_CONFIG = {
     "sample_size": 64,
     "in_channels": 4,
@@ -106,14 +116,7 @@ def build_tiny_pipeline(
     torch.manual_seed(seed)
     vae = _tiny_vae(sample_size)
     scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-        **(scheduler_options or {}),
+        **{**SD_DDIM_SCHEDULE, "prediction_type": prediction_type, **(scheduler_options or {})}
     )
     unet_kwargs = dict(unet_config) if unet_config is not None else _tiny_unet_kwargs(kind, sample_size)
     # SDXL: two 16-d encoders whose hidden states are concatenated to the UNet's 32
@@ -124,13 +127,7 @@ def build_tiny_pipeline(
     ]
     torch.manual_seed(seed + 3)
     unet = UNet2DConditionModel(**unet_kwargs)
-    parts = {
-        "vae": vae,
-        "text_encoder": encoders[0],
-        "tokenizer": tokenizer,
-        "unet": unet,
-        "scheduler": scheduler,
-    }
+    parts = dict(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     if kind == "sdxl":
         pipe = StableDiffusionXLPipeline(
             **parts, text_encoder_2=encoders[1], tokenizer_2=tiny_tokenizer(max_length)
