@@ -16,7 +16,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from diffalign.config import add_config_arguments, config_from_args
+from diffalign.config import ConfigError, add_config_arguments, config_from_args
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
@@ -47,11 +47,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     from diffalign.demo.run import DemoConfig, run_demo
 
-    if args.method:
-        args.overrides.append(f"method={args.method}")
+    for key in ("method", "objective"):
+        if getattr(args, key):
+            args.overrides.append(f"{key}={getattr(args, key)}")
     cfg = config_from_args(DemoConfig, args, "diffalign demo")
-    if args.objective:  # kept with the user's own train_overrides, which come after it and win
-        cfg.train_overrides.insert(0, f"objective={{name: {args.objective}}}")
     report = run_demo(cfg)
     keys = (
         "win_rate",
@@ -124,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("demo", help="pretrain a tiny model on the embedded world, align it, evaluate")
     add_config_arguments(p, DemoConfig)
     p.add_argument("--method", default=None, help="method to align with (default: diffusion_dpo)")
-    p.add_argument("--objective", default=None, help="objective name for the method (default: its config's)")
+    p.add_argument("--objective", default=None, help="objective (as objective=...; default: the config's)")
     p.set_defaults(func=_demo)
     p = sub.add_parser("objectives", help="list the registered objectives and their defaults")
     p.set_defaults(func=_objectives)
@@ -135,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except SystemExit as exit_:  # a config error (already reported)
         return int(exit_.code or 0)
+    except ConfigError as err:  # found after parsing (a demo's training overrides, say)
+        print(f"diffalign {args.command}: config error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -112,15 +112,26 @@ def test_demo_command_line_composes_method_and_objective(
     monkeypatch.setattr(demo_run, "run_demo", fake_run)
     args = ["demo", "--method", "diffusion_dpo", "--objective", "ipo", "train_overrides=[optim.lr=1e-6]"]
     assert main(args) == 0
-    # the objective joins the user's own overrides (before them, so that theirs win)
-    assert seen[0].method == "diffusion_dpo" and seen[0].train_overrides == [
-        "objective={name: ipo}",
-        "optim.lr=1e-6",
-    ]
+    assert seen[0].method == "diffusion_dpo" and seen[0].objective == "ipo"
+    assert seen[0].train_overrides == ["optim.lr=1e-6"]
     # bad input fails at once, before minutes of pretraining
     monkeypatch.setenv("DIFFALIGN_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="no demo config for method 'nope'"):
         run_demo(demo_run.DemoConfig(method="nope", output_dir=tmp_path / "out"))
     with pytest.raises(ConfigError, match="bogus"):
         run_demo(demo_run.DemoConfig(output_dir=tmp_path / "out", train_overrides=["bogus=1"]))
+    with pytest.raises(ConfigError, match="objective: unknown objective 'mapo'; did you mean 'mappo'"):
+        run_demo(demo_run.DemoConfig(output_dir=tmp_path / "out", objective="mapo"))
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_swapped_objective_keeps_the_hyper_parameters_it_takes() -> None:
+    from diffalign.demo.run import _swapped_objective
+
+    configured = {"name": "dpo", "beta": 500.0}
+    assert _swapped_objective(configured, "mappo") == {"name": "mappo", "beta": 500.0}
+    assert _swapped_objective(configured, "orpo") == {"name": "orpo"}  # ORPO has no beta
+    assert _swapped_objective({"name": "ipo", "beta": 2.0, "length_normalized": True}, "dpo") == {
+        "name": "dpo",
+        "beta": 2.0,
+    }

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,13 @@ __all__ = ["DemoConfig", "run_demo"]
 class DemoConfig:
     method: str = field(
         default="diffusion_dpo", metadata={"help": "method to align with (configs/demo/<method>.yaml)"}
+    )
+    objective: str | None = field(
+        default=None,
+        metadata={
+            "help": "objective replacing the method config's, which keeps the config's hyper-parameters "
+            "it takes (beta); train_overrides still win (none: the config's objective)"
+        },
     )
     output_dir: Path = field(default=Path("outputs/demo"), metadata={"help": "report folder"})
     seed: int = field(default=0, metadata={"help": "seed of sampling, annotation and training"})
@@ -117,7 +124,7 @@ def _curve(log: list[dict], key: str, path: Path, title: str) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.api import train
-    from diffalign.config import load_config, packaged_config
+    from diffalign.config import ConfigError, load_config, packaged_config
     from diffalign.diffusion.policy import DiffusionPolicy
     from diffalign.methods import get_method
     from diffalign.rewards import load_reward
@@ -131,10 +138,18 @@ def run_demo(cfg: DemoConfig) -> dict:
     out, base_path = cfg.output_dir, base_folder(cfg.pretrain)
     data = out / "data" / "pairs.jsonl"
     # loaded first so that a wrong key fails now, not after minutes of pretraining
-    train_cfg = load_config(TrainConfig, config_file, [
+    demo_keys = [
         f"model.pretrained={base_path}", f"data.path={data}", f"output_dir={out / 'training'}",
-        f"seed={cfg.seed}", *cfg.train_overrides,
-    ])  # fmt: skip
+        f"seed={cfg.seed}",
+    ]  # fmt: skip
+    if cfg.objective is not None:
+        configured = load_config(TrainConfig, config_file, demo_keys).objective or {}
+        try:
+            swapped = _swapped_objective(configured, cfg.objective)
+        except KeyError as err:
+            raise ConfigError(f"objective: {err.args[0]}") from err
+        demo_keys.append(f"objective={json.dumps(swapped)}")
+    train_cfg = load_config(TrainConfig, config_file, [*demo_keys, *cfg.train_overrides])
     train_cfg = with_method_defaults(train_cfg, train_cfg.method, get_method(train_cfg.method).defaults)
     out.mkdir(parents=True, exist_ok=True)
     pretrained_base(cfg.pretrain)
@@ -169,6 +184,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _swapped_objective(configured: dict[str, Any], name: str) -> dict[str, Any]:
+    """Objective ``name`` with the hyper-parameters of ``configured`` that it takes: the demo's
+    beta suits its likelihood scale, whichever objective it weighs."""
+    from diffalign.objectives import objective_class
+
+    takes = {f.name for f in fields(objective_class(name)) if f.init}
+    return {"name": name, **{k: v for k, v in configured.items() if k in takes and k != "name"}}
 
 
 def _collect_preferences(cfg: DemoConfig, base: Any, reward: Any, data: Path) -> dict:
