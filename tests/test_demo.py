@@ -123,15 +123,3 @@ def test_demo_command_line_composes_method_and_objective(
     with pytest.raises(ConfigError, match="objective: unknown objective 'mapo'; did you mean 'mappo'"):
         run_demo(demo_run.DemoConfig(output_dir=tmp_path / "out", objective="mapo"))
     assert not (tmp_path / "cache").exists()
-
-
-def test_a_swapped_objective_keeps_the_hyper_parameters_it_takes() -> None:
-    from diffalign.demo.run import _swapped_objective
-
-    configured = {"name": "dpo", "beta": 500.0}
-    assert _swapped_objective(configured, "mappo") == {"name": "mappo", "beta": 500.0}
-    assert _swapped_objective(configured, "orpo") == {"name": "orpo"}  # ORPO has no beta
-    assert _swapped_objective({"name": "ipo", "beta": 2.0, "length_normalized": True}, "dpo") == {
-        "name": "dpo",
-        "beta": 2.0,
-    }

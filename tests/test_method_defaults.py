@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from diffalign.cli import main
-from diffalign.config import load_config
+from diffalign.config import ConfigError, load_config
 from diffalign.methods import METHODS, get_method
 from diffalign.training.config import TrainConfig, with_method_defaults
 
@@ -26,8 +26,8 @@ def resolved(method: str, *overrides: str) -> TrainConfig:
 def test_each_method_fills_its_own_defaults() -> None:
     image, text = resolved("diffusion_dpo"), resolved("text_preference")
     # the official Diffusion-DPO launcher's and TRL's DPOConfig's values, not one shared set
-    assert image.objective == {"name": "dpo", "beta": 5000.0}
-    assert text.objective == {"name": "dpo", "beta": 0.1}
+    assert image.objective == {"name": "dpo", "beta": 5000.0, "reference_free": False}
+    assert text.objective == {"name": "dpo", "beta": 0.1, "reference_free": False}
     assert (image.optim.lr, image.optim.scale_lr, image.optim.warmup_steps) == (1e-8, True, 500)
     assert (text.optim.lr, text.optim.scale_lr, text.optim.warmup_steps) == (1e-6, False, 0)
     assert (image.data.resolution, image.data.caption_dropout) == (512, 0.2)
@@ -37,7 +37,8 @@ def test_each_method_fills_its_own_defaults() -> None:
 def test_what_the_config_sets_wins_and_the_callers_config_is_left_alone() -> None:
     cfg = config("diffusion_dpo", "optim.lr=3e-5", "objective={name: ipo, beta: 2.0}")
     filled = with_method_defaults(cfg, "diffusion_dpo", get_method("diffusion_dpo").defaults)
-    assert filled.optim.lr == 3e-5 and filled.objective == {"name": "ipo", "beta": 2.0}
+    assert filled.optim.lr == 3e-5
+    assert filled.objective.items() >= {"name": "ipo", "beta": 2.0, "length_normalized": False}.items()
     assert filled.optim.warmup_steps == 500
     assert cfg.optim.warmup_steps is None and cfg.data.resolution is None
 
@@ -54,12 +55,12 @@ def test_lora_targets_fill_only_a_lora_section_that_is_there() -> None:
 @pytest.mark.parametrize("key", ["data.resolution=64", "data.hflip=false", "data.caption_dropout=0.1"])
 def test_an_image_key_on_a_text_method_is_refused_by_name(key: str) -> None:
     name = key.partition("=")[0]
-    with pytest.raises(ValueError, match=rf"{name} is set, but method text_preference does not use it"):
+    with pytest.raises(ConfigError, match=rf"text_preference: {name} is set, but the method does not use it"):
         resolved("text_preference", key)
 
 
 def test_a_key_the_loop_reads_must_end_set() -> None:
-    with pytest.raises(ValueError, match=r"optim.lr is unset and method bare has no default for it: set it"):
+    with pytest.raises(ConfigError, match=r"method bare: optim.lr is unset and the method has no default"):
         with_method_defaults(config("diffusion_dpo"), "bare", {})
 
 
@@ -88,3 +89,65 @@ def test_shipped_configs_build_with_their_methods_defaults() -> None:
         filled = with_method_defaults(cfg, cfg.method, get_method(cfg.method).defaults)
         unset = [f.name for f in dataclasses.fields(filled.optim) if getattr(filled.optim, f.name) is None]
         assert unset in ([], ["max_grad_norm"]), (path, unset)
+
+
+@pytest.mark.parametrize(
+    ("method", "objective", "expected"),
+    [
+        # a hyper-parameter alone adjusts the method's objective
+        ("diffusion_dpo", "objective.beta=2500", {"name": "dpo", "beta": 2500.0}),
+        # another objective keeps the method's scale where it takes it: beta 5000 on denoising errors
+        ("diffusion_dpo", "objective={name: mappo}", {"name": "mappo", "beta": 5000.0, "base": "dpo"}),
+        ("diffusion_dpo", "objective={name: ipo}", {"name": "ipo", "beta": 5000.0}),
+        # SmPO's beta 2000 is for images: on tokens the text method's 0.1 holds
+        ("text_preference", "objective={name: smoothed_dpo}", {"name": "smoothed_dpo", "beta": 0.1}),
+        # ORPO takes no beta; its own default weight stays
+        ("text_preference", "objective={name: orpo}", {"name": "orpo", "odds_ratio_weight": 0.1}),
+        (
+            "text_preference",
+            "objective={name: smoothed_dpo, beta: 3.0}",
+            {"name": "smoothed_dpo", "beta": 3.0},
+        ),
+    ],
+)
+def test_the_objective_comes_out_whole_with_the_methods_scale(
+    method: str, objective: str, expected: dict
+) -> None:
+    cfg = resolved(method, objective)
+    assert cfg.objective.items() >= expected.items()
+    assert "beta" in expected or "beta" not in cfg.objective
+    # every hyper-parameter is written out: config.json says what trained
+    from diffalign.objectives import objective_class
+
+    fields = {f.name for f in dataclasses.fields(objective_class(expected["name"])) if f.init}
+    assert set(cfg.objective) == {"name", *fields}
+
+
+def test_bad_objectives_and_bad_method_defaults_are_named() -> None:
+    with pytest.raises(ConfigError, match="objective needs a 'name'"):
+        with_method_defaults(config("diffusion_dpo", "objective.beta=3"), "bare", {"optim": {"lr": 1.0}})
+    with pytest.raises(ConfigError, match="unknown objective 'dpoo'"):
+        resolved("diffusion_dpo", "objective={name: dpoo}")
+    with pytest.raises(ConfigError, match="betta"):
+        resolved("diffusion_dpo", "objective.betta=3")
+    loop_keys = {"lr": 1.0, "scale_lr": False, "weight_decay": 0.0, "warmup_steps": 0}
+    with pytest.raises(ConfigError, match=r"method m: its defaults name 'optim.lrr', which is no config key"):
+        with_method_defaults(config("diffusion_dpo"), "m", {"optim": {**loop_keys, "lrr": 1.0}})
+    with pytest.raises(ConfigError, match=r"its defaults set 'max_steps', which the shared config sets"):
+        with_method_defaults(config("diffusion_dpo"), "m", {"optim": loop_keys, "max_steps": 7})
+    with pytest.raises(
+        ConfigError, match=r"method m's defaults: 'optim.lr' must be a finite number, got 'fast'"
+    ):
+        with_method_defaults(config("diffusion_dpo"), "m", {"optim": {**loop_keys, "lr": "fast"}})
+
+
+def test_an_unused_key_is_a_config_error_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config_file = tmp_path / "text.yaml"
+    config_file.write_text("method: text_preference\nmodel: {pretrained: m}\ndata: {path: d}\n")
+    assert main(["train", "--config", str(config_file), "data.resolution=64"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "config error: method text_preference: data.resolution is set, but the method does not use it" in err
+    )

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.config import ConfigError, load_config, packaged_config
     from diffalign.diffusion.policy import DiffusionPolicy
     from diffalign.methods import get_method
+    from diffalign.objectives import objective_spec
     from diffalign.rewards import load_reward
     from diffalign.training.config import TrainConfig, with_method_defaults
 
@@ -144,8 +146,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     ]  # fmt: skip
     if cfg.objective is not None:
         configured = load_config(TrainConfig, config_file, demo_keys).objective or {}
-        try:
-            swapped = _swapped_objective(configured, cfg.objective)
+        try:  # the demo's beta suits its likelihood scale, whichever objective weighs it
+            swapped = objective_spec(cfg.objective, carried=configured)
         except KeyError as err:
             raise ConfigError(f"objective: {err.args[0]}") from err
         demo_keys.append(f"objective={json.dumps(swapped)}")
@@ -158,16 +160,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     reward = load_reward("demo_size")
 
     annotation = _collect_preferences(cfg, base, reward, data)
-    metrics_file = out / "training" / "metrics.jsonl"
-    # the training loop appends (it may resume); a rerun into this folder plots only its own steps
-    earlier = len(metrics_file.read_text().splitlines()) if metrics_file.is_file() else 0
+    if train_cfg.output_dir == out / "training":  # the demo's own: a rerun trains afresh, not on top
+        shutil.rmtree(train_cfg.output_dir, ignore_errors=True)
     result = train(train_cfg)
     aligned = DiffusionPolicy.from_pretrained(base_path)
     export = out / "training" / "checkpoints" / f"checkpoint-{result.global_step}" / "export"
     _load_export(aligned, export)
 
     measured = _evaluate_both(cfg, {"base": base, "aligned": aligned}, reward, classifier.accuracy)
-    _plots(cfg, measured, [json.loads(line) for line in metrics_file.read_text().splitlines()[earlier:]])
+    metrics = (train_cfg.output_dir / "metrics.jsonl").read_text().splitlines()
+    _plots(cfg, measured, [json.loads(line) for line in metrics])
     report = {
         "method": cfg.method,
         "objective": train_cfg.objective,
@@ -184,15 +186,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
-
-
-def _swapped_objective(configured: dict[str, Any], name: str) -> dict[str, Any]:
-    """Objective ``name`` with the hyper-parameters of ``configured`` that it takes: the demo's
-    beta suits its likelihood scale, whichever objective it weighs."""
-    from diffalign.objectives import objective_class
-
-    takes = {f.name for f in fields(objective_class(name)) if f.init}
-    return {"name": name, **{k: v for k, v in configured.items() if k in takes and k != "name"}}
 
 
 def _collect_preferences(cfg: DemoConfig, base: Any, reward: Any, data: Path) -> dict:

@@ -22,6 +22,7 @@ from diffalign.objectives.base import (
     get_objective,
     list_objectives,
     objective_class,
+    objective_spec,
     register_objective,
     soft_preference_probs,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "get_objective",
     "list_objectives",
     "objective_class",
+    "objective_spec",
     "register_objective",
     "rso_rejection_sample",
     "soft_preference_probs",

@@ -28,6 +28,7 @@ into 5e-4 in the logit). Losses come back in that dtype; gradients flow back in 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -352,3 +353,20 @@ def objective_class(name: str) -> type[Objective]:
 def get_objective(name: str, **hparams: Any) -> Objective:
     """Build a registered objective; hyper-parameters are type-checked like config values."""
     return build(objective_class(name), hparams, source=f"objective '{name}'")
+
+
+def objective_spec(name: str, carried: Mapping[str, Any] | None = None, **hparams: Any) -> dict[str, Any]:
+    """Every hyper-parameter of objective ``name``, as a config's ``objective`` mapping: ``hparams``,
+    else those of ``carried`` (another objective's mapping) that ``name`` takes, else its defaults.
+
+    ``carried`` keeps a scale across objectives: Diffusion-DPO's beta 5000 suits the denoising
+    likelihood whichever objective weighs it, where an objective's own default (0.1) suits tokens.
+
+    Raises:
+        KeyError: ``name`` is not registered (naming close matches).
+        ConfigError: a hyper-parameter is unknown or of the wrong type (naming it).
+    """
+    takes = {f.name for f in dataclasses.fields(objective_class(name)) if f.init}
+    kept = {k: v for k, v in (carried or {}).items() if k in takes}
+    objective = get_objective(name, **{**kept, **hparams})
+    return {"name": name, **{k: getattr(objective, k) for k in sorted(takes)}}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,38 +176,70 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.objective is not None and "name" not in self.objective:
-            raise ValueError("objective needs a 'name' (e.g. {name: dpo, beta: 0.1})")
 
 
 def with_method_defaults(cfg: TrainConfig, method: str, defaults: Mapping[str, Any]) -> TrainConfig:
-    """A copy of ``cfg`` whose unset method-dependent keys take ``defaults`` (a nested mapping
-    of config keys, e.g. ``{"optim": {"lr": 1e-8}}``: the method's ``defaults``).
+    """A copy of ``cfg`` whose unset method-dependent keys take ``defaults`` (a nested mapping of
+    config keys, e.g. ``{"optim": {"lr": 1e-8}}``: the method's ``defaults``).
 
-    A section the config leaves out (``model.lora`` without LoRA) stays out.
+    A section the config leaves out (``model.lora`` without LoRA) stays out. The objective comes
+    out whole (:func:`~diffalign.objectives.objective_spec`, so that ``config.json`` says what
+    trained): the config's, where it names one (else the default's name), with the default's
+    hyper-parameters it takes where the config gives none (``objective.beta=2500`` keeps
+    Diffusion-DPO's ``dpo``; ``objective={name: mappo}`` keeps its beta 5000), else its own.
 
     Raises:
-        ValueError: naming the dotted key, when a key the method has no default for is set (the
-            method does not use it: ``data.resolution`` on a text method), or a key the loop reads
-            stays unset.
+        ConfigError: naming the dotted key, when a key the method has no default for is set (the
+            method does not use it: ``data.resolution`` on a text method), a key the loop reads
+            stays unset, the objective has no name or a bad hyper-parameter, or ``defaults`` holds
+            a key that is unknown, not the method's to set, or of the wrong type.
     """
-    cfg = copy.deepcopy(cfg)
-    _fill(cfg, defaults, method, "")
-    return cfg
+    from diffalign.config import ConfigError, build, to_dict
+
+    data = to_dict(cfg)
+    try:
+        data["objective"] = _whole_objective(data["objective"], defaults.get("objective"))
+        _fill(TrainConfig, data, {k: v for k, v in defaults.items() if k != "objective"}, method, "")
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"method {method}: {err.args[0]}") from err
+    return build(TrainConfig, data, source=f"method {method}'s defaults")
 
 
-def _fill(section: Any, defaults: Mapping[str, Any], method: str, prefix: str) -> None:
-    for f in dataclasses.fields(section):
-        key, value, default = f"{prefix}{f.name}", getattr(section, f.name), defaults.get(f.name)
-        if dataclasses.is_dataclass(value):
-            _fill(value, default or {}, method, f"{key}.")
+def _whole_objective(given: dict[str, Any] | None, default: Mapping[str, Any] | None) -> dict | None:
+    from diffalign.objectives import objective_spec
+
+    if given is None and default is None:
+        return None
+    given, default = dict(given or {}), dict(default or {})
+    name = given.pop("name", None) or default.get("name")
+    if name is None:
+        raise ValueError("objective needs a 'name' (the method has no default objective)")
+    return objective_spec(name, carried=default, **given)
+
+
+def _fill(cls: type, data: dict[str, Any], defaults: Mapping[str, Any], method: str, prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "objective"}
+    hints = typing.get_type_hints(cls)
+    for key in defaults:
+        if key not in fields:
+            raise ValueError(f"its defaults name '{prefix}{key}', which is no config key")
+    for name, f in fields.items():
+        key, value, default = f"{prefix}{name}", data.get(name), defaults.get(name)
+        section = next(
+            (t for t in (hints[name], *typing.get_args(hints[name])) if dataclasses.is_dataclass(t)), None
+        )
+        if section is not None:
+            if value is not None:
+                _fill(section, value, default or {}, method, f"{key}.")
             continue
         read_by = f.metadata.get(_BY_METHOD)
-        if read_by is None:
-            continue
+        if read_by is None and default is not None:
+            raise ValueError(
+                f"its defaults set '{key}', which the shared config sets (only unset keys are the method's)"
+            )
         if value is None and default is not None:
-            setattr(section, f.name, copy.deepcopy(default))
+            data[name] = copy.deepcopy(default)
         elif value is not None and default is None and read_by == "method":
-            raise ValueError(f"{key} is set, but method {method} does not use it: remove it")
+            raise ValueError(f"{key} is set, but the method does not use it: remove it")
         elif value is None and read_by == "loop":
-            raise ValueError(f"{key} is unset and method {method} has no default for it: set it")
+            raise ValueError(f"{key} is unset and the method has no default for it: set it")

@@ -24,16 +24,23 @@ buffers, lagged copies, stat trackers) need no loop of their own:
   and loads its own (a replay buffer, or KLDO's running average, differs by rank; accelerate's
   ``register_for_checkpointing`` keeps the main process's only).
 
-Resuming is exact because every random draw is a function of (seed, step, micro-batch, rank),
-whatever ran before, and because checkpoints are taken only where training can restart: at the
-end of a loader batch, with no accumulation window open (after every step, for one micro-batch
-per loader batch). A checkpoint that falls due elsewhere is written at the next such point, under
-the step reached then. The last one is written at ``max_steps`` wherever it falls; a run resumed
-from it with a larger ``max_steps`` goes on from the next loader batch.
+Resuming is exact because every random draw is a function of (seed, loader batch, micro-batch,
+rank), whatever ran before (the loader batch counts over all epochs, so two rollouts never share
+their draws, even when one of them yields nothing), and because checkpoints are taken only where
+training can restart: at the end of a loader batch, with no accumulation window open (after every
+step, for one micro-batch per loader batch). A checkpoint that falls due elsewhere is written at
+the next such point, under the step reached then. The last one is written at ``max_steps``
+wherever it falls; a run resumed from it with a larger ``max_steps`` goes on from the next
+loader batch.
+
+A run without ``resume_from`` refuses an ``output_dir`` that holds an earlier run (checkpoints or
+``metrics.jsonl``): it would rotate that run's checkpoints away and mix the two runs' metrics. A
+resumed run drops the metrics logged after its checkpoint, since it trains those steps again.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -117,8 +124,10 @@ class Method(ABC):
         number of optimiser steps done when the loader batch arrives.
 
         Each one is an accumulation micro-step (see the module docstring). The loop seeds torch
-        from (seed, step, micro-batch, rank) before asking for each, so a generator's rollout is
-        reproducible on resume; it must yield as many on every rank. Default: the batch itself.
+        from (seed, loader batch, micro-batch, rank) before asking for each, so a generator's
+        rollout is reproducible on resume; it must yield as many on every rank, and at least one
+        in every epoch (it may yield none for a loader batch: a replay buffer warming up).
+        Default: the batch itself.
         """
         yield batch
 
@@ -210,6 +219,7 @@ class _Run:
     loader_batches: int = 0  # loader batches begun, over all epochs
     saved_step: int = 0  # the step of the last checkpoint written or resumed from
     micro: int = 0  # micro-batches in the open accumulation window
+    epoch_micro_batches: int = 0  # micro-batches the method made in this epoch
     window: list[dict[str, float]] = field(default_factory=list)  # metrics since the last log
     last: dict[str, float] = field(default_factory=dict)
     samples: int = 0  # loader rows seen by all ranks in this process
@@ -361,8 +371,13 @@ def _register_method_state(accelerator: Any, method: Method) -> None:
                 f"{folder} holds the method state of {len(found)} processes, this run has {world}: "
                 "each rank's state is its own, resume with as many processes"
             )
-        # trusted as accelerate's own custom states are: a checkpoint this run's code wrote
-        saved = torch.load(Path(folder) / f"method_state_{rank}.pt", map_location="cpu", weights_only=False)
+        file = Path(folder) / f"method_state_{rank}.pt"
+        try:  # trusted as accelerate's own custom states are: a checkpoint this run's code wrote
+            saved = torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as err:  # torch raises a different type for each way a file can be broken
+            raise ValueError(f"{file}: not a readable method state ({type(err).__name__}: {err})") from err
+        if not isinstance(saved, dict):
+            raise ValueError(f"{file}: not a method state (a {type(saved).__name__}, not a dict by name)")
         if saved.keys() != states.keys():
             raise ValueError(
                 f"{folder} holds method state {sorted(saved)}, the method keeps {sorted(states)}"
@@ -375,15 +390,54 @@ def _register_method_state(accelerator: Any, method: Method) -> None:
 
 
 def _resume(run: _Run) -> None:
-    path = _resume_path(run.cfg)
-    if path is None:
+    """Load the checkpoint ``resume_from`` names, if any, and drop the metrics logged after it."""
+    cfg, accelerator = run.cfg, run.accelerator
+    path = _resume_path(cfg)
+    if path is None and cfg.resume_from is None:
+        _refuse_used_output_dir(cfg.output_dir)
+    if path is not None:
+        state_file = path / "trainer_state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint: it has no trainer_state.json")
+        accelerator.load_state(str(path))
+        saved = json.loads(state_file.read_text())
+        run.step = run.saved_step = saved["global_step"]
+        # checkpoints from before micro_batches: one loader batch per micro-batch
+        run.loader_batches = saved.get("loader_batches", run.step * cfg.gradient_accumulation_steps)
+        accelerator.print(f"resumed from {path} at step {run.step}")
+        if run.step >= cfg.max_steps:
+            accelerator.print(
+                f"nothing to train: the checkpoint is at step {run.step}, max_steps={cfg.max_steps}"
+            )
+    if accelerator.is_main_process:  # the steps after the checkpoint are trained (and logged) again
+        _drop_metrics_after(cfg.output_dir / "metrics.jsonl", run.step)
+
+
+def _refuse_used_output_dir(output_dir: Path) -> None:
+    """A fresh run would mix its metrics with an earlier run's, and rotate that run's checkpoints
+    out of existence (or its own, when they are older)."""
+    metrics = output_dir / "metrics.jsonl"
+    earlier = [p.name for p in checkpoints(output_dir)] or ([metrics.name] if metrics.is_file() else [])
+    if earlier:
+        raise ValueError(
+            f"output_dir {output_dir} holds an earlier run ({', '.join(earlier)}): set resume_from=latest "
+            "to go on from it, or choose another output_dir"
+        )
+
+
+def _drop_metrics_after(metrics: Path, step: int) -> None:
+    if not metrics.is_file():
         return
-    run.accelerator.load_state(str(path))
-    saved = json.loads((path / "trainer_state.json").read_text())
-    run.step = run.saved_step = saved["global_step"]
-    # checkpoints from before micro_batches: one loader batch per micro-batch
-    run.loader_batches = saved.get("loader_batches", run.step * run.cfg.gradient_accumulation_steps)
-    run.accelerator.print(f"resumed from {path} at step {run.step}")
+    kept = []
+    for line in metrics.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            continue
+    partial = metrics.with_name(f"{metrics.name}.partial")
+    partial.write_text("".join(f"{line}\n" for line in kept))
+    partial.replace(metrics)
 
 
 def _train(run: _Run) -> None:
@@ -394,6 +448,7 @@ def _train(run: _Run) -> None:
         for has_epoch in (run.loader, run.dataset):
             if hasattr(has_epoch, "set_epoch"):
                 has_epoch.set_epoch(epoch)
+        run.epoch_micro_batches = 0
         for batch in accelerator.skip_first_batches(run.loader, skip) if skip else run.loader:
             run.loader_batches += 1
             run.samples += cfg.batch_size * accelerator.num_processes
@@ -405,20 +460,28 @@ def _train(run: _Run) -> None:
                 _checkpoint(run)
             if run.step >= cfg.max_steps:
                 return
+        if run.epoch_micro_batches == 0:
+            raise ValueError(
+                f"{type(run.method).__name__}.micro_batches made nothing to train on from a whole epoch "
+                f"of {len(run.loader) - skip} loader batches: training would never end"
+            )
 
 
 def _train_on(run: _Run, batch: Any) -> None:
     """Every micro-batch the method makes of one loader batch, until ``max_steps``."""
     cfg, accelerator = run.cfg, run.accelerator
     micro_batches = iter(run.method.micro_batches(batch, run.step))
-    while run.step < cfg.max_steps:
+    for index in itertools.count():
+        if run.step >= cfg.max_steps:
+            return
         # the method's random draws (rollouts, noise, timesteps, caption dropout) are a function
-        # of (seed, step, micro-batch, rank): resuming reproduces them whatever ran before
-        torch.manual_seed(_draw_seed(cfg.seed, run.step, run.micro, accelerator.process_index))
+        # of (seed, loader batch, micro-batch, rank): resuming reproduces them whatever ran before
+        torch.manual_seed(_draw_seed(cfg.seed, run.loader_batches, index, accelerator.process_index))
         micro_batch = next(micro_batches, _END)
         if micro_batch is _END:
             return
         run.micro += 1
+        run.epoch_micro_batches += 1
         run.module.train()
         with accelerator.accumulate(run.module):
             loss, metrics = run.method.step(micro_batch)
@@ -468,8 +531,8 @@ def _log(run: _Run) -> None:
     accelerator.log(run.last, step=run.step)
 
 
-def _draw_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return (seed * 1_000_003 + step * 7919 + micro * 104_729 + rank * 15_485_863) % (2**63)
+def _draw_seed(seed: int, loader_batch: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + loader_batch * 7919 + micro * 104_729 + rank * 15_485_863) % (2**63)
 
 
 def _tracker_available(name: str) -> bool:
@@ -519,8 +582,9 @@ def _checkpoint(run: _Run) -> None:
     accelerator, cfg = run.accelerator, run.cfg
     path = cfg.output_dir / "checkpoints" / f"checkpoint-{run.step}"
     partial = path.with_name(f"{path.name}.partial")
-    if accelerator.is_main_process and partial.exists():  # left by a run killed while saving
-        shutil.rmtree(partial)
+    if accelerator.is_main_process:  # left by runs killed while saving
+        for stale in path.parent.glob("checkpoint-*.partial"):
+            shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     if accelerator.is_main_process:
