@@ -33,38 +33,53 @@ def sample_images(
     batch_size: int = 128,
     desc: str = "sampling",
 ) -> Tensor:
-    """DDIM (eta 0) samples (N, 3, H, W) in [0, 1], one per prompt. The noise of batch ``k`` comes
-    from ``(seed, k)`` alone, so two models given the same prompts and seed start from the same
-    noise: their samples are comparable image by image."""
+    """DDIM (eta 0) samples (N, 3, H, W) in [0, 1], one per prompt. The initial noise of image
+    ``i`` comes from ``(seed, i)`` alone, whatever the batch size or the prompts after it, so two
+    models given the same prompts and seed start from the same noise: their samples are comparable
+    image by image."""
     from diffalign.diffusion.sampling import sample_with_trajectory
 
+    side = policy.unet.config.sample_size
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        generator = torch.Generator().manual_seed(seed * 100_003 + start)
+        batch = prompts[start : start + batch_size]
+        noise = [
+            torch.randn(
+                policy.latent_channels,
+                side,
+                side,
+                generator=torch.Generator().manual_seed(seed * 100_003 + i),
+            )
+            for i in range(start, start + len(batch))
+        ]
         trajectory = sample_with_trajectory(
             policy,
-            prompts[start : start + batch_size],
+            batch,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             eta=0.0,
-            generator=generator,
+            latents=torch.stack(noise),
         )
         out.append(trajectory.images)
     return torch.cat(out)
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion ``successes / n`` (95% for z = 1.96).
+    """The Wilson score interval of a proportion ``successes / n`` (95% for z = 1.96), within [0, 1].
+
+    ``successes`` may be fractional (a tie counting half).
 
     Raises:
-        ValueError: ``n < 1`` or ``successes`` outside [0, n].
+        ValueError: ``n`` is not a positive integer, or ``successes`` is outside [0, n].
     """
-    if n < 1 or not 0 <= successes <= n:
-        raise ValueError(f"a proportion needs 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or not 0 <= successes <= n:
+        raise ValueError(
+            f"a proportion needs 0 <= successes <= n, n a positive integer; got {successes} of {n}"
+        )
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def diversity(images: Tensor, prompts: list[str]) -> float:
@@ -89,11 +104,12 @@ class ModelEvaluation:
     """One model's samples on a prompt list and what was measured on them."""
 
     prompts: list[str]
+    seed: int  # of the initial noise (see `sample_images`)
     images: Tensor  # (N, 3, H, W) in [0, 1]
     scores: Tensor  # (N,) under ``reward``
     reward: float  # mean score
     fidelity: float | None
-    diversity: float
+    diversity: float | None  # None: no prompt was sampled twice
 
     def summary(self) -> dict[str, float | None]:
         return {"reward": self.reward, "fidelity": self.fidelity, "diversity": self.diversity}
@@ -109,7 +125,8 @@ def evaluate(
     guidance_scale: float = 2.0,
     desc: str = "sampling",
 ) -> ModelEvaluation:
-    """Sample ``policy`` on ``prompts`` (repeat a prompt for several samples) and measure.
+    """Sample ``policy`` on ``prompts`` (repeat a prompt for several samples: diversity needs two)
+    and measure.
 
     ``reward``: a :class:`~diffalign.rewards.RewardModel` or a registry name (loaded once);
     ``fidelity``: ``(images, prompts) -> float``, e.g. a classifier's accuracy on the prompt's
@@ -120,13 +137,15 @@ def evaluate(
     scorer = load_reward(reward) if isinstance(reward, str) else reward
     images = sample_images(policy, prompts, seed, steps, guidance_scale, desc=desc)
     scores = scorer(images, prompts if scorer.needs_prompts else None).float().cpu()
+    several = len(set(prompts)) < len(prompts)
     return ModelEvaluation(
         prompts=prompts,
+        seed=seed,
         images=images,
         scores=scores,
         reward=float(scores.mean()),
         fidelity=None if fidelity is None else fidelity(images, prompts),
-        diversity=diversity(images, prompts),
+        diversity=diversity(images, prompts) if several else None,
     )
 
 
@@ -135,10 +154,12 @@ def compare(base: ModelEvaluation, other: ModelEvaluation) -> dict[str, Any]:
     its 95% Wilson interval, fidelity drop in percentage points, diversity ratio.
 
     Raises:
-        ValueError: the two evaluations are not on the same prompts.
+        ValueError: the two evaluations are not on the same prompts and seed.
     """
-    if base.prompts != other.prompts:
-        raise ValueError("compare needs two evaluations of the same prompts (and seeds)")
+    if base.prompts != other.prompts or base.seed != other.seed:
+        raise ValueError(
+            f"compare needs two evaluations of the same prompts and seed (seeds {base.seed} and {other.seed})"
+        )
     wins = float((other.scores > base.scores).sum() + 0.5 * (other.scores == base.scores).sum())
     n = len(base.prompts)
     drop = None
@@ -148,5 +169,7 @@ def compare(base: ModelEvaluation, other: ModelEvaluation) -> dict[str, Any]:
         "win_rate": wins / n,
         "win_rate_95ci": list(wilson_interval(wins, n)),
         "fidelity_drop_points": drop,
-        "diversity_ratio": other.diversity / base.diversity,
+        "diversity_ratio": None
+        if base.diversity is None or other.diversity is None
+        else other.diversity / base.diversity,
     }

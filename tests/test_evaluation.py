@@ -12,10 +12,12 @@ def test_wilson_interval_matches_the_formula_and_its_edges() -> None:
     # 8 of 10 at 95%: the textbook (0.490, 0.943)
     low, high = wilson_interval(8, 10)
     assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
-    assert wilson_interval(0, 5)[0] == pytest.approx(0.0, abs=1e-12)
-    assert wilson_interval(5, 5)[1] == pytest.approx(1.0, abs=1e-12)
-    with pytest.raises(ValueError, match="0 <= successes <= n"):
-        wilson_interval(3, 0)
+    # the formula's rounding gave -2.8e-17 at 0 of 10: a proportion's bounds stay in [0, 1]
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert all(0.0 <= b <= 1.0 for k in range(31) for b in wilson_interval(k / 2, 15))
+    for successes, n in [(3, 0), (1, 2.5), (3, float("inf")), (1, True), (-0.5, 4), (5, 4)]:
+        with pytest.raises(ValueError, match="0 <= successes <= n"):
+            wilson_interval(successes, n)
 
 
 def test_diversity_is_the_mean_pairwise_distance_within_each_prompt() -> None:
@@ -27,10 +29,10 @@ def test_diversity_is_the_mean_pairwise_distance_within_each_prompt() -> None:
         diversity(images[:2], ["a", "b"])
 
 
-def evaluation(scores: list[float], fidelity: float | None = None) -> ModelEvaluation:
+def evaluation(scores: list[float], fidelity: float | None = None, seed: int = 0) -> ModelEvaluation:
     prompts = ["a", "a", "b", "b"][: len(scores)]
     t = torch.tensor(scores, dtype=torch.float32)
-    return ModelEvaluation(prompts, torch.rand(len(scores), 3, 2, 2), t, float(t.mean()), fidelity, 1.0)
+    return ModelEvaluation(prompts, seed, torch.rand(len(scores), 3, 2, 2), t, float(t.mean()), fidelity, 1.0)
 
 
 def test_compare_counts_ties_half_and_reports_the_drop() -> None:
@@ -41,6 +43,8 @@ def test_compare_counts_ties_half_and_reports_the_drop() -> None:
     assert out["fidelity_drop_points"] == pytest.approx(15.0)
     with pytest.raises(ValueError, match="same prompts"):
         compare(base, evaluation([1, 2]))
+    with pytest.raises(ValueError, match=r"same prompts and seed \(seeds 0 and 5\)"):
+        compare(base, evaluation([2, 2, 1, 5], 0.75, seed=5))
 
 
 def test_the_same_model_and_seed_ties_everywhere(tiny_pipelines) -> None:
@@ -54,3 +58,26 @@ def test_the_same_model_and_seed_ties_everywhere(tiny_pipelines) -> None:
     assert torch.equal(first.images, again.images) and compare(first, again)["win_rate"] == 0.5
     other_seed = evaluate(policy, prompts, "jpeg_incompressibility", seed=4, steps=2)
     assert not torch.equal(first.images, other_seed.images)
+
+
+def test_each_image_has_its_own_noise_whatever_the_batch(tiny_pipelines) -> None:
+    """Image i starts from (seed, i) alone: a prefix of the prompts, or another batch size, gives
+    the same images (to the rounding of batched kernels); prompts sampled once each have no
+    diversity (and no error after sampling)."""
+    from diffalign.diffusion.policy import DiffusionPolicy
+    from diffalign.evaluation import sample_images
+
+    policy = DiffusionPolicy.from_pretrained(tiny_pipelines["sd"])
+    prompts = ["a red circle", "a blue square", "a red circle", "a green cross", "a blue square"]
+    whole = sample_images(policy, prompts, seed=1, steps=2, batch_size=5)
+    # the same noise; batched kernels may round differently (about 1e-7), a different noise by 1e-1
+    torch.testing.assert_close(
+        sample_images(policy, prompts, seed=1, steps=2, batch_size=2), whole, atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        sample_images(policy, prompts[:2], seed=1, steps=2), whole[:2], atol=1e-5, rtol=0
+    )
+    assert not torch.equal(whole[0], whole[2])  # one prompt, two samples: two noises
+    once = evaluate(policy, ["a", "b"], "jpeg_compressibility", seed=0, steps=2)
+    assert once.diversity is None and once.seed == 0
+    assert compare(once, once)["diversity_ratio"] is None

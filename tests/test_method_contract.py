@@ -289,6 +289,96 @@ def test_each_rank_resumes_its_own_method_state(tmp_path: Path) -> None:
     assert torch.equal(finals[0]["policy.weight"], finals[1]["policy.weight"])
 
 
+class WarmingUp(Online):
+    """Pushes one noisy copy of each loader batch into its buffer and yields nothing until the
+    buffer holds 6 samples (3 loader batches): a replay buffer warming up."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.pushed: list[torch.Tensor] = []
+
+    def micro_batches(self, batch: list[torch.Tensor], step: int) -> Iterator[list[torch.Tensor]]:
+        noise = torch.randn_like(batch[0])
+        self.pushed.append(noise)
+        self.buffer.push(batch[0] + noise)
+        if len(self.buffer.samples) >= 6:
+            yield batch
+
+
+class Never(Online):
+    def micro_batches(self, batch: list[torch.Tensor], step: int) -> Iterator[list[torch.Tensor]]:
+        yield from ()
+
+
+def test_loader_batches_that_yield_nothing_draw_their_own_noise(tmp_path: Path) -> None:
+    method = WarmingUp(_cfg(tmp_path / "warm", max_steps=2, checkpoint_every=2))
+    assert run_training(method).global_step == 2
+    assert len(method.pushed) == 4  # 3 warm-up batches, then one that trains
+    for i, a in enumerate(method.pushed):
+        assert not any(torch.equal(a, b) for b in method.pushed[i + 1 :]), i
+    with pytest.raises(
+        ValueError, match=r"Never.micro_batches made nothing to train on from a whole epoch of 5"
+    ):
+        run_training(Never(_cfg(tmp_path / "never", max_steps=2, checkpoint_every=2)))
+
+
+def test_an_output_dir_in_use_is_refused_and_a_resume_relogs_its_steps(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_training(Online(_cfg(out, max_steps=6, checkpoint_every=3)))
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    # a fresh run would rotate the earlier run's checkpoints away and mix the metrics
+    with pytest.raises(
+        ValueError, match=r"holds an earlier run \(checkpoint-3, checkpoint-6\): set resume_from"
+    ):
+        run_training(Online(_cfg(out, max_steps=2, checkpoint_every=1)))
+    assert (
+        sorted(p.name for p in (out / "checkpoints").iterdir()) == before == ["checkpoint-3", "checkpoint-6"]
+    )
+    # back from checkpoint-3 (killed after step 6 was logged, say): steps 4-6 are logged once each
+    shutil.rmtree(out / "checkpoints" / "checkpoint-6")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 7, "loss": 1.0}\n{"step": 8, "lo')  # a line cut short by a kill
+    run_training(Online(_cfg(out, max_steps=6, checkpoint_every=3, resume_from="latest")))
+    assert [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
+    # metrics without a checkpoint: refused afresh; with resume_from=latest, trained again from 0
+    shutil.rmtree(out / "checkpoints")
+    with pytest.raises(ValueError, match=r"holds an earlier run \(metrics.jsonl\)"):
+        run_training(Online(_cfg(out, max_steps=2, checkpoint_every=2)))
+    run_training(Online(_cfg(out, max_steps=2, checkpoint_every=2, resume_from="latest")))
+    assert [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+
+
+def test_broken_checkpoints_name_the_file(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run_training(Online(_cfg(out, max_steps=3, checkpoint_every=3)))
+    state = out / "checkpoints" / "checkpoint-3" / "method_state_0.pt"
+    resume = _cfg(out, max_steps=6, checkpoint_every=3, resume_from="latest")
+    for content, message in [
+        (b"not a torch file", "not a readable method state"),
+        (state.read_bytes()[:100], "not a readable method state"),
+        (None, r"not a method state \(a list"),
+    ]:
+        if content is None:
+            torch.save([1, 2], state)
+        else:
+            state.write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{state}: {message}"):
+            run_training(Online(resume))
+    empty = out / "checkpoints" / "checkpoint-9"
+    empty.mkdir()
+    with pytest.raises(
+        FileNotFoundError, match=rf"{empty} is not a complete checkpoint: it has no trainer_state.json"
+    ):
+        run_training(Online(_cfg(out, max_steps=12, checkpoint_every=3, resume_from="latest")))
+
+
 def _worker(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
