@@ -54,6 +54,9 @@ class RewardModel(torch.nn.Module):
     needs_masks: ClassVar[bool] = False
     differentiable: ClassVar[bool] = False
     context_keys: ClassVar[tuple[str, ...]] = ()  # extra context it understands besides masks
+    # what an inpainting reward's masked input holds in the hole (0: black, masked_for_reward;
+    # 0.5: grey, masked_for_inpainting): `masked_images` given are checked against it
+    masked_fill: ClassVar[float | None] = None
 
     def score(self, images: Tensor, prompts: list[str] | None, **context: Tensor) -> Tensor:
         raise NotImplementedError
@@ -125,24 +128,36 @@ class RewardModel(torch.nn.Module):
                 + (f" (it takes: {', '.join(allowed)})" if allowed else "")
             )
         if self.needs_masks:
-            masks = context.get("masks")
-            if masks is None:
-                raise RewardInputError(
-                    f"reward '{self.name}' is an inpainting reward: it needs `masks` (N, 1, H, W)"
-                )
-            if masks.shape != (n, 1, *images.shape[-2:]):
-                raise RewardInputError(
-                    f"`masks` must be (N, 1, H, W) = {(n, 1, *images.shape[-2:])}, got {tuple(masks.shape)}"
-                )
-            masked = context.get("masked_images")
-            if masked is not None and (not isinstance(masked, Tensor) or masked.shape != images.shape):
-                got = tuple(masked.shape) if isinstance(masked, Tensor) else type(masked).__name__
-                raise RewardInputError(
-                    f"`masked_images` must be shaped like the images {tuple(images.shape)}, got {got}"
-                )
+            self._validate_masks(images, context.get("masks"), context.get("masked_images"))
         device = self.device
         context = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in context.items()}
         return images.to(device), prompts, context
+
+    def _validate_masks(self, images: Tensor, masks: Any, masked: Any) -> None:
+        n = images.shape[0]
+        if masks is None:
+            raise RewardInputError(
+                f"reward '{self.name}' is an inpainting reward: it needs `masks` (N, 1, H, W)"
+            )
+        if not isinstance(masks, Tensor) or masks.shape != (n, 1, *images.shape[-2:]):
+            got = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
+            raise RewardInputError(f"`masks` must be (N, 1, H, W) = {(n, 1, *images.shape[-2:])}, got {got}")
+        if masked is None:
+            return
+        if not isinstance(masked, Tensor) or masked.shape != images.shape:
+            got = tuple(masked.shape) if isinstance(masked, Tensor) else type(masked).__name__
+            raise RewardInputError(
+                f"`masked_images` must be shaped like the images {tuple(images.shape)}, got {got}"
+            )
+        hole = (masks >= 0.5).expand_as(masked)
+        if self.masked_fill is not None and bool(hole.any()):
+            off = (masked.detach()[hole] - self.masked_fill).abs().max()
+            if float(off) > 1 / 255:
+                raise RewardInputError(
+                    f"reward '{self.name}' was trained on masked inputs holding {self.masked_fill} in the "
+                    "hole (diffalign.images.masked_for_reward makes them); `masked_images` differ there by "
+                    f"up to {float(off):.3g} (grey 0.5 is masked_for_inpainting's fill: the UNet's)"
+                )
 
 
 # -- registry -----------------------------------------------------------------------------

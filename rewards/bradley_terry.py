@@ -66,6 +66,7 @@ class BradleyTerryReward(RewardModel):
     """
 
     differentiable = True
+    masked_fill = 0.0
 
     def __init__(self, path: str | Path, device: str | torch.device | None = None) -> None:
         super().__init__()

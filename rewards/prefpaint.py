@@ -120,6 +120,7 @@ class PrefPaintReward(RewardModel):
 
     needs_masks = True
     differentiable = True
+    masked_fill = 0.0
 
     def __init__(
         self,

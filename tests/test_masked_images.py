@@ -12,7 +12,8 @@ from test_bradley_terry import _spec, synthetic_images, write_jsonl
 
 from diffalign.data.preference import load_image
 from diffalign.diffusion import DiffusionPolicy
-from diffalign.rewards import load_reward
+from diffalign.images import masked_for_inpainting, masked_for_reward
+from diffalign.rewards import RewardInputError, load_reward
 from diffalign_rewards.bradley_terry import TrainRewardConfig, train_bradley_terry
 from diffalign_rewards.clip_rewards import ClipImageEmbedder
 
@@ -52,9 +53,11 @@ def test_prefpaint_scores_the_black_masked_input(reward_assets) -> None:
     images, masks = images_and_masks()
     scores = reward(images, masks=masks)
     assert torch.equal(seen[1], filled(images, masks, 0.0))  # [inpainted, masked input]
-    # grey is another input, and another score: the convention matters
-    grey = reward(images, masks=masks, masked_images=filled(images, masks, 0.5))
-    assert not torch.allclose(scores, grey)
+    # the black input given is the default's; a grey one (the UNet's convention) is refused
+    given = reward(images, masks=masks, masked_images=masked_for_reward(images, masks))
+    assert torch.equal(given, scores)
+    with pytest.raises(RewardInputError, match=r"holding 0.0 in the hole .* differ there by up to 0.5"):
+        reward(images, masks=masks, masked_images=masked_for_inpainting(images, masks))
 
 
 def test_bradley_terry_trains_and_scores_on_the_same_black_masked_input(
@@ -82,3 +85,5 @@ def test_bradley_terry_trains_and_scores_on_the_same_black_masked_input(
     masks = (torch.arange(32) < 16).float().expand(2, 1, 32, 32)  # the training mask's left half
     reward(images, masks=masks)
     assert torch.equal(seen[1], filled(images, masks, 0.0))
+    with pytest.raises(RewardInputError, match=r"bradley_terry' was trained on masked inputs holding 0\.0"):
+        reward(images, masks=masks, masked_images=masked_for_inpainting(images, masks))
