@@ -186,6 +186,15 @@ def packaged_config(*parts: str) -> Path:
     return path
 
 
+def _packaged_hint(path: Path) -> str:
+    """Where diffalign ships a config of that name (``configs/...`` of a checkout, when installed)."""
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    try:
+        return f" (diffalign ships one at {packaged_config(*parts)})" if parts else ""
+    except (FileNotFoundError, ValueError):
+        return ""
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
     """Build ``cls`` from a YAML file and ``key=value`` overrides (either may be absent)."""
     data: dict[str, Any] = {}
@@ -194,7 +203,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}{_packaged_hint(path)}")
         try:
             loaded = _read_yaml(path.read_text())
         except yaml.YAMLError as err:

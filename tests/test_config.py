@@ -93,9 +93,17 @@ def test_missing_required_names_key_and_file(tmp_path: Path) -> None:
         load_config(Train, path)
 
 
-def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="config file not found"):
+def test_missing_file_and_bad_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=r"config file not found: \S*nope.yaml$"):
         load_config(Train, tmp_path / "nope.yaml")
+    # run from elsewhere than a checkout (an installed wheel): the packaged copy is named
+    from diffalign.config import packaged_config
+
+    shipped = packaged_config("diffusion_dpo", "tiny.yaml")
+    monkeypatch.chdir(tmp_path)
+    for name in ("configs/diffusion_dpo/tiny.yaml", "diffusion_dpo/tiny.yaml"):
+        with pytest.raises(ConfigError, match=rf"not found: {name} \(diffalign ships one at {shipped}\)"):
+            load_config(Train, Path(name))
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(Train, write(tmp_path, "model: [unclosed\n"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
