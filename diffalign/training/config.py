@@ -34,7 +34,7 @@ _BY_METHOD = "method_default"  # metadata key: "loop" (the loop reads it: must e
 def _by_method(help: str, read_by: Literal["loop", "method"] = "method") -> dict[str, str]:
     """The metadata of a field left unset (None) in the shared config and filled from the
     method's defaults."""
-    return {"help": f"{help} (unset: the method's default)", _BY_METHOD: read_by}
+    return {"help": f"{help} (unset: the method's; see `diffalign methods`)", _BY_METHOD: read_by}
 
 
 @dataclass
@@ -130,7 +130,10 @@ class TrainConfig:
     data: DataConfig = field(metadata={"help": "data section"})
     output_dir: Path = field(default=Path("outputs/run"), metadata={"help": "checkpoints, exports, logs"})
     objective: dict[str, Any] | None = field(
-        default=None, metadata=_by_method("objective name and hparams ({name: dpo, beta: 0.1})")
+        default=None,
+        metadata=_by_method(
+            "objective name and hyper-parameters; one given alone (objective.beta=...) adjusts the method's"
+        ),
     )
     method_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "the method's own options"}
