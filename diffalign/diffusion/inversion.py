@@ -56,8 +56,11 @@ def renoise_invert(
     inpaint: InpaintInputs | None = None,
     eta: float = 0.0,
     step_noises: Tensor | None = None,
+    below: int | None = None,
 ) -> Inversion:
-    """ReNoise inversion of clean ``latents`` (N, C, h, w) into a trajectory up to x_T.
+    """ReNoise inversion of clean ``latents`` (N, C, h, w) into a trajectory up to x_T, or, with
+    ``below``, only through the timesteps under ``below`` (SmPO inverts up to its sampled ``t``;
+    none is then an empty trajectory: ``latents[:, 0]`` alone).
 
     ``renoise_steps`` K >= 0 (K = 0 is DDIM inversion). The noise estimates of iterations
     ``average_range = (first, last)`` (inclusive, within 0..K; default all) are averaged for the
@@ -91,6 +94,8 @@ def renoise_invert(
     calls = 0
     for i in reversed(range(len(down))):  # from the last sampling step (lowest t) upwards
         s = down[i]
+        if below is not None and int(s) >= below:
+            break
         p = int(s) - stride
         a_s = acp[s]
         a_p = acp[p] if p >= 0 else torch.as_tensor(float(scheduler.final_alpha_cumprod))
@@ -106,8 +111,9 @@ def renoise_invert(
         x = _solve_for_x_s(known, torch.stack(noise_estimates[first : last + 1]).mean(0), a_s, a_p, sigma)
         states.append(x)
     trajectory = torch.stack(states, 1)
-    require_finite(trajectory[:, 1:], "the inverted latents", down.flip(0))
-    return Inversion(trajectory.to(latents.dtype), down.flip(0), calls)
+    timesteps = down.flip(0)[: len(states) - 1]
+    require_finite(trajectory[:, 1:], "the inverted latents", timesteps)
+    return Inversion(trajectory.to(latents.dtype), timesteps, calls)
 
 
 def ddim_invert(

@@ -11,6 +11,7 @@ import importlib
 METHODS = {
     "diffusion_dpo": "diffalign.methods.diffusion_dpo:DiffusionDPO",
     "text_preference": "diffalign.methods.text_preference:TextPreference",
+    "smpo": "diffalign.methods.smpo:SmPO",
 }
 
 

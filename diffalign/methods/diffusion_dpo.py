@@ -39,8 +39,8 @@ from torch.utils.data import Dataset
 
 from diffalign.config import build
 from diffalign.data.pairs import PreferencePairDataset, collate_pairs
-from diffalign.data.preference import read_preference_pairs
-from diffalign.diffusion.likelihood import denoising_logp
+from diffalign.data.preference import PairRecord, read_preference_pairs
+from diffalign.diffusion.likelihood import DenoisingLogp, denoising_logp
 from diffalign.diffusion.policy import UNET_ATTENTION_PROJECTIONS, Conditioning, DiffusionPolicy
 from diffalign.diffusion.sampling import check_sampling, sample_with_trajectory
 from diffalign.objectives import (
@@ -96,23 +96,21 @@ class DiffusionDPO(Method):
         "model": {"lora": {"target_modules": list(UNET_ATTENTION_PROJECTIONS)}},
     }
 
+    options_class: ClassVar[type] = DiffusionDPOOptions
+
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         cfg = self.cfg  # with the defaults above filled in
-        self.options = build(DiffusionDPOOptions, cfg.method_options, source="method_options")
+        self.options = build(self.options_class, cfg.method_options, source="method_options")
         self.objective = get_objective(**cfg.objective)
         # the data first: an objective the pairs cannot feed is refused before any model loads
-        self.records = read_preference_pairs(
-            cfg.data.path, ties=cfg.data.ties, split=cfg.data.split, score_prefix=self.options.score_prefix
-        )
-        if not self.records:
-            raise ValueError(f"{cfg.data.path}: no preference pairs to train on (data.ties={cfg.data.ties})")
+        self.records = self.preference_pairs()
         if not self.options.sft:  # the SFT baseline weighs ties itself and never calls the objective
             self._check_objective()
         policy = DiffusionPolicy.from_pretrained(cfg.model.pretrained, adapter=cfg.model.adapter)
         if policy.is_inpainting:
             raise ValueError(
-                f"model.pretrained: {cfg.model.pretrained} is an inpainting pipeline; diffusion_dpo trains "
+                f"model.pretrained: {cfg.model.pretrained} is an inpainting pipeline; {cfg.method} trains "
                 "text-to-image UNets on pairs without masks"
             )
         if cfg.validation_every and cfg.validation_prompts:
@@ -128,7 +126,7 @@ class DiffusionDPO(Method):
             mode = cfg.model.reference
             if mode == "precomputed":
                 raise ValueError(
-                    "model.reference: 'precomputed' is for text methods; diffusion_dpo draws fresh noise "
+                    f"model.reference: 'precomputed' is for text methods; {cfg.method} draws fresh noise "
                     "each step, so its reference runs live (copy or adapters)"
                 )
             policy.make_reference(("adapters" if cfg.model.lora else "copy") if mode == "auto" else mode)
@@ -137,6 +135,20 @@ class DiffusionDPO(Method):
         self.policy = policy
         self._dataset: PreferencePairDataset | None = None
 
+    def preference_pairs(self) -> list[PairRecord]:
+        """The pairs to train on, with their scores when the data has them.
+
+        Raises:
+            ValueError: no pairs (naming ``data.path``), or a bad row (naming it).
+        """
+        d = self.cfg.data
+        records = read_preference_pairs(
+            d.path, ties=d.ties, split=d.split, score_prefix=self.options.score_prefix
+        )
+        if not records:
+            raise ValueError(f"{d.path}: no preference pairs to train on (data.ties={d.ties})")
+        return records
+
     def _check_objective(self) -> None:
         """Raise ``ValueError`` naming what the objective needs when these pairs cannot feed it: a
         kind other than pairwise or listwise, soft labels it cannot use, or an input (reward
@@ -144,7 +156,7 @@ class DiffusionDPO(Method):
         objective, scored = self.objective, self.records[0].rewards is not None
         if objective.kind not in ("pairwise", "listwise"):
             raise ValueError(
-                f"diffusion_dpo trains on preference pairs; objective '{objective.name}' is a "
+                f"{self.cfg.method} trains on preference pairs; objective '{objective.name}' is a "
                 f"{objective.kind} objective and needs {', '.join(objective.required_inputs())}"
             )
         check_ties(objective, self.cfg.data.ties, scored_data=scored)
@@ -153,7 +165,7 @@ class DiffusionDPO(Method):
         batch = {"labels": torch.ones(2), "chosen_rewards": scores, "rejected_rewards": scores}
         logps = torch.zeros(2, 2)
         inputs = self._objective_inputs(logps, logps if objective.uses_reference else None, batch)
-        check_objective_inputs(objective, inputs, "diffusion_dpo", _INPUT_HINTS)
+        check_objective_inputs(objective, inputs, self.cfg.method, _INPUT_HINTS)
 
     def trainable_module(self) -> torch.nn.Module:
         return self.policy.unet
@@ -194,13 +206,7 @@ class DiffusionDPO(Method):
         cond = policy.encode_prompts(batch["prompts"], dropout=self.cfg.data.caption_dropout, image_size=size)
         if self.options.sft:
             return self._sft_step(latents, cond, batch["labels"].to(latents.device))
-        out = denoising_logp(
-            policy,
-            latents,
-            cond,
-            with_reference=self.objective.uses_reference,
-            weighting=self.options.timestep_weighting,
-        )
+        out = self.denoising_logps(latents, cond)
         result = self.objective(**self._objective_inputs(out.policy, out.reference, batch))
         metrics = dict(result.metrics)
         mse = out.policy_mse.detach()
@@ -211,6 +217,17 @@ class DiffusionDPO(Method):
             metrics["mse/reference_chosen"] = float(out.reference_mse[:, 0].mean())
             metrics["mse/reference_rejected"] = float(out.reference_mse[:, 1].mean())
         return result.loss, metrics
+
+    def denoising_logps(self, latents: torch.Tensor, cond: Conditioning) -> DenoisingLogp:
+        """Policy and reference log-likelihood proxies of the pairs' latents (B, 2, C, h, w): one
+        forward-noised timestep and noise per pair (the paper's Eq. 14)."""
+        return denoising_logp(
+            self.policy,
+            latents,
+            cond,
+            with_reference=self.objective.uses_reference,
+            weighting=self.options.timestep_weighting,
+        )
 
     def _objective_inputs(
         self, policy: torch.Tensor, reference: torch.Tensor | None, batch: dict
