@@ -206,7 +206,7 @@ class DiffusionDPO(Method):
         cond = policy.encode_prompts(batch["prompts"], dropout=self.cfg.data.caption_dropout, image_size=size)
         if self.options.sft:
             return self._sft_step(latents, cond, batch["labels"].to(latents.device))
-        out = self.denoising_logps(latents, cond)
+        out = self.denoising_logps(latents, cond, batch)
         result = self.objective(**self._objective_inputs(out.policy, out.reference, batch))
         metrics = dict(result.metrics)
         mse = out.policy_mse.detach()
@@ -218,9 +218,9 @@ class DiffusionDPO(Method):
             metrics["mse/reference_rejected"] = float(out.reference_mse[:, 1].mean())
         return result.loss, metrics
 
-    def denoising_logps(self, latents: torch.Tensor, cond: Conditioning) -> DenoisingLogp:
-        """Policy and reference log-likelihood proxies of the pairs' latents (B, 2, C, h, w): one
-        forward-noised timestep and noise per pair (the paper's Eq. 14)."""
+    def denoising_logps(self, latents: torch.Tensor, cond: Conditioning, batch: dict) -> DenoisingLogp:
+        """Policy and reference log-likelihood proxies of the pairs' latents (B, 2, C, h, w) (``batch``:
+        the images they encode): one forward-noised timestep and noise per pair (the paper's Eq. 14)."""
         return denoising_logp(
             self.policy,
             latents,

@@ -89,9 +89,7 @@ class SmPO(DiffusionDPO):
         self.options: SmPOOptions
         if self.options.sft:
             raise ValueError("method_options.sft: SmPO has no SFT baseline; use diffusion_dpo for it")
-        lo, hi = self.options.score_bounds or _data_bounds(self.records)
-        if not hi > lo:
-            raise ValueError(f"method_options.score_bounds must rise, got ({lo}, {hi})")
+        lo, hi = self.score_bounds
         if hasattr(self.objective, "reward_min"):  # smoothed_dpo, mappo: the normalisation SmPO uses
             self.objective = dataclasses.replace(self.objective, reward_min=lo, reward_max=hi)
             self.cfg.objective.update(reward_min=lo, reward_max=hi)  # config.json says what trained
@@ -104,6 +102,10 @@ class SmPO(DiffusionDPO):
         records = super().preference_pairs()
         if records[0].rewards is None:
             records = self._scored(records)
+        # checked here, with the data, before any model loads
+        lo, hi = self.score_bounds = self.options.score_bounds or _data_bounds(records)
+        if not hi > lo:
+            raise ValueError(f"method_options.score_bounds must rise, got ({lo}, {hi})")
         # the reward decides the winner (official code): swap the pairs it ranks the other way
         return [
             dataclasses.replace(r, chosen=r.rejected, rejected=r.chosen, rewards=r.rewards[::-1])
@@ -139,14 +141,19 @@ class SmPO(DiffusionDPO):
         if self.inverter is not self.policy:
             self.inverter.unet.to(device, weight_dtype)
 
-    def denoising_logps(self, latents: torch.Tensor, cond: Conditioning) -> DenoisingLogp:
+    def denoising_logps(self, latents: torch.Tensor, cond: Conditioning, batch: dict) -> DenoisingLogp:
         """Policy and reference log-likelihood proxies at the pairs' inverted latents (steps 3-4)."""
         if self.options.inversion_steps == 0:
-            return super().denoising_logps(latents, cond)
+            return super().denoising_logps(latents, cond, batch)
         policy, (b, k) = self.policy, latents.shape[:2]
         t = torch.randint(0, policy.scheduler.config.num_train_timesteps, (), device=latents.device)
-        x0 = latents.transpose(0, 1).flatten(0, 1)  # candidate-major, as the official [winners; losers]
-        z = self._inverted(x0, Conditioning.cat([cond] * k), int(t))
+        # candidate-major, as the official [winners; losers]
+        x0, z = self._inverted(
+            latents.transpose(0, 1).flatten(0, 1),
+            torch.cat([batch["chosen"], batch["rejected"]]),
+            Conditioning.cat([cond] * k),
+            int(t),
+        )
         alpha = policy.scheduler.alphas_cumprod.to(latents.device, torch.float32)[t]
         noise = (z.float() - alpha.sqrt() * x0.float()) / (1 - alpha).sqrt()
         target = denoising_target(policy, x0, noise.to(x0.dtype), t.expand(len(x0)))
@@ -161,21 +168,27 @@ class SmPO(DiffusionDPO):
         )
 
     @torch.no_grad()
-    def _inverted(self, x0: torch.Tensor, cond: Conditioning, t: int) -> torch.Tensor:
-        """``x0`` (N, C, h, w) inverted through the inversion timesteps below ``t``."""
+    def _inverted(
+        self, x0: torch.Tensor, images: torch.Tensor, cond: Conditioning, t: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x0`` (N, C, h, w), the latents of ``images``, and ``x0`` inverted through the
+        inversion timesteps below ``t``. The reference's inversions are cached by image (pixels
+        after crop and flip) with the latent they started from, which then stands for ``x0``:
+        the VAE samples a new one each step, and the target must be of the latent inverted."""
         o = self.options
         kwargs = {"num_inference_steps": o.inversion_steps, "renoise_steps": o.renoise_steps}
         kwargs["average_range"] = o.average_range
         if o.invert_with == "policy":
-            return renoise_invert(self.inverter, x0, cond, below=t, **kwargs).latents[:, -1]
-        keys = [hashlib.sha1(x.float().cpu().numpy().tobytes()).digest() for x in x0]
+            return x0, renoise_invert(self.inverter, x0, cond, below=t, **kwargs).latents[:, -1]
+        keys = [hashlib.sha1(image.float().cpu().numpy().tobytes()).digest() for image in images]
         missing = [i for i, key in enumerate(keys) if key not in self.inversions]
-        if missing:  # the whole trajectory, once per image: later steps pick the latent below their t
+        if missing:  # the whole trajectory, once per image: each step picks the latent below its t
             done = renoise_invert(self.inverter, x0[missing], cond.map(lambda c: c[missing]), **kwargs)
             self.inversions.update(zip([keys[i] for i in missing], done.latents.cpu(), strict=True))
             self.inversion_timesteps = done.timesteps.cpu()
-        reached = int((self.inversion_timesteps < t).sum())  # latents[0] is x0 itself
-        return torch.stack([self.inversions[key][reached] for key in keys]).to(x0.device)
+        reached = int((self.inversion_timesteps < t).sum())  # trajectory[0] is x0 itself
+        trajectories = torch.stack([self.inversions[key] for key in keys]).to(x0.device)
+        return trajectories[:, 0], trajectories[:, reached]
 
     def _objective_inputs(
         self, policy: torch.Tensor, reference: torch.Tensor | None, batch: dict
