@@ -24,3 +24,16 @@ def test_bench_trajectory_writes_its_report(tmp_path: Path) -> None:
         report["inversion"]["renoise_k1_same_steps"]["unet_calls"]
         == 2 * report["inversion"]["ddim_same_steps"]["unet_calls"]
     )
+
+
+def test_bench_smpo_writes_its_report(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_smpo.py"), "--steps", "1", "--warmup", "0",
+         "--batch", "1", "--output", str(out)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    report = json.loads(out.read_text())["seconds_per_step"]
+    assert set(report) == {"diffusion_dpo", "smpo_policy_inversion", "smpo_reference_inversion_cached"}
+    assert report["diffusion_dpo"]["ratio_to_diffusion_dpo"] == 1.0
+    assert all(r["median"] > 0 for r in report.values())
