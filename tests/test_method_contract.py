@@ -205,7 +205,7 @@ def test_several_micro_batches_per_loader_batch(tmp_path: Path) -> None:
     ckpts = tmp_path / "full" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-3", "checkpoint-6", "checkpoint-9"]
     position = json.loads((ckpts / "checkpoint-6" / "trainer_state.json").read_text())
-    assert position == {"global_step": 6, "loader_batches": 4}
+    assert position == {"global_step": 6, "loader_batches": 4, "processes": 1}
 
     shutil.copytree(ckpts / "checkpoint-3", tmp_path / "cut" / "checkpoints" / "checkpoint-3")
     resumed = Rollouts(
@@ -353,6 +353,43 @@ def test_an_output_dir_in_use_is_refused_and_a_resume_relogs_its_steps(tmp_path:
         run_training(Online(_cfg(out, max_steps=2, checkpoint_every=2)))
     run_training(Online(_cfg(out, max_steps=2, checkpoint_every=2, resume_from="latest")))
     assert [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2]
+
+
+class EveryThird(Online):
+    """Trains on every third loader batch only (a buffer that fills slowly)."""
+
+    def micro_batches(self, batch: list[torch.Tensor], step: int) -> Iterator[list[torch.Tensor]]:
+        self.seen = getattr(self, "seen", 0) + 1
+        if self.seen % 3 == 0:
+            yield batch
+
+    def state(self) -> dict[str, Stateful]:
+        return {}
+
+
+def test_resuming_mid_epoch_a_method_that_skips_batches(tmp_path: Path) -> None:
+    """5 loader batches an epoch, a micro-batch from every third: resumed at step 1 (loader batch 3
+    of the first epoch), the epoch's tail of 2 batches yields nothing, and that is no error."""
+    run_training(EveryThird(_cfg(tmp_path / "run", max_steps=1, checkpoint_every=1)))
+    resumed = EveryThird(_cfg(tmp_path / "run", max_steps=3, checkpoint_every=1, resume_from="latest"))
+    assert run_training(resumed).global_step == 3
+
+
+def test_an_older_checkpoint_is_not_resumed_beside_newer_ones(tmp_path: Path) -> None:
+    from diffalign.config import ConfigError
+
+    out = tmp_path / "run"
+    run_training(Online(_cfg(out, max_steps=6, checkpoint_every=3)))
+    older = out / "checkpoints" / "checkpoint-3"
+    with pytest.raises(ConfigError, match=r"resume_from: .*checkpoint-3 is older than checkpoint-6"):
+        Online(_cfg(out, max_steps=6, checkpoint_every=1, resume_from=str(older)))
+    with pytest.raises(ConfigError, match=r"resume_from: .*nowhere is not a checkpoint-N folder"):
+        Online(_cfg(out, max_steps=6, checkpoint_every=1, resume_from=str(tmp_path / "nowhere")))
+    # a checkpoint of another number of processes is refused when training resumes
+    state = out / "checkpoints" / "checkpoint-6" / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "processes": 2}))
+    with pytest.raises(ValueError, match=r"written by 2 processes, this run has 1"):
+        run_training(Online(_cfg(out, max_steps=9, checkpoint_every=3, resume_from="latest")))
 
 
 def test_broken_checkpoints_name_the_file(tmp_path: Path) -> None:

@@ -204,6 +204,8 @@ def test_bad_input_is_refused_before_any_model_loads(tmp_path: Path) -> None:
         build("smpo", nowhere, pairs(tmp_path / "nan", [(float("nan"), 0.1), (0.5, 0.2)]))
     with pytest.raises(ValueError, match=r"score_bounds must rise"):
         build("smpo", nowhere, pairs(tmp_path / "ok", [(0.9, 0.1)]), score_bounds=(1.0, 0.0))
+    with pytest.raises(ValueError, match="SmPO has no SFT baseline"):
+        build("smpo", nowhere, pairs(tmp_path / "sft", [(0.9, 0.1)]), sft=True)
     with pytest.raises(ConfigError, match="inversion_stepz"):
         build("smpo", nowhere, pairs(tmp_path / "ok2", [(0.9, 0.1)]), inversion_stepz=3)
 

@@ -87,8 +87,6 @@ class SmPO(DiffusionDPO):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         self.options: SmPOOptions
-        if self.options.sft:
-            raise ValueError("method_options.sft: SmPO has no SFT baseline; use diffusion_dpo for it")
         lo, hi = self.score_bounds
         if hasattr(self.objective, "reward_min"):  # smoothed_dpo, mappo: the normalisation SmPO uses
             self.objective = dataclasses.replace(self.objective, reward_min=lo, reward_max=hi)
@@ -96,9 +94,11 @@ class SmPO(DiffusionDPO):
         self.inverter = self.policy
         if self.options.invert_with == "reference":
             self.inverter = self.policy.frozen_copy()  # the starting weights, as the reference's
-        self.inversions: dict[bytes, torch.Tensor] = {}  # reference inversions, by latent
+        self.inversions: dict[bytes, torch.Tensor] = {}  # the reference's trajectories, by image
 
     def preference_pairs(self) -> list[PairRecord]:
+        if self.options.sft:
+            raise ValueError("method_options.sft: SmPO has no SFT baseline; use diffusion_dpo for it")
         records = super().preference_pairs()
         if records[0].rewards is None:
             records = self._scored(records)

@@ -56,7 +56,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from diffalign.config import to_dict
+from diffalign.config import ConfigError, to_dict
 from diffalign.images import save_grid
 from diffalign.training.config import OptimConfig, TrainConfig, with_method_defaults
 
@@ -93,6 +93,7 @@ class Method(ABC):
         from accelerate.utils import set_seed
 
         self.cfg = with_method_defaults(cfg, cfg.method, self.defaults)
+        _resume_path(self.cfg)  # an output_dir or resume_from that cannot work fails before any model loads
         set_seed(cfg.seed)
 
     @abstractmethod
@@ -190,14 +191,30 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 
 def _resume_path(cfg: TrainConfig) -> Path | None:
+    """The checkpoint ``resume_from`` names (None: start afresh).
+
+    Raises:
+        ConfigError: ``resume_from`` is not a checkpoint folder; a fresh run's ``output_dir``
+            holds an earlier run (checkpoints or ``metrics.jsonl``: this run would rotate that
+            run's checkpoints away and mix the metrics); or checkpoints newer than the one named
+            lie in ``output_dir`` (rotation would keep them and delete this run's).
+    """
     if cfg.resume_from is None:
+        _refuse_used_output_dir(cfg.output_dir)
         return None
+    found = checkpoints(cfg.output_dir)
     if cfg.resume_from == "latest":
-        found = checkpoints(cfg.output_dir)
         return found[-1] if found else None
     path = Path(cfg.resume_from)
     if not (path.is_dir() and CHECKPOINT.match(path.name)):
-        raise FileNotFoundError(f"resume_from: {path} is not a checkpoint-N folder")
+        raise ConfigError(f"resume_from: {path} is not a checkpoint-N folder")
+    step = int(CHECKPOINT.match(path.name).group(1))
+    newer = [p.name for p in found if int(CHECKPOINT.match(p.name).group(1)) > step]
+    if newer:
+        raise ConfigError(
+            f"resume_from: {path} is older than {', '.join(newer)} in {cfg.output_dir / 'checkpoints'}: "
+            "the resumed run would rotate its own checkpoints away and keep those; move them elsewhere first"
+        )
     return path
 
 
@@ -393,14 +410,17 @@ def _resume(run: _Run) -> None:
     """Load the checkpoint ``resume_from`` names, if any, and drop the metrics logged after it."""
     cfg, accelerator = run.cfg, run.accelerator
     path = _resume_path(cfg)
-    if path is None and cfg.resume_from is None:
-        _refuse_used_output_dir(cfg.output_dir)
     if path is not None:
         state_file = path / "trainer_state.json"
         if not state_file.is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint: it has no trainer_state.json")
         accelerator.load_state(str(path))
         saved = json.loads(state_file.read_text())
+        if saved.get("processes", accelerator.num_processes) != accelerator.num_processes:
+            raise ValueError(
+                f"{path} was written by {saved['processes']} processes, this run has "
+                f"{accelerator.num_processes}: its data order and learning rate need as many"
+            )
         run.step = run.saved_step = saved["global_step"]
         # checkpoints from before micro_batches: one loader batch per micro-batch
         run.loader_batches = saved.get("loader_batches", run.step * cfg.gradient_accumulation_steps)
@@ -419,8 +439,8 @@ def _refuse_used_output_dir(output_dir: Path) -> None:
     metrics = output_dir / "metrics.jsonl"
     earlier = [p.name for p in checkpoints(output_dir)] or ([metrics.name] if metrics.is_file() else [])
     if earlier:
-        raise ValueError(
-            f"output_dir {output_dir} holds an earlier run ({', '.join(earlier)}): set resume_from=latest "
+        raise ConfigError(
+            f"output_dir: {output_dir} holds an earlier run ({', '.join(earlier)}): set resume_from=latest "
             "to go on from it, or choose another output_dir"
         )
 
@@ -460,7 +480,7 @@ def _train(run: _Run) -> None:
                 _checkpoint(run)
             if run.step >= cfg.max_steps:
                 return
-        if run.epoch_micro_batches == 0:
+        if run.epoch_micro_batches == 0 and skip == 0:  # a whole epoch seen, not its resumed tail
             raise ValueError(
                 f"{type(run.method).__name__}.micro_batches made nothing to train on from a whole epoch "
                 f"of {len(run.loader) - skip} loader batches: training would never end"
@@ -589,7 +609,8 @@ def _checkpoint(run: _Run) -> None:
     accelerator.save_state(str(partial))
     if accelerator.is_main_process:
         _with_ema(run.ema, run.params, lambda: run.method.export(partial / "export"))
-        position = {"global_step": run.step, "loader_batches": run.loader_batches}
+        world = accelerator.num_processes
+        position = {"global_step": run.step, "loader_batches": run.loader_batches, "processes": world}
         (partial / "trainer_state.json").write_text(json.dumps(position))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
