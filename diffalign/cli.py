@@ -48,7 +48,7 @@ def _demo(args: argparse.Namespace) -> int:
     from diffalign.demo.run import DemoConfig, run_demo
 
     for key in ("method", "objective"):
-        if getattr(args, key):
+        if getattr(args, key) is not None:
             args.overrides.append(f"{key}={getattr(args, key)}")
     cfg = config_from_args(DemoConfig, args, "diffalign demo")
     report = run_demo(cfg)

@@ -145,6 +145,15 @@ def parse_overrides(args: Sequence[str]) -> dict[str, _Override]:
     return out
 
 
+def _override_mapping(value: _Override) -> dict | None:
+    """The mapping an override's value spells, or None (another value, or no valid YAML)."""
+    try:
+        parsed = _read_yaml(value.raw)
+    except yaml.YAMLError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
 def _nest_overrides(data: dict[str, Any], overrides: Mapping[str, _Override]) -> dict[str, Any]:
     data = dict(data)
     for dotted, value in overrides.items():
@@ -152,6 +161,8 @@ def _nest_overrides(data: dict[str, Any], overrides: Mapping[str, _Override]) ->
         parts = dotted.split(".")
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
+            if isinstance(child, _Override):  # `objective={name: ipo} objective.beta=2` refines it
+                child = _override_mapping(child) or child
             if child is None:
                 child = {}
             elif not isinstance(child, dict):
@@ -190,7 +201,7 @@ def _packaged_hint(path: Path) -> str:
     """Where diffalign ships a config of that name (``configs/...`` of a checkout, when installed)."""
     parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
     try:
-        return f" (diffalign ships one at {packaged_config(*parts)})" if parts else ""
+        return f" (diffalign ships one at {packaged_config(*parts).resolve()})" if parts else ""
     except (FileNotFoundError, ValueError):
         return ""
 

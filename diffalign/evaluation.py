@@ -11,6 +11,7 @@ reward, and diversity.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +40,8 @@ def sample_images(
     image by image."""
     from diffalign.diffusion.sampling import sample_with_trajectory
 
+    if not prompts:
+        raise ValueError("sample_images needs at least one prompt")
     side = policy.unet.config.sample_size
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
@@ -70,13 +73,16 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     ``successes`` may be fractional (a tie counting half).
 
     Raises:
-        ValueError: ``n`` is not a positive integer, or ``successes`` is outside [0, n].
+        ValueError: ``n`` is not a positive integer, ``successes`` is outside [0, n], or ``z`` is
+            not a positive number.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or not 0 <= successes <= n:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 or not 0 <= successes <= n:
         raise ValueError(
             f"a proportion needs 0 <= successes <= n, n a positive integer; got {successes} of {n}"
         )
-    p = successes / n
+    if not (math.isfinite(z) and z > 0):
+        raise ValueError(f"z must be a positive number of standard deviations, got {z}")
+    p, n = float(successes) / int(n), int(n)
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
@@ -154,12 +160,17 @@ def compare(base: ModelEvaluation, other: ModelEvaluation) -> dict[str, Any]:
     its 95% Wilson interval, fidelity drop in percentage points, diversity ratio.
 
     Raises:
-        ValueError: the two evaluations are not on the same prompts and seed.
+        ValueError: the two evaluations are not on the same prompts and seed, hold no prompt, or
+            have a score that is not finite.
     """
     if base.prompts != other.prompts or base.seed != other.seed:
         raise ValueError(
             f"compare needs two evaluations of the same prompts and seed (seeds {base.seed} and {other.seed})"
         )
+    if not base.prompts:
+        raise ValueError("compare needs evaluations of at least one prompt")
+    if not bool(base.scores.isfinite().all() and other.scores.isfinite().all()):
+        raise ValueError("compare: a score is NaN or infinite (a win cannot be decided)")
     wins = float((other.scores > base.scores).sum() + 0.5 * (other.scores == base.scores).sum())
     n = len(base.prompts)
     drop = None
@@ -169,7 +180,8 @@ def compare(base: ModelEvaluation, other: ModelEvaluation) -> dict[str, Any]:
         "win_rate": wins / n,
         "win_rate_95ci": list(wilson_interval(wins, n)),
         "fidelity_drop_points": drop,
-        "diversity_ratio": None
-        if base.diversity is None or other.diversity is None
-        else other.diversity / base.diversity,
+        # None where undefined: a prompt sampled once, or a base without any diversity
+        "diversity_ratio": other.diversity / base.diversity
+        if base.diversity and other.diversity is not None
+        else None,
     }

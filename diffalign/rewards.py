@@ -142,22 +142,39 @@ class RewardModel(torch.nn.Module):
         if not isinstance(masks, Tensor) or masks.shape != (n, 1, *images.shape[-2:]):
             got = tuple(masks.shape) if isinstance(masks, Tensor) else type(masks).__name__
             raise RewardInputError(f"`masks` must be (N, 1, H, W) = {(n, 1, *images.shape[-2:])}, got {got}")
+        _require_unit_range(masks.float(), "masks")
         if masked is None:
             return
-        if not isinstance(masked, Tensor) or masked.shape != images.shape:
-            got = tuple(masked.shape) if isinstance(masked, Tensor) else type(masked).__name__
-            raise RewardInputError(
-                f"`masked_images` must be shaped like the images {tuple(images.shape)}, got {got}"
+        if not isinstance(masked, Tensor) or masked.shape != images.shape or not masked.is_floating_point():
+            got = (
+                f"{tuple(masked.shape)} {masked.dtype}"
+                if isinstance(masked, Tensor)
+                else type(masked).__name__
             )
+            raise RewardInputError(
+                f"`masked_images` must be float and shaped like the images {tuple(images.shape)}, got {got}"
+            )
+        _require_unit_range(masked, "masked_images")
         hole = (masks >= 0.5).expand_as(masked)
         if self.masked_fill is not None and bool(hole.any()):
-            off = (masked.detach()[hole] - self.masked_fill).abs().max()
-            if float(off) > 1 / 255:
+            off = float((masked.detach()[hole].float() - self.masked_fill).abs().max())
+            if off > 1 / 255 + 1e-6:  # float32's 1/255 lies a hair above the double's
                 raise RewardInputError(
                     f"reward '{self.name}' was trained on masked inputs holding {self.masked_fill} in the "
                     "hole (diffalign.images.masked_for_reward makes them); `masked_images` differ there by "
-                    f"up to {float(off):.3g} (grey 0.5 is masked_for_inpainting's fill: the UNet's)"
+                    f"up to {off:.3g} (grey 0.5 is masked_for_inpainting's fill: the UNet's)"
                 )
+
+
+def _require_unit_range(values: Tensor, name: str) -> None:
+    """Raise ``RewardInputError`` unless every value of ``values`` is finite and in [0, 1]."""
+    v = values.detach()
+    if not bool(v.isfinite().all()):
+        raise RewardInputError(f"`{name}` contain NaN or inf")
+    low, high = (float(x) for x in v.float().aminmax())
+    if low < -1e-3 or high > 1 + 1e-3:
+        hint = " (they look like [0, 255]: divide by 255)" if high > 2 else ""
+        raise RewardInputError(f"`{name}` must lie in [0, 1], found values in [{low:.6g}, {high:.6g}]{hint}")
 
 
 # -- registry -----------------------------------------------------------------------------

@@ -122,4 +122,7 @@ def test_demo_command_line_composes_method_and_objective(
         run_demo(demo_run.DemoConfig(output_dir=tmp_path / "out", train_overrides=["bogus=1"]))
     with pytest.raises(ConfigError, match="objective: unknown objective 'mapo'; did you mean 'mappo'"):
         run_demo(demo_run.DemoConfig(output_dir=tmp_path / "out", objective="mapo"))
+    assert main(["demo", "--objective", ""]) == 0 and seen[-1].objective == ""  # given, so not ignored
+    with pytest.raises(ConfigError, match="objective: unknown objective ''"):
+        run_demo(demo_run.DemoConfig(output_dir=tmp_path / "out", objective=""))
     assert not (tmp_path / "cache").exists()

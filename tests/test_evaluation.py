@@ -18,6 +18,13 @@ def test_wilson_interval_matches_the_formula_and_its_edges() -> None:
     for successes, n in [(3, 0), (1, 2.5), (3, float("inf")), (1, True), (-0.5, 4), (5, 4)]:
         with pytest.raises(ValueError, match="0 <= successes <= n"):
             wilson_interval(successes, n)
+    import numpy as np
+
+    assert wilson_interval(8, np.int64(10)) == wilson_interval(8, 10)
+    assert isinstance(wilson_interval(torch.tensor(8.0), 10)[0], float)
+    for z in (-1.96, float("nan"), 0.0):
+        with pytest.raises(ValueError, match="z must be a positive number"):
+            wilson_interval(8, 10, z)
 
 
 def test_diversity_is_the_mean_pairwise_distance_within_each_prompt() -> None:
@@ -45,6 +52,11 @@ def test_compare_counts_ties_half_and_reports_the_drop() -> None:
         compare(base, evaluation([1, 2]))
     with pytest.raises(ValueError, match=r"same prompts and seed \(seeds 0 and 5\)"):
         compare(base, evaluation([2, 2, 1, 5], 0.75, seed=5))
+    with pytest.raises(ValueError, match="a score is NaN"):
+        compare(base, evaluation([2, float("nan"), 1, 5]))
+    flat = evaluation([1, 2, 3, 4])
+    flat.diversity = 0.0  # identical images: no ratio to take
+    assert compare(flat, other)["diversity_ratio"] is None
 
 
 def test_the_same_model_and_seed_ties_everywhere(tiny_pipelines) -> None:

@@ -87,3 +87,16 @@ def test_bradley_terry_trains_and_scores_on_the_same_black_masked_input(
     assert torch.equal(seen[1], filled(images, masks, 0.0))
     with pytest.raises(RewardInputError, match=r"bradley_terry' was trained on masked inputs holding 0\.0"):
         reward(images, masks=masks, masked_images=masked_for_inpainting(images, masks))
+    # the hole's fill is checked on values in [0, 1]: 0-255, NaN and bad masks are named
+    black = masked_for_reward(images, masks)
+    for bad, message in [
+        (black * 255, r"masked_images` must lie in \[0, 1\].*divide by 255"),
+        (torch.where(masks >= 0.5, torch.nan, images), "masked_images` contain NaN"),
+        ((black * 255).to(torch.uint8), "masked_images` must be float"),
+    ]:
+        with pytest.raises(RewardInputError, match=message):
+            reward(images, masks=masks, masked_images=bad)
+    with pytest.raises(RewardInputError, match=r"masks` must lie in \[0, 1\]"):
+        reward(images, masks=masks * 255)
+    one_255th = torch.where(masks >= 0.5, torch.tensor(1 / 255), images)  # float32 rounds it up a hair
+    reward(images, masks=masks, masked_images=one_255th)

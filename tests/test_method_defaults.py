@@ -151,3 +151,39 @@ def test_an_unused_key_is_a_config_error_on_the_command_line(
     assert (
         "config error: method text_preference: data.resolution is set, but the method does not use it" in err
     )
+
+
+def test_a_whole_objective_override_can_be_refined_by_a_dotted_one() -> None:
+    assert resolved("diffusion_dpo", "objective={name: ipo}", "objective.beta=0.5").objective["beta"] == 0.5
+    # the later whole value replaces what came before it, as any override does
+    assert (
+        resolved("diffusion_dpo", "objective.beta=0.5", "objective={name: ipo}").objective["beta"] == 5000.0
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("objective={name: 3}", "objective.name must be an objective's name, got 3"),
+        ("objective={name: [dpo]}", r"objective.name must be an objective's name, got \['dpo'\]"),
+        ("objective={name: ''}", "objective.name must be an objective's name, got ''"),
+        (
+            "objective={name: mappo, base_options: {beta: 1.0}}",
+            r"beta \(5000.0\) and base_options.beta \(1.0\)",
+        ),
+    ],
+)
+def test_malformed_objectives_are_config_errors(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolved("diffusion_dpo", override)
+
+
+def test_an_objective_that_is_no_mapping_is_named() -> None:
+    cfg = TrainConfig(
+        method="diffusion_dpo", model=config("diffusion_dpo").model, data=config("diffusion_dpo").data
+    )
+    cfg.objective = "dpo"  # type: ignore[assignment]  (as a Python caller may write it)
+    with pytest.raises(
+        ConfigError, match=r"objective must be a mapping \(\{name: dpo, beta: 0.1\}\), got 'dpo'"
+    ):
+        with_method_defaults(cfg, "diffusion_dpo", get_method("diffusion_dpo").defaults)

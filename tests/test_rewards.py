@@ -131,7 +131,7 @@ def test_prefpaint_features_are_checked_like_scores(built) -> None:
     scores, features = built["prefpaint"].score_with_features(images, masks)
     assert features.shape == (3, 256) and not scores.requires_grad
     torch.testing.assert_close(built["prefpaint"](images, masks=masks), scores)
-    with pytest.raises(RewardInputError, match=r"`masked_images` must be shaped like the images"):
+    with pytest.raises(RewardInputError, match=r"`masked_images` must be float and shaped like the images"):
         built["prefpaint"].score_with_features(images, masks, images[:, :, :8])
     with pytest.raises(RewardInputError, match=r"look like \[0, 255\]"):
         built["prefpaint"].score_with_features(images * 255, masks)

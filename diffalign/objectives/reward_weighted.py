@@ -64,6 +64,10 @@ class MaPPO(PairwiseObjective):
             raise ValueError(f"reward_max ({self.reward_max}) must exceed reward_min ({self.reward_min})")
         options = dict(self.base_options)
         if self.beta is not None:
+            if options.get("beta", self.beta) != self.beta:
+                raise ValueError(
+                    f"beta ({self.beta}) and base_options.beta ({options['beta']}) disagree: set beta only"
+                )
             options["beta"] = self.beta
         self._base: PairwiseObjective = get_objective(self.base, **options)  # type: ignore[assignment]
 

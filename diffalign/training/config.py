@@ -213,7 +213,11 @@ def _whole_objective(given: dict[str, Any] | None, default: Mapping[str, Any] | 
 
     if given is None and default is None:
         return None
+    if given is not None and not isinstance(given, dict):
+        raise ValueError(f"objective must be a mapping ({{name: dpo, beta: 0.1}}), got {given!r}")
     given, default = dict(given or {}), dict(default or {})
+    if "name" in given and (not isinstance(given["name"], str) or not given["name"]):
+        raise ValueError(f"objective.name must be an objective's name, got {given['name']!r}")
     name = given.pop("name", None) or default.get("name")
     if name is None:
         raise ValueError("objective needs a 'name' (the method has no default objective)")
