@@ -38,7 +38,7 @@ import torch
 from diffalign.data.preference import PairRecord, load_image
 from diffalign.diffusion.inversion import renoise_invert
 from diffalign.diffusion.likelihood import DenoisingLogp, denoising_logp_at, denoising_target
-from diffalign.diffusion.policy import UNET_ATTENTION_PROJECTIONS, Conditioning
+from diffalign.diffusion.policy import Conditioning
 from diffalign.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOOptions
 from diffalign.training.config import TrainConfig
 
@@ -75,12 +75,11 @@ class SmPOOptions(DiffusionDPOOptions):
 
 class SmPO(DiffusionDPO):
     # the official SD1.5 launcher's (examples/sd15.sh): beta 2000, lr 1e-8 per sample scaled by
-    # the batch, warmup 100; gamma 10 is the objective's default
+    # the batch, warmup 100 (gamma 10 is the objective's default); data and LoRA as Diffusion-DPO
     defaults: ClassVar[dict[str, Any]] = {
+        **DiffusionDPO.defaults,
         "objective": {"name": "smoothed_dpo", "beta": 2000.0},
-        "optim": {"lr": 1e-8, "scale_lr": True, "weight_decay": 1e-2, "warmup_steps": 100},
-        "data": {"resolution": 512, "random_crop": False, "hflip": True, "caption_dropout": 0.2},
-        "model": {"lora": {"target_modules": list(UNET_ATTENTION_PROJECTIONS)}},
+        "optim": {**DiffusionDPO.defaults["optim"], "warmup_steps": 100},
     }
     options_class = SmPOOptions
 
