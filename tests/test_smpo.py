@@ -206,6 +206,18 @@ def test_bad_input_is_refused_before_any_model_loads(tmp_path: Path) -> None:
         build("smpo", nowhere, pairs(tmp_path / "ok", [(0.9, 0.1)]), score_bounds=(1.0, 0.0))
     with pytest.raises(ValueError, match="SmPO has no SFT baseline"):
         build("smpo", nowhere, pairs(tmp_path / "sft", [(0.9, 0.1)]), sft=True)
+    for options, message in [
+        ({"inversion_steps": -1}, "inversion_steps and renoise_steps must be >= 0"),
+        ({"renoise_steps": 1, "average_range": (0, 5)}, r"average_range must satisfy .* got \(0, 5\)"),
+        ({"average_range": (1, 0)}, "average_range must satisfy"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            build("smpo", nowhere, pairs(tmp_path / "ok3", [(0.9, 0.1)]), **options)
+    unscored = pairs(tmp_path / "unscored", [(None, None)])
+    with pytest.raises(ConfigError, match=r"method_options\.reward: .*no option 'qualty'"):
+        build("smpo", nowhere, unscored, reward="jpeg_compressibility", reward_options={"qualty": 50})
+    with pytest.raises(ConfigError, match=r"method_options\.reward: unknown reward 'jpeg_compresibility'"):
+        build("smpo", nowhere, unscored, reward="jpeg_compresibility")
     with pytest.raises(ConfigError, match="inversion_stepz"):
         build("smpo", nowhere, pairs(tmp_path / "ok2", [(0.9, 0.1)]), inversion_stepz=3)
 

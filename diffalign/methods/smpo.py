@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from diffalign.config import ConfigError
 from diffalign.data.preference import PairRecord, load_image
 from diffalign.diffusion.inversion import renoise_invert
 from diffalign.diffusion.likelihood import DenoisingLogp, denoising_logp_at, denoising_target
@@ -71,6 +72,19 @@ class SmPOOptions(DiffusionDPOOptions):
             "help": "the current policy inverts (the paper), or the frozen reference, cached per image"
         },
     )
+
+    def __post_init__(self) -> None:
+        if self.inversion_steps < 0 or self.renoise_steps < 0:
+            raise ValueError(
+                f"inversion_steps and renoise_steps must be >= 0, got {self.inversion_steps} and "
+                f"{self.renoise_steps}"
+            )
+        first, last = self.average_range or (0, self.renoise_steps)
+        if not 0 <= first <= last <= self.renoise_steps:
+            raise ValueError(
+                f"average_range must satisfy 0 <= first <= last <= renoise_steps ({self.renoise_steps}), "
+                f"got {self.average_range}"
+            )
 
 
 class SmPO(DiffusionDPO):
@@ -123,7 +137,10 @@ class SmPO(DiffusionDPO):
                 "method_options.score_prefix (columns of scripts/score_dataset.py), give chosen_reward "
                 "and rejected_reward on every JSONL row, or name a reward in method_options.reward"
             )
-        reward = load_reward(self.options.reward, **self.options.reward_options)
+        try:
+            reward = load_reward(self.options.reward, **self.options.reward_options)
+        except (KeyError, TypeError) as err:  # an unknown reward or option: the config's to fix
+            raise ConfigError(f"method_options.reward: {err.args[0]}") from err
         if reward.needs_prompts and (empty := next((r for r in records if not r.prompt.strip()), None)):
             raise ValueError(
                 f"{empty.where}: reward '{self.options.reward}' needs a prompt, and the row has none"
