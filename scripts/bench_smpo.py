@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--output", type=Path, default=Path("outputs/bench_smpo.json"))
     args = parser.parse_args()
+    if min(args.batch, args.steps, args.inversion_steps) < 1 or args.warmup < 0:
+        parser.error("--batch, --steps and --inversion-steps must be >= 1, --warmup >= 0")
     args.resolution = args.resolution or (32 if args.model == "tiny" else 128)
     from diffalign.diffusion.tiny import SD15_UNET_CONFIG, build_tiny_pipeline
 

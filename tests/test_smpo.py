@@ -99,7 +99,7 @@ def test_hard_labels_without_inversion_are_diffusion_dpo(tiny_pipelines, tmp_pat
 def test_the_loss_and_its_gradient_fade_as_the_scores_converge(tiny_pipelines, tmp_path: Path) -> None:
     norms = []
     for gap in (0.4, 0.04, 0.004, 0.0):
-        rows = [(0.5 + gap, 0.5), (0.5 + gap, 0.5), (0.5 + gap, 0.5), (0.5 + gap, 0.5)]
+        rows = [(0.5 + gap, 0.5)] * 4 + [(0.9, 0.1)]  # the batch is the first 4; data must have a gap
         data = pairs(tmp_path / f"gap{gap}", rows)
         method = build("smpo", tiny_pipelines["sd"], data, score_bounds=(0.0, 1.0))
         nudge(method)
@@ -196,9 +196,7 @@ def test_bad_input_is_refused_before_any_model_loads(tmp_path: Path) -> None:
             pairs(tmp_path / "blank", [(None, None)] * 2, prompt=" "),
             reward="test_needs_prompts",
         )
-    with pytest.raises(
-        ValueError, match=r"every reward score of the data is 0.5: their min-max normalisation"
-    ):
+    with pytest.raises(ValueError, match=r"every pair.s two scores are equal: each soft label is 1/2"):
         build("smpo", nowhere, pairs(tmp_path / "flat", [(0.5, 0.5)] * 3))
     with pytest.raises(ValueError, match="chosen_reward"):
         build("smpo", nowhere, pairs(tmp_path / "nan", [(float("nan"), 0.1), (0.5, 0.2)]))
@@ -218,6 +216,12 @@ def test_bad_input_is_refused_before_any_model_loads(tmp_path: Path) -> None:
         build("smpo", nowhere, unscored, reward="jpeg_compressibility", reward_options={"qualty": 50})
     with pytest.raises(ConfigError, match=r"method_options\.reward: unknown reward 'jpeg_compresibility'"):
         build("smpo", nowhere, unscored, reward="jpeg_compresibility")
+    with pytest.raises(
+        ConfigError, match="has reward scores already, so 'jpeg_compressibility' would go unused"
+    ):
+        build("smpo", nowhere, pairs(tmp_path / "both", [(0.9, 0.1)]), reward="jpeg_compressibility")
+    with pytest.raises(ValueError, match="every pair's two scores are equal"):  # though not all alike
+        build("smpo", nowhere, pairs(tmp_path / "ties", [(0.9, 0.9), (0.1, 0.1)]))
     with pytest.raises(ConfigError, match="inversion_stepz"):
         build("smpo", nowhere, pairs(tmp_path / "ok2", [(0.9, 0.1)]), inversion_stepz=3)
 

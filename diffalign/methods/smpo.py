@@ -100,6 +100,11 @@ class SmPO(DiffusionDPO):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         self.options: SmPOOptions
+        steps, limit = self.options.inversion_steps, self.policy.scheduler.config.num_train_timesteps
+        if steps > limit:
+            raise ConfigError(
+                f"method_options.inversion_steps: {steps} exceeds the schedule's {limit} timesteps"
+            )
         lo, hi = self.score_bounds
         if hasattr(self.objective, "reward_min"):  # smoothed_dpo, mappo: the normalisation SmPO uses
             self.objective = dataclasses.replace(self.objective, reward_min=lo, reward_max=hi)
@@ -115,6 +120,16 @@ class SmPO(DiffusionDPO):
         records = super().preference_pairs()
         if records[0].rewards is None:
             records = self._scored(records)
+        elif self.options.reward is not None:
+            raise ConfigError(
+                f"method_options.reward: {self.cfg.data.path} has reward scores already, so "
+                f"'{self.options.reward}' would go unused: remove one of the two"
+            )
+        if all(r.rewards[0] == r.rewards[1] for r in records):
+            raise ValueError(
+                f"{self.cfg.data.path}: every pair's two scores are equal: each soft label is 1/2, and "
+                "SmPO would learn nothing"
+            )
         # checked here, with the data, before any model loads
         lo, hi = self.score_bounds = self.options.score_bounds or _data_bounds(records)
         if not hi > lo:
@@ -217,16 +232,6 @@ class SmPO(DiffusionDPO):
 
 
 def _data_bounds(records: list[PairRecord]) -> tuple[float, float]:
-    """The lowest and highest score of the data.
-
-    Raises:
-        ValueError: every score is the same (min-max normalisation is undefined).
-    """
+    """The lowest and highest score of the data (distinct: some pair has a gap, checked before)."""
     scores = [s for r in records for s in r.rewards]
-    lo, hi = min(scores), max(scores)
-    if lo == hi:
-        raise ValueError(
-            f"every reward score of the data is {lo}: their min-max normalisation is undefined "
-            "(set method_options.score_bounds, or score with another reward)"
-        )
-    return lo, hi
+    return min(scores), max(scores)
