@@ -234,3 +234,16 @@ def test_a_registry_reward_scores_unscored_pairs(tiny_pipelines, tmp_path: Path)
 
         means = (float(load_image(r.chosen, "").mean()), float(load_image(r.rejected, "").mean()))
         assert r.rewards == pytest.approx(means, abs=1e-6) and r.rewards[0] >= r.rewards[1]
+
+
+def test_renoise_invert_refuses_an_empty_schedule(tiny_pipelines) -> None:
+    """diffusers gives an empty schedule for no steps: the inversion would silently be x_0 itself."""
+    from diffalign.diffusion import DiffusionPolicy
+
+    policy = DiffusionPolicy.from_pretrained(tiny_pipelines["sd"])
+    x0, cond = torch.zeros(1, 4, 16, 16), policy.encode_prompts(["a red square"])
+    for steps in (0, -1):
+        with pytest.raises(
+            ValueError, match=rf"num_inference_steps must be >= 1 and renoise_steps >= 0, got {steps}"
+        ):
+            renoise_invert(policy, x0, cond, num_inference_steps=steps)

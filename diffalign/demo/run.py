@@ -125,34 +125,14 @@ def _curve(log: list[dict], key: str, path: Path, title: str) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.api import train
-    from diffalign.config import ConfigError, load_config, packaged_config
     from diffalign.diffusion.policy import DiffusionPolicy
-    from diffalign.methods import get_method
-    from diffalign.objectives import objective_spec
     from diffalign.rewards import load_reward
-    from diffalign.training.config import TrainConfig, with_method_defaults
 
     started = time.perf_counter()
-    try:
-        config_file = packaged_config("demo", f"{cfg.method}.yaml")
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"no demo config for method '{cfg.method}': {err}") from err
     out, base_path = cfg.output_dir, base_folder(cfg.pretrain)
     data = out / "data" / "pairs.jsonl"
-    # loaded first so that a wrong key fails now, not after minutes of pretraining
-    demo_keys = [
-        f"model.pretrained={base_path}", f"data.path={data}", f"output_dir={out / 'training'}",
-        f"seed={cfg.seed}",
-    ]  # fmt: skip
-    if cfg.objective is not None:
-        configured = load_config(TrainConfig, config_file, demo_keys).objective or {}
-        try:  # the demo's beta suits its likelihood scale, whichever objective weighs it
-            swapped = objective_spec(cfg.objective, carried=configured)
-        except KeyError as err:
-            raise ConfigError(f"objective: {err.args[0]}") from err
-        demo_keys.append(f"objective={json.dumps(swapped)}")
-    train_cfg = load_config(TrainConfig, config_file, [*demo_keys, *cfg.train_overrides])
-    train_cfg = with_method_defaults(train_cfg, train_cfg.method, get_method(train_cfg.method).defaults)
+    # read first, so that a wrong key fails now, not after minutes of pretraining
+    train_cfg = _train_config(cfg, base_path, data)
     out.mkdir(parents=True, exist_ok=True)
     pretrained_base(cfg.pretrain)
     classifier, classifier_accuracy = trained_classifier(cfg.pretrain.seed, cfg.classifier_steps)
@@ -186,6 +166,38 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _train_config(cfg: DemoConfig, base_path: Path, data: Path) -> Any:
+    """The method's demo config, pointed at the demo's model and pairs, with ``cfg.objective``
+    swapped in (keeping the hyper-parameters it takes) and the user's overrides on top.
+
+    Raises:
+        FileNotFoundError: the method has no demo config.
+        ConfigError: a key, value or objective the config cannot take.
+    """
+    from diffalign.config import ConfigError, load_config, packaged_config
+    from diffalign.methods import get_method
+    from diffalign.objectives import objective_spec
+    from diffalign.training.config import TrainConfig, with_method_defaults
+
+    try:
+        config_file = packaged_config("demo", f"{cfg.method}.yaml")
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no demo config for method '{cfg.method}': {err}") from err
+    demo_keys = [
+        f"model.pretrained={base_path}", f"data.path={data}", f"output_dir={cfg.output_dir / 'training'}",
+        f"seed={cfg.seed}",
+    ]  # fmt: skip
+    if cfg.objective is not None:
+        configured = load_config(TrainConfig, config_file, demo_keys).objective or {}
+        try:  # the demo's beta suits its likelihood scale, whichever objective weighs it
+            swapped = objective_spec(cfg.objective, carried=configured)
+        except KeyError as err:
+            raise ConfigError(f"objective: {err.args[0]}") from err
+        demo_keys.append(f"objective={json.dumps(swapped)}")
+    train_cfg = load_config(TrainConfig, config_file, [*demo_keys, *cfg.train_overrides])
+    return with_method_defaults(train_cfg, train_cfg.method, get_method(train_cfg.method).defaults)
 
 
 def _collect_preferences(cfg: DemoConfig, base: Any, reward: Any, data: Path) -> dict:

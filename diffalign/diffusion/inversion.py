@@ -67,21 +67,9 @@ def renoise_invert(
     final inverse step. ``step_noises`` (N, T, C, h, w): the noise each forward step added, in
     sampling order, for stochastic samplers (``eta > 0``).
     """
-    if latents.dim() != 4 or latents.shape[1] != policy.latent_channels:
-        raise ValueError(
-            f"latents must be (N, {policy.latent_channels}, h, w), got shape {tuple(latents.shape)}"
-        )
-    if renoise_steps < 0:
-        raise ValueError(f"renoise_steps must be >= 0, got {renoise_steps}")
-    first, last = average_range if average_range is not None else (0, renoise_steps)
-    if not 0 <= first <= last <= renoise_steps:
-        raise ValueError(
-            f"average_range must satisfy 0 <= first <= last <= {renoise_steps}, got {average_range}"
-        )
-    if eta > 0 and step_noises is None:
-        raise ValueError(
-            "inverting a stochastic sampler (eta > 0) needs the `step_noises` of the forward run"
-        )
+    first, last = _checked_arguments(policy, latents, num_inference_steps, renoise_steps, average_range)
+    if eta > 0 and step_noises is None:  # the sampler's own noise cannot be estimated
+        raise ValueError("inverting a stochastic sampler (eta > 0) needs the `step_noises` of its run")
     scheduler = make_scheduler(policy, "ddim")
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     down = scheduler.timesteps  # sampling order: high to low
@@ -114,6 +102,35 @@ def renoise_invert(
     timesteps = down.flip(0)[: len(states) - 1]
     require_finite(trajectory[:, 1:], "the inverted latents", timesteps)
     return Inversion(trajectory.to(latents.dtype), timesteps, calls)
+
+
+def _checked_arguments(
+    policy: DiffusionPolicy,
+    latents: Tensor,
+    num_inference_steps: int,
+    renoise_steps: int,
+    average_range: tuple[int, int] | None,
+) -> tuple[int, int]:
+    """The iterations to average, ``(first, last)``, once the arguments are checked.
+
+    Raises:
+        ValueError: naming the argument out of range (a step count below 1 would invert nothing).
+    """
+    if latents.dim() != 4 or latents.shape[1] != policy.latent_channels:
+        raise ValueError(
+            f"latents must be (N, {policy.latent_channels}, h, w), got shape {tuple(latents.shape)}"
+        )
+    if num_inference_steps < 1 or renoise_steps < 0:
+        raise ValueError(
+            f"num_inference_steps must be >= 1 and renoise_steps >= 0, got {num_inference_steps} "
+            f"and {renoise_steps}"
+        )
+    first, last = average_range if average_range is not None else (0, renoise_steps)
+    if not 0 <= first <= last <= renoise_steps:
+        raise ValueError(
+            f"average_range must satisfy 0 <= first <= last <= {renoise_steps}, got {average_range}"
+        )
+    return first, last
 
 
 def ddim_invert(
