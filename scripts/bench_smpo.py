@@ -7,7 +7,8 @@ warm: the steps after it).
 
 A step is the method's ``step`` (encode, invert, policy and reference forwards, loss) and the
 backward, on one batch of ``--batch`` pairs at ``--resolution`` px; the first ``--warmup`` steps
-are not timed. SmPO draws one timestep per step, and its cost depends on how many of its
+are not timed; the variants' steps are interleaved, and the report gives each one's median, min
+and max. SmPO draws one timestep per step, and its cost depends on how many of its
 ``--inversion-steps`` lie below it: every method runs the same seeds, so the same timesteps.
 """
 
@@ -57,21 +58,26 @@ def _method(name: str, pipeline: Path, data: Path, args: argparse.Namespace, **o
     return method
 
 
-def _seconds_per_step(method: Any, batch: dict, args: argparse.Namespace) -> dict[str, float]:
-    times = []
-    for i in range(args.warmup + args.steps):
-        torch.manual_seed(i)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss, _ = method.step(batch)
-        loss.backward()
-        method.policy.unet.zero_grad(set_to_none=True)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    timed = times[args.warmup :]
-    return {"first_step": times[0], "median": statistics.median(timed), "mean": statistics.fmean(timed)}
+def _step_seconds(method: Any, batch: dict, seed: int, device: str) -> float:
+    """Wall seconds of one step and its backward (the device synchronised around it)."""
+    torch.manual_seed(seed)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss, _ = method.step(batch)
+    loss.backward()
+    method.policy.unet.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _summary(times: list[float], warmup: int) -> dict[str, float]:
+    timed = times[warmup:]
+    return {
+        "first_step": times[0], "median": statistics.median(timed), "min": min(timed), "max": max(timed),
+        "mean": statistics.fmean(timed),
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -107,13 +113,18 @@ def main() -> None:
                 "smpo", {"inversion_steps": args.inversion_steps, "invert_with": "reference"}
             ),
         }  # fmt: skip
-        results = {}
+        methods, batches = {}, {}
         for key, (name, options) in variants.items():
-            method = _method(name, pipeline, data, args, **options)
-            dataset, collate = method.dataset()
-            batch = collate([dataset[i] for i in range(args.batch)])
-            results[key] = _seconds_per_step(method, batch, args)
-            del method
+            methods[key] = _method(name, pipeline, data, args, **options)
+            dataset, collate = methods[key].dataset()
+            batches[key] = collate([dataset[i] for i in range(args.batch)])
+        # interleaved: step i of every variant runs before step i + 1 of any, so a drift in the
+        # machine's speed touches all alike
+        times: dict[str, list[float]] = {key: [] for key in variants}
+        for i in range(args.warmup + args.steps):
+            for key, method in methods.items():
+                times[key].append(_step_seconds(method, batches[key], i, args.device))
+        results = {key: _summary(t, args.warmup) for key, t in times.items()}
     base = results["diffusion_dpo"]["median"]
     for r in results.values():
         r["ratio_to_diffusion_dpo"] = r["median"] / base

@@ -10,14 +10,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_bench(script: str, out: Path, *args: str) -> dict:
+    """Run ``scripts/<script>`` with ``args`` and ``--output out``; return the JSON it wrote."""
+    command = [sys.executable, str(ROOT / "scripts" / script), *args, "--output", str(out)]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    return json.loads(out.read_text())
+
+
 def test_bench_trajectory_writes_its_report(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_trajectory.py"), "--steps", "2", "--batch", "1",
-         "--repeats", "1", "--output", str(out)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    report = json.loads(out.read_text())
+    report = run_bench(
+        "bench_trajectory.py", tmp_path / "bench.json", "--steps", "2", "--batch", "1", "--repeats", "1"
+    )
     assert report["sampling"]["pipeline_seconds"] > 0 and report["sampling"]["trajectory_seconds"] > 0
     assert set(report["inversion"]) == {"ddim_same_steps", "renoise_k1_same_steps", "ddim_same_unet_calls"}
     assert (
@@ -27,13 +30,8 @@ def test_bench_trajectory_writes_its_report(tmp_path: Path) -> None:
 
 
 def test_bench_smpo_writes_its_report(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_smpo.py"), "--steps", "1", "--warmup", "0",
-         "--batch", "1", "--output", str(out)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
-    report = json.loads(out.read_text())["seconds_per_step"]
+    args = ("--steps", "2", "--warmup", "0", "--batch", "1")
+    report = run_bench("bench_smpo.py", tmp_path / "bench.json", *args)["seconds_per_step"]
     assert set(report) == {"diffusion_dpo", "smpo_policy_inversion", "smpo_reference_inversion_cached"}
     assert report["diffusion_dpo"]["ratio_to_diffusion_dpo"] == 1.0
-    assert all(r["median"] > 0 for r in report.values())
+    assert all(0 < r["min"] <= r["median"] <= r["max"] for r in report.values())
