@@ -5,8 +5,10 @@ DDIM (eta > 0) or DDPM step, computed as diffusers' ``DDIMScheduler.step`` /
 ``DDPMScheduler.step`` compute them; ``step_logprob`` is the Gaussian log-density of a given
 ``x_{t-1}`` under it. ``sample_with_trajectory`` runs the sampler (the diffusers scheduler's own
 ``step`` does every update, so images equal the pipeline's under the same seed) and records the
-latents, timesteps, guided predictions and per-step log-probabilities; ``trajectory_logps``
-recomputes chosen steps' log-probabilities with gradients (DDPO/PPO's ``log pi_theta``).
+latents, timesteps, guided predictions and per-step log-probabilities, on the sampler's own schedule
+or on custom ones, one per sample if wanted (``perturbed_timesteps``: Diffusion-DRO's shifted
+schedules); ``trajectory_logps`` recomputes chosen steps' log-probabilities with gradients (DDPO/PPO's
+``log pi_theta``).
 
 The log-density is the MEAN over latent dimensions, not the sum (as DDPO's code): a sum over
 ~16k dimensions turns per-dimension differences of 1e-3 into log-ratios of 16, whose exp
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -32,6 +34,7 @@ __all__ = [
     "check_sampling",
     "gaussian_logp",
     "make_scheduler",
+    "perturbed_timesteps",
     "sample_with_trajectory",
     "step_logprob",
     "trajectory_logps",
@@ -170,6 +173,41 @@ def check_sampling(
     require_sampleable(scheduler, scheduler.timesteps, training_alphas=policy.scheduler.alphas_cumprod)
 
 
+def perturbed_timesteps(
+    num_train_timesteps: int,
+    num_inference_steps: int,
+    n: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Diffusion-DRO's per-sample shifted sampling schedules: (n, T) long, T = ``num_inference_steps``.
+
+    With ``stride = num_train_timesteps // T`` and ``base = (T - 1, ..., 1, 0) * stride`` (950, 900, ..., 0
+    for T = 20 and 1000 training steps), row i is ``base + offset_i`` with one offset per row drawn by
+    ``torch.randint(0, stride, (n,), generator=generator)`` (on the generator's device; CPU without one):
+    each row is strictly decreasing within [0, num_train_timesteps), and over many rows every training
+    timestep is visited. Pass it as ``sample_with_trajectory(..., timesteps=...)``.
+
+    Source: basiclab/DiffusionDRO ``train.py`` (``--buffer_perturb_timesteps``, on by default:
+    ``step_ratio = num_train_timesteps // buffer_num_inference_steps``,
+    ``perturb = torch.randint(0, step_ratio, (1, B))``), whose tensor is this one transposed, (T, B).
+
+    Raises:
+        ValueError: ``num_inference_steps`` < 1 or > ``num_train_timesteps``, or ``n`` < 1.
+    """
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must lie in [1, num_train_timesteps = {num_train_timesteps}], "
+            f"got {num_inference_steps}"
+        )
+    if n < 1:
+        raise ValueError(f"n (the number of schedules) must be >= 1, got {n}")
+    device = generator.device if generator is not None else torch.device("cpu")
+    stride = num_train_timesteps // num_inference_steps
+    base = torch.arange(num_inference_steps, device=device).flip(0) * stride
+    offset = torch.randint(0, stride, (n,), generator=generator, device=device)
+    return base + offset[:, None]
+
+
 def _sampler_step(scheduler, pred: Tensor, t: Tensor, latents: Tensor, step_kwargs: dict) -> Tensor:
     """``scheduler.step``, except for a stochastic DDIM step from ``a_t = 0`` (zero terminal SNR):
     there diffusers takes ``sqrt(1 - a_prev - std^2)`` of a rounding error below 0 and returns NaN.
@@ -191,11 +229,13 @@ def _sampler_step(scheduler, pred: Tensor, t: Tensor, latents: Tensor, step_kwar
 class Trajectory:
     """A recorded sampling run. ``latents[:, 0]`` is x_T, ``latents[:, -1]`` the final x_0. It keeps
     what :func:`trajectory_logps` needs to recompute each step: both conditionings, the guidance
-    scale, the sampler and its eta."""
+    scale, the sampler and its eta. ``timesteps`` is (T,) when every sample ran one schedule (the
+    sampler's own, or a custom (T,) one) and (N, T) when custom schedules were passed per sample
+    (row i: sample i's timesteps, e.g. :func:`perturbed_timesteps`)."""
 
     images: Tensor  # (N, 3, H, W) in [0, 1]
     latents: Tensor  # (N, T + 1, C, h, w)
-    timesteps: Tensor  # (T,)
+    timesteps: Tensor  # (T,) shared by every sample, or (N, T) per sample; long
     predictions: Tensor  # (N, T, C, h, w): the guided model outputs used by each step
     log_probs: Tensor | None  # (N, T), None for samplers without a Gaussian step
     conditioning: Conditioning
@@ -222,49 +262,169 @@ def sample_with_trajectory(
     image: Tensor | None = None,
     mask: Tensor | None = None,
     decode: bool = True,
+    timesteps: Tensor | None = None,
 ) -> Trajectory:
     """Sample like ``StableDiffusion(XL|Inpaint)Pipeline.__call__`` and record the trajectory.
 
     The random draws happen in the pipeline's order (initial latents, then the masked image's
     VAE posterior sample for inpainting, then each stochastic step's noise), so the same
     ``generator`` seed gives the same images as the pipeline with the same scheduler class.
-    ``log_probs`` are recorded for DDIM with ``eta > 0`` and DDPM (0 for DDPM's deterministic
-    last step); DPM-Solver++ records none. ``latents``: x_T (N, C, h, w), drawn when not given;
-    ``image`` (N, 3, H, W) in [0, 1] and ``mask`` (N, 1, H, W), 1 = repaint, for inpainting UNets.
-    Raises ``ValueError`` on inputs that do not fit the model, ``FloatingPointError`` if a latent
-    or log-prob is not finite (naming the step).
+    ``log_probs`` are recorded for DDIM with ``eta > 0`` and DDPM (0 for a deterministic step: DDPM's
+    last, DDIM's from t = 0 without ``set_alpha_to_one``); DPM-Solver++ records none. ``latents``: x_T
+    (N, C, h, w), drawn when not given; ``image`` (N, 3, H, W) in [0, 1] and ``mask`` (N, 1, H, W),
+    1 = repaint, for inpainting UNets.
+
+    ``timesteps``: custom schedules instead of the sampler's own: (T,) for every sample or (N, T), one
+    per sample (Diffusion-DRO's shifted schedules, :func:`perturbed_timesteps`); integers, each row
+    strictly decreasing within [0, num_train_timesteps), T = ``num_inference_steps``. DDIM steps from t
+    to t - num_train_timesteps // T, so its rows must be spaced by exactly that stride (any offset is
+    fine). Rows with one schedule share a scheduler (DPM-Solver++ keeps a per-instance history); each
+    step runs the UNet once on the whole batch with one timestep per row, then each scheduler steps its
+    rows, drawing its own noise in order of first row (so per-sample schedules leave the pipeline's
+    random stream). ``Trajectory.timesteps`` is the (T,) or (N, T) passed, else the sampler's (T,).
+    Raises ``ValueError`` on inputs that do not fit the model or a malformed ``timesteps`` (naming
+    what is wrong), ``FloatingPointError`` if a latent or log-prob is not finite (naming the step).
     """
     if sampler == "ddim" and eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    scheduler = make_scheduler(policy, sampler)
+    groups, schedule = _schedule_groups(policy, sampler, num_inference_steps, timesteps, len(prompts))
     size = (
         height or policy.unet.config.sample_size * policy.vae_scale_factor,
         width or policy.unet.config.sample_size * policy.vae_scale_factor,
     )
     cond = policy.encode_prompts(prompts, image_size=size)
     uncond = policy.unconditional(len(prompts), image_size=size) if guidance_scale > 1.0 else None
-    scheduler.set_timesteps(num_inference_steps, device=policy.device)
-    require_sampleable(scheduler, scheduler.timesteps, training_alphas=policy.scheduler.alphas_cumprod)
-    x_T = _initial_latents(policy, scheduler, len(prompts), size, latents, generator)
-    inpaint = None
-    if image is not None or mask is not None:
-        if image is None or mask is None:
-            raise ValueError("inpainting needs both `image` and `mask`")
-        inpaint = policy.prepare_inpaint(image, mask, generator=generator)
-    elif policy.is_inpainting:
-        raise ValueError("this is an inpainting UNet: pass `image` and `mask`")
+    x_T = _initial_latents(policy, groups[0].scheduler, len(prompts), size, latents, generator)
+    inpaint = _inpaint_inputs(policy, image, mask, generator)
     guide = (cond, uncond, guidance_scale, inpaint)
-    states, predictions, log_probs = _run_steps(policy, scheduler, x_T, guide, eta, generator)
-    timesteps = scheduler.timesteps.clone()
-    require_finite(states[:, 1:], "the sampled latents", timesteps)
+    per_row = schedule if len(groups) > 1 else None
+    states, predictions, log_probs = _run_steps(policy, groups, x_T, guide, eta, generator, per_row)
+    _require_finite_steps(states[:, 1:], "the sampled latents", schedule)
     if log_probs is not None:
-        require_finite(log_probs, "the step log-probs", timesteps)
+        _require_finite_steps(log_probs, "the step log-probs", schedule)
     return Trajectory(
         images=policy.decode_latents(states[:, -1]) if decode else torch.empty(0),
-        latents=states, timesteps=timesteps, predictions=predictions, log_probs=log_probs,
+        latents=states, timesteps=schedule, predictions=predictions, log_probs=log_probs,
         conditioning=cond, unconditional=uncond, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
         inpaint=inpaint,
     )  # fmt: skip
+
+
+@dataclass
+class _Group:
+    """Rows of a batch that share one timestep schedule, and the scheduler that steps them."""
+
+    scheduler: Any
+    rows: Tensor | None  # (R,) row indices on the sampling device; None: every row
+
+
+def _schedule_groups(
+    policy: DiffusionPolicy,
+    sampler: SamplerName,
+    num_inference_steps: int,
+    timesteps: Tensor | None,
+    n: int,
+) -> tuple[list[_Group], Tensor]:
+    """One scheduler per distinct schedule, each checked with ``require_sampleable``, and the schedule
+    to record: the sampler's own (T,) when ``timesteps`` is None, else ``timesteps`` as passed, (T,) or
+    (N, T), long on the policy's device. A single schedule is one group with ``rows = None``."""
+    device = policy.device
+    if timesteps is None:
+        scheduler = make_scheduler(policy, sampler)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        groups, schedule = [_Group(scheduler, None)], scheduler.timesteps.clone()
+    else:
+        num_train = policy.scheduler.config.num_train_timesteps
+        checked = _check_timesteps(timesteps, n, num_inference_steps, num_train, sampler)
+        rows_of: dict[tuple[int, ...], list[int]] = {}
+        for i, row in enumerate(checked.expand(n, -1).tolist()):
+            rows_of.setdefault(tuple(row), []).append(i)
+        groups = []
+        for row, rows in rows_of.items():
+            scheduler = make_scheduler(policy, sampler)
+            _set_schedule(scheduler, list(row), device)
+            shared = len(rows_of) == 1
+            groups.append(_Group(scheduler, None if shared else torch.tensor(rows, device=device)))
+        schedule = checked.to(device)
+    for group in groups:
+        require_sampleable(
+            group.scheduler, group.scheduler.timesteps, training_alphas=policy.scheduler.alphas_cumprod
+        )
+    return groups, schedule
+
+
+def _check_timesteps(
+    timesteps: Tensor, n: int, num_inference_steps: int, num_train: int, sampler: SamplerName
+) -> Tensor:
+    """``timesteps`` as a CPU long tensor, (T,) or (N, T), after checking it; ``ValueError`` naming
+    what is wrong: dtype, shape, length, range, order, or (DDIM) the spacing."""
+    ts = torch.as_tensor(timesteps).detach().cpu()
+    if ts.is_floating_point() or ts.is_complex() or ts.dtype == torch.bool:
+        raise ValueError(f"timesteps must be an integer tensor, got dtype {ts.dtype}")
+    if ts.dim() not in (1, 2) or (ts.dim() == 2 and ts.shape[0] != n):
+        raise ValueError(
+            f"timesteps must have shape (T,) or ({n}, T) (one row per prompt), got {tuple(ts.shape)}"
+        )
+    if ts.shape[-1] != num_inference_steps:
+        raise ValueError(
+            f"timesteps have T = {ts.shape[-1]} steps per row, "
+            f"but num_inference_steps = {num_inference_steps}"
+        )
+    ts = ts.long()
+    if bool(((ts < 0) | (ts >= num_train)).any()):
+        raise ValueError(
+            f"timesteps must lie in [0, {num_train}) (num_train_timesteps), got values from "
+            f"{int(ts.min())} to {int(ts.max())}"
+        )
+    steps = ts.diff(dim=-1)
+    if bool((steps >= 0).any()):
+        rows = ts.reshape(-1, ts.shape[-1])
+        bad = rows[(rows.diff(dim=-1) >= 0).any(1)][0]
+        raise ValueError(f"timesteps must be strictly decreasing along each row, got {bad.tolist()}")
+    stride = num_train // num_inference_steps
+    if sampler == "ddim" and bool((steps != -stride).any()):
+        got = sorted(set((-steps).flatten().tolist()))
+        raise ValueError(
+            f"DDIM steps from t to t - num_train_timesteps // num_inference_steps = t - {stride}: its "
+            f"timesteps must be spaced by exactly {stride}, got steps of {got}"
+        )
+    return ts
+
+
+def _set_schedule(scheduler, schedule: list[int], device: torch.device) -> None:
+    """Give a fresh scheduler the custom ``schedule`` (strictly decreasing, checked)."""
+    from diffusers import DDIMScheduler
+
+    if isinstance(scheduler, DDIMScheduler):  # takes a count only; its step uses num_train // count
+        scheduler.set_timesteps(len(schedule), device=device)
+        scheduler.timesteps = torch.tensor(schedule, dtype=torch.long, device=device)
+    else:  # DDPM, DPM-Solver++: a list, without num_inference_steps
+        scheduler.set_timesteps(timesteps=schedule, device=device)
+        scheduler.num_inference_steps = len(schedule)  # DDPM leaves it None; transition_stats needs it
+
+
+def _inpaint_inputs(
+    policy: DiffusionPolicy, image: Tensor | None, mask: Tensor | None, generator: torch.Generator | None
+) -> InpaintInputs | None:
+    """The inpainting inputs (their VAE sample drawn from ``generator``), None for a text-to-image UNet."""
+    if image is not None or mask is not None:
+        if image is None or mask is None:
+            raise ValueError("inpainting needs both `image` and `mask`")
+        return policy.prepare_inpaint(image, mask, generator=generator)
+    if policy.is_inpainting:
+        raise ValueError("this is an inpainting UNet: pass `image` and `mask`")
+    return None
+
+
+def _require_finite_steps(values: Tensor, what: str, schedule: Tensor) -> None:
+    """``require_finite`` labelled by timestep: ``schedule`` (T,), or (N, T) per row (the message then
+    names the first row with a non-finite value, and that row's step)."""
+    if schedule.dim() == 2:
+        bad = ~values.isfinite().reshape(len(values), -1).all(1)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            values, schedule, what = values[row : row + 1], schedule[row], f"{what} (sample {row})"
+    require_finite(values, what, schedule)
 
 
 def _initial_latents(
@@ -289,39 +449,73 @@ def _initial_latents(
 
 def _run_steps(
     policy: DiffusionPolicy,
-    scheduler,
+    groups: list[_Group],
     latents: Tensor,
     guide: tuple[Conditioning, Conditioning | None, float, InpaintInputs | None],
     eta: float,
     generator: torch.Generator | None,
+    per_row: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Denoise x_T (N, C, h, w) through every timestep of ``scheduler``. ``guide``: the
-    conditioning, its negative, the guidance scale and inpainting inputs. Returns the latents
-    (N, T + 1, C, h, w), the guided predictions (N, T, C, h, w) and, for Gaussian steps, the
-    log-probs (N, T)."""
+    """Denoise x_T (N, C, h, w) through the T timesteps of the groups' schedulers. ``guide``: the
+    conditioning, its negative, the guidance scale and inpainting inputs. ``per_row``: the (N, T)
+    schedule when there are several groups (the UNet then gets one timestep per row), else None (it
+    gets the scalar timestep). Returns the latents (N, T + 1, C, h, w), the guided predictions
+    (N, T, C, h, w) and, for Gaussian steps, the log-probs (N, T)."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    is_ddim = isinstance(scheduler, DDIMScheduler)
+    first = groups[0].scheduler
+    is_ddim = isinstance(first, DDIMScheduler)
     step_kwargs = {"generator": generator, **({"eta": eta} if is_ddim else {})}
-    record_logp = isinstance(scheduler, DDPMScheduler) or (is_ddim and eta > 0)
+    record_logp = isinstance(first, DDPMScheduler) or (is_ddim and eta > 0)
+
+    def scale(scheduler, t: Tensor, x: Tensor) -> Tensor:
+        return scheduler.scale_model_input(x, t)
+
+    def step(scheduler, t: Tensor, pred: Tensor, x: Tensor) -> Tensor:
+        return _sampler_step(scheduler, pred, t, x, step_kwargs)
+
+    def logp(scheduler, t: Tensor, pred: Tensor, x: Tensor, new: Tensor) -> Tensor:
+        return _recorded_logp(scheduler, pred, t, x, new, eta)
+
     states, predictions, log_probs = [latents], [], []
-    for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(latents, t)
+    for j in range(len(first.timesteps)):
+        model_input = _by_group(groups, j, scale, latents)
+        t = first.timesteps[j] if per_row is None else per_row[:, j]
         pred = policy.guided_prediction(model_input, t, *guide)
-        new_latents = _sampler_step(scheduler, pred, t, latents, step_kwargs)
+        new_latents = _by_group(groups, j, step, pred, latents)
         if record_logp:
-            mean, std = transition_stats(scheduler, pred, t, latents, eta=eta)
-            deterministic = not bool((std > 0).all())  # DDPM's last step
-            log_probs.append(
-                torch.zeros(len(latents), device=latents.device)
-                if deterministic
-                else gaussian_logp(new_latents, mean, std)
-            )
+            log_probs.append(_by_group(groups, j, logp, pred, latents, new_latents))
         latents = new_latents
         states.append(latents)
         predictions.append(pred)
     recorded = torch.stack(log_probs, 1) if record_logp else None
     return torch.stack(states, 1), torch.stack(predictions, 1), recorded
+
+
+def _by_group(groups: list[_Group], j: int, fn, *tensors: Tensor) -> Tensor:
+    """``fn(scheduler, t, *parts)`` for each group at step ``j`` (``t``: its scheduler's j-th timestep,
+    ``parts``: the group's rows of each (N, ...) tensor), put back in row order: (N, ...). A single
+    group with ``rows = None`` gets the whole tensors."""
+    if groups[0].rows is None:
+        return fn(groups[0].scheduler, groups[0].scheduler.timesteps[j], *tensors)
+    out = None
+    for group in groups:
+        part = fn(group.scheduler, group.scheduler.timesteps[j], *(x[group.rows] for x in tensors))
+        if out is None:
+            out = part.new_empty((len(tensors[0]), *part.shape[1:]))
+        out[group.rows] = part
+    return out
+
+
+def _recorded_logp(
+    scheduler, pred: Tensor, t: Tensor, latents: Tensor, new_latents: Tensor, eta: float
+) -> Tensor:
+    """The log-prob (B,) of one recorded step, 0 where it is deterministic (DDPM's last step, DDIM's
+    from t = 0 to ``final_alpha_cumprod = alphas_cumprod[0]``)."""
+    mean, std = transition_stats(scheduler, pred, t, latents, eta=eta)
+    if not bool((std > 0).all()):
+        return torch.zeros(len(latents), device=latents.device)
+    return gaussian_logp(new_latents, mean, std)
 
 
 def trajectory_logps(
@@ -346,8 +540,15 @@ def trajectory_logps(
     Raises:
         ValueError: the trajectory's sampler has no Gaussian step (DPM-Solver++), a chosen step
             is deterministic (DDIM with eta 0, DDPM's last), ``steps`` is out of range or
-            misshapen, or ``policy``'s schedule gives other timesteps than the trajectory's.
+            misshapen, ``policy``'s schedule gives other timesteps than the trajectory's, or the
+            trajectory was sampled on per-sample (N, T) schedules (not supported here).
     """
+    if trajectory.timesteps.dim() != 1:
+        raise ValueError(
+            f"trajectory_logps does not support per-sample schedules: this trajectory's timesteps are "
+            f"{tuple(trajectory.timesteps.shape)} (N, T), one row per sample; it needs the sampler's own "
+            "(T,) schedule"
+        )
     if trajectory.sampler not in ("ddim", "ddpm"):
         raise ValueError(f"a '{trajectory.sampler}' trajectory has no per-step log-probs (use ddim or ddpm)")
     n, total = trajectory.latents.shape[0], len(trajectory.timesteps)

@@ -12,6 +12,7 @@ METHODS = {
     "diffusion_dpo": "diffalign.methods.diffusion_dpo:DiffusionDPO",
     "text_preference": "diffalign.methods.text_preference:TextPreference",
     "smpo": "diffalign.methods.smpo:SmPO",
+    "dro": "diffalign.methods.dro:DiffusionDRO",
 }
 
 

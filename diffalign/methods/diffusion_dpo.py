@@ -29,28 +29,24 @@ baseline). Ties kept with ``data.ties=half`` carry the soft label 1/2 into the o
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch.utils.data import Dataset
 
-from diffalign.config import build
 from diffalign.data.pairs import PreferencePairDataset, collate_pairs
 from diffalign.data.preference import PairRecord, read_preference_pairs
 from diffalign.diffusion.likelihood import DenoisingLogp, denoising_logp
-from diffalign.diffusion.policy import UNET_ATTENTION_PROJECTIONS, Conditioning, DiffusionPolicy
-from diffalign.diffusion.sampling import check_sampling, sample_with_trajectory
+from diffalign.diffusion.policy import UNET_ATTENTION_PROJECTIONS, Conditioning
+from diffalign.methods.unet_method import UNetMethod
 from diffalign.objectives import (
     check_objective_inputs,
     check_ties,
-    get_objective,
     soft_preference_probs,
 )
 from diffalign.training.config import TrainConfig
-from diffalign.training.loop import Method, Stateful
+from diffalign.training.loop import Stateful
 
 
 @dataclass
@@ -86,7 +82,7 @@ _INPUT_HINTS = {
 }
 
 
-class DiffusionDPO(Method):
+class DiffusionDPO(UNetMethod):
     # the official SD1.5 script's (train.py; launchers/sd15.sh): beta 5000, lr 1e-8 per sample
     # scaled by the batch, 500 warmup steps, 20% empty prompts, center crop with flips at 512
     defaults: ClassVar[dict[str, Any]] = {
@@ -100,39 +96,11 @@ class DiffusionDPO(Method):
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
-        cfg = self.cfg  # with the defaults above filled in
-        self.options = build(self.options_class, cfg.method_options, source="method_options")
-        self.objective = get_objective(**cfg.objective)
         # the data first: an objective the pairs cannot feed is refused before any model loads
         self.records = self.preference_pairs()
         if not self.options.sft:  # the SFT baseline weighs ties itself and never calls the objective
             self._check_objective()
-        policy = DiffusionPolicy.from_pretrained(cfg.model.pretrained, adapter=cfg.model.adapter)
-        if policy.is_inpainting:
-            raise ValueError(
-                f"model.pretrained: {cfg.model.pretrained} is an inpainting pipeline; {cfg.method} trains "
-                "text-to-image UNets on pairs without masks"
-            )
-        if cfg.validation_every and cfg.validation_prompts:
-            try:
-                check_sampling(policy, "ddim", cfg.validation_steps)
-            except ValueError as err:
-                raise ValueError(f"validation_every: the validation samples cannot be drawn: {err}") from err
-        policy.set_attention_backend(cfg.model.attention)
-        if cfg.model.lora is not None:
-            lora = cfg.model.lora
-            policy.add_lora(lora.rank, lora.alpha, lora.target_modules)
-        if self.objective.uses_reference and not self.options.sft:
-            mode = cfg.model.reference
-            if mode == "precomputed":
-                raise ValueError(
-                    f"model.reference: 'precomputed' is for text methods; {cfg.method} draws fresh noise "
-                    "each step, so its reference runs live (copy or adapters)"
-                )
-            policy.make_reference(("adapters" if cfg.model.lora else "copy") if mode == "auto" else mode)
-        if cfg.model.gradient_checkpointing:
-            policy.enable_gradient_checkpointing()
-        self.policy = policy
+        self.policy = self.load_policy(reference=self.objective.uses_reference and not self.options.sft)
         self._dataset: PreferencePairDataset | None = None
 
     def preference_pairs(self) -> list[PairRecord]:
@@ -166,20 +134,6 @@ class DiffusionDPO(Method):
         logps = torch.zeros(2, 2)
         inputs = self._objective_inputs(logps, logps if objective.uses_reference else None, batch)
         check_objective_inputs(objective, inputs, self.cfg.method, _INPUT_HINTS)
-
-    def trainable_module(self) -> torch.nn.Module:
-        return self.policy.unet
-
-    def use_prepared(self, module: torch.nn.Module) -> None:
-        self.policy.train_unet = module
-
-    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        self.policy.unet.to(device)
-        for frozen in (self.policy.vae, self.policy.reference_unet, *self.policy.text_encoders):
-            if frozen is not None:
-                frozen.to(device)
-                if weight_dtype != torch.float32:  # frozen parts run in the autocast dtype
-                    frozen.to(dtype=weight_dtype)
 
     def dataset(self) -> tuple[Dataset, Any]:
         d = self.cfg.data
@@ -259,41 +213,3 @@ class DiffusionDPO(Method):
         weights = torch.stack([labels, 1 - labels], dim=1)[:, :keep]
         loss = (weights * out.policy_mse).sum(1).mean()
         return loss, {"mse/policy_chosen": float(out.policy_mse[:, 0].detach().mean())}
-
-    def export(self, path: Path) -> None:
-        """LoRA: ``pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(path)``;
-        full fine-tuning: ``path/unet`` for ``UNet2DConditionModel.from_pretrained``."""
-        unet = self.policy.unet
-        path.mkdir(parents=True, exist_ok=True)
-        if self.policy.has_lora:
-            from diffusers import StableDiffusionPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
-
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=layers)
-            if self.cfg.model.adapter:  # these LoRA weights apply on top of the fused starting adapter
-                start = {
-                    k: str(Path(v).resolve()) if Path(v).exists() else v
-                    for k, v in (
-                        ("pretrained", self.cfg.model.pretrained),
-                        ("fused_adapter", self.cfg.model.adapter),
-                    )
-                }
-                (path / "starting_point.json").write_text(json.dumps(start, indent=2))
-        else:
-            unet.save_pretrained(path / "unet")
-
-    def sample_grid(self, prompts: list[str], seed: int, steps: int) -> torch.Tensor:
-        generator = torch.Generator(self.policy.device).manual_seed(seed)
-        guidance = self.options.validation_guidance
-        with torch.no_grad():
-            traj = sample_with_trajectory(
-                self.policy,
-                prompts,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                eta=0.0,
-                generator=generator,
-            )
-        return traj.images

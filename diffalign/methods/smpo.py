@@ -112,6 +112,7 @@ class SmPO(DiffusionDPO):
         self.inverter = self.policy
         if self.options.invert_with == "reference":
             self.inverter = self.policy.frozen_copy()  # the starting weights, as the reference's
+            self.frozen.append(self.inverter)
         self.inversions: dict[bytes, torch.Tensor] = {}  # the reference's trajectories, by image
 
     def preference_pairs(self) -> list[PairRecord]:
@@ -166,11 +167,6 @@ class SmPO(DiffusionDPO):
             scores = reward(images, [r.prompt] * 2 if reward.needs_prompts else None).float()
             scored.append(dataclasses.replace(r, rewards=(float(scores[0]), float(scores[1]))))
         return scored
-
-    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
-        super().setup(device, weight_dtype)
-        if self.inverter is not self.policy:
-            self.inverter.unet.to(device, weight_dtype)
 
     def denoising_logps(self, latents: torch.Tensor, cond: Conditioning, batch: dict) -> DenoisingLogp:
         """Policy and reference log-likelihood proxies at the pairs' inverted latents (steps 3-4)."""

@@ -28,12 +28,14 @@ __all__ = [
     "with_method_defaults",
 ]
 
-_BY_METHOD = "method_default"  # metadata key: "loop" (the loop reads it: must end set) or "method"
+_BY_METHOD = "method_default"  # metadata key: who reads the key, see `_by_method`
 
 
-def _by_method(help: str, read_by: Literal["loop", "method"] = "method") -> dict[str, str]:
+def _by_method(help: str, read_by: Literal["loop", "optional", "method"] = "method") -> dict[str, str]:
     """The metadata of a field left unset (None) in the shared config and filled from the
-    method's defaults."""
+    method's defaults. ``read_by``: "loop" (the loop reads it: it must end set), "optional" (the
+    loop reads it and unset is valid: the feature stays off) or "method" (only methods with a
+    default for it read it: setting it for another method is an error)."""
     return {"help": f"{help} (unset: the method's; see `diffalign methods`)", _BY_METHOD: read_by}
 
 
@@ -152,7 +154,9 @@ class TrainConfig:
         default="no", metadata={"help": "autocast precision"}
     )
     seed: int = field(default=0, metadata={"help": "seed (noise, timesteps, data order)"})
-    ema_decay: float | None = field(default=None, metadata={"help": "EMA of trained weights (none: off)"})
+    ema_decay: float | None = field(
+        default=None, metadata=_by_method("decay of the EMA of trained weights (0: off)", "optional")
+    )
     checkpoint_every: int = field(
         default=500,
         metadata={
@@ -179,6 +183,8 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 
 
 def with_method_defaults(cfg: TrainConfig, method: str, defaults: Mapping[str, Any]) -> TrainConfig:

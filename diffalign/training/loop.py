@@ -265,7 +265,7 @@ def run_training(method: Method) -> TrainResult:
     module, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
     method.use_prepared(module)
     ema = None
-    if cfg.ema_decay is not None:
+    if cfg.ema_decay:  # unset or 0: no EMA
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(params, decay=cfg.ema_decay)

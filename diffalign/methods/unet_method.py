@@ -1,0 +1,130 @@
+"""What every text-to-image recipe does the same way: the policy it trains (LoRA or full, its
+reference, attention backend, gradient checkpointing), where its frozen parts live, the
+diffusers-format export and the validation grids. Diffusion-DPO, SmPO and Diffusion-DRO build on
+it; each adds its data, its estimator call and its objective.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from diffalign.config import build
+from diffalign.diffusion.policy import DiffusionPolicy
+from diffalign.diffusion.sampling import check_sampling, sample_with_trajectory
+from diffalign.objectives import get_objective
+from diffalign.training.config import TrainConfig
+from diffalign.training.loop import Method
+
+__all__ = ["UNetMethod"]
+
+
+class UNetMethod(Method):
+    """A recipe that trains a text-to-image UNet (``trainable_module``) of a diffusers pipeline.
+
+    ``__init__`` builds ``self.options`` (``options_class`` from ``method_options``) and
+    ``self.objective``; a subclass reads and checks its data next, so that bad data fails before
+    any model loads, then calls :meth:`load_policy`. ``self.frozen`` lists the frozen UNet
+    copies (lagged or inverting policies) that :meth:`setup` places beside the reference.
+    """
+
+    options_class: ClassVar[type]
+    policy: DiffusionPolicy
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.options = build(self.options_class, self.cfg.method_options, source="method_options")
+        self.objective = get_objective(**self.cfg.objective)
+        self.frozen: list[DiffusionPolicy] = []
+
+    def load_policy(self, reference: bool) -> DiffusionPolicy:
+        """The pipeline of ``model.pretrained`` with LoRA adapters when ``model.lora`` is set, a
+        reference when ``reference`` (``model.reference``: a frozen copy, or the adapters turned
+        off; auto picks adapters under LoRA), the attention backend and gradient checkpointing.
+
+        Raises:
+            ValueError: an inpainting pipeline, validation samples that cannot be drawn, or a
+                reference mode these recipes cannot use (``precomputed``: the noise is fresh
+                every step).
+        """
+        cfg = self.cfg
+        policy = DiffusionPolicy.from_pretrained(cfg.model.pretrained, adapter=cfg.model.adapter)
+        if policy.is_inpainting:
+            raise ValueError(
+                f"model.pretrained: {cfg.model.pretrained} is an inpainting pipeline; {cfg.method} trains "
+                "text-to-image UNets"
+            )
+        if cfg.validation_every and cfg.validation_prompts:
+            try:
+                check_sampling(policy, "ddim", cfg.validation_steps)
+            except ValueError as err:
+                raise ValueError(f"validation_every: the validation samples cannot be drawn: {err}") from err
+        policy.set_attention_backend(cfg.model.attention)
+        if cfg.model.lora is not None:
+            lora = cfg.model.lora
+            policy.add_lora(lora.rank, lora.alpha, lora.target_modules)
+        if reference:
+            mode = cfg.model.reference
+            if mode == "precomputed":
+                raise ValueError(
+                    f"model.reference: 'precomputed' is for text methods; {cfg.method} draws fresh noise "
+                    "each step, so its reference runs live (copy or adapters)"
+                )
+            policy.make_reference(("adapters" if cfg.model.lora else "copy") if mode == "auto" else mode)
+        if cfg.model.gradient_checkpointing:
+            policy.enable_gradient_checkpointing()
+        return policy
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self.policy.unet
+
+    def use_prepared(self, module: torch.nn.Module) -> None:
+        self.policy.train_unet = module
+
+    def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
+        """The trained UNet to ``device``; the frozen parts (VAE, text encoders, reference, the
+        ``frozen`` copies) too, in ``weight_dtype`` under mixed precision, as they only run forwards."""
+        self.policy.unet.to(device)
+        frozen = [self.policy.vae, self.policy.reference_unet, *self.policy.text_encoders]
+        for module in [*frozen, *(copy.unet for copy in self.frozen)]:
+            if module is not None:
+                module.to(device)
+                if weight_dtype != torch.float32:
+                    module.to(dtype=weight_dtype)
+
+    def export(self, path: Path) -> None:
+        """LoRA: ``pytorch_lora_weights.safetensors`` for ``pipeline.load_lora_weights(path)``;
+        full fine-tuning: ``path/unet`` for ``UNet2DConditionModel.from_pretrained``."""
+        unet = self.policy.unet
+        path.mkdir(parents=True, exist_ok=True)
+        if not self.policy.has_lora:
+            unet.save_pretrained(path / "unet")
+            return
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(str(path), unet_lora_layers=layers)
+        if self.cfg.model.adapter:  # these LoRA weights apply on top of the fused starting adapter
+            start = {
+                k: str(Path(v).resolve()) if Path(v).exists() else v
+                for k, v in (
+                    ("pretrained", self.cfg.model.pretrained),
+                    ("fused_adapter", self.cfg.model.adapter),
+                )
+            }
+            (path / "starting_point.json").write_text(json.dumps(start, indent=2))
+
+    def sample_grid(self, prompts: list[str], seed: int, steps: int) -> torch.Tensor:
+        generator = torch.Generator(self.policy.device).manual_seed(seed)
+        guidance: Any = self.options.validation_guidance
+        with torch.no_grad():
+            traj = sample_with_trajectory(
+                self.policy, prompts, num_inference_steps=steps, guidance_scale=guidance, eta=0.0,
+                generator=generator,
+            )  # fmt: skip
+        return traj.images
