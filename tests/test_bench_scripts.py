@@ -35,3 +35,13 @@ def test_bench_smpo_writes_its_report(tmp_path: Path) -> None:
     assert set(report) == {"diffusion_dpo", "smpo_policy_inversion", "smpo_reference_inversion_cached"}
     assert report["diffusion_dpo"]["ratio_to_diffusion_dpo"] == 1.0
     assert all(0 < r["min"] <= r["median"] <= r["max"] for r in report.values())
+
+
+def test_bench_dro_writes_its_report(tmp_path: Path) -> None:
+    args = ("--steps", "2", "--warmup", "0", "--batch", "2", "--rollout-steps", "3")
+    report = run_bench("bench_dro.py", tmp_path / "bench.json", *args)
+    assert set(report["seconds"]) == {"dro_rollout", "dro_training", "diffusion_dpo"}
+    parts = report["seconds"]["dro_rollout"]["median"] + report["seconds"]["dro_training"]["median"]
+    assert report["dro_step_median"] == parts
+    assert 0 < report["rollout_share_of_dro_step"] < 1
+    assert report["dro_step_ratio_to_diffusion_dpo"] == parts / report["seconds"]["diffusion_dpo"]["median"]

@@ -416,6 +416,15 @@ def test_broken_checkpoints_name_the_file(tmp_path: Path) -> None:
         run_training(Online(_cfg(out, max_steps=12, checkpoint_every=3, resume_from="latest")))
 
 
+@pytest.mark.parametrize(("decay", "with_ema"), [(None, False), (0.0, False), (0.5, True)])
+def test_ema_decay_zero_means_no_ema(tmp_path: Path, decay: float | None, with_ema: bool) -> None:
+    """An EMA is kept (and checkpointed as accelerate's custom state) only for a decay above 0."""
+    method = Online(_cfg(tmp_path / "out", max_steps=2, checkpoint_every=2, ema_decay=decay))
+    run_training(method)
+    saved = sorted(p.name for p in (tmp_path / "out" / "checkpoints" / "checkpoint-2").iterdir())
+    assert ("custom_checkpoint_0.pkl" in saved) == with_ema, saved
+
+
 def _worker(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)

@@ -82,8 +82,10 @@ def test_methods_cli_lists_the_defaults(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_shipped_configs_build_with_their_methods_defaults() -> None:
     root = Path(__file__).parents[1] / "configs"
-    files = [p for p in root.rglob("*.yaml") if p.parent.name in ("diffusion_dpo", "text", "demo")]
-    assert len(files) >= 15
+    files = [
+        p for p in root.rglob("*.yaml") if p.parent.name in ("diffusion_dpo", "smpo", "dro", "text", "demo")
+    ]
+    assert len(files) >= 22
     for path in files:
         cfg = load_config(TrainConfig, path)
         filled = with_method_defaults(cfg, cfg.method, get_method(cfg.method).defaults)
@@ -187,3 +189,14 @@ def test_an_objective_that_is_no_mapping_is_named() -> None:
         ConfigError, match=r"objective must be a mapping \(\{name: dpo, beta: 0.1\}\), got 'dpo'"
     ):
         with_method_defaults(cfg, "diffusion_dpo", get_method("diffusion_dpo").defaults)
+
+
+def test_ema_is_a_method_default_that_zero_turns_off() -> None:
+    """Diffusion-DRO trains with EMA 0.9999 (its official default), the offline recipes without;
+    ``ema_decay=0`` turns it off for DRO, and any method may ask for one."""
+    assert resolved("dro").ema_decay == 0.9999
+    assert resolved("dro", "ema_decay=0").ema_decay == 0.0
+    assert resolved("diffusion_dpo").ema_decay is None and resolved("text_preference").ema_decay is None
+    assert resolved("diffusion_dpo", "ema_decay=0.99").ema_decay == 0.99
+    with pytest.raises(ConfigError, match=r"ema_decay must be in \[0, 1\)"):
+        config("dro", "ema_decay=1.5")

@@ -151,6 +151,11 @@ class DiffusionDRO(UNetMethod):
 
     def _check_rollouts(self) -> None:
         o, training = self.options, self.policy.scheduler
+        if o.rollout_steps > training.config.num_train_timesteps:
+            raise ConfigError(
+                f"method_options.rollout_steps: {o.rollout_steps} exceeds the schedule's "
+                f"{training.config.num_train_timesteps} timesteps"
+            )
         try:
             check_sampling(self.policy, o.rollout_sampler, o.rollout_steps)
             if o.perturb_timesteps:  # shifted schedules visit every timestep below T x stride
