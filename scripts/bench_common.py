@@ -4,17 +4,22 @@ built on them, wall-clock timing with the device synchronised, and the summary o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import platform
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser, name: str, batch_help: str) -> None:
+    """The arguments every method benchmark takes: model, device, resolution, batch, timed and
+    warm-up steps, and the JSON report's path (default ``outputs/bench_<name>.json``)."""
     parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -23,6 +28,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="px (default: 32 tiny, 128 sd15: the tiny VAE halves, so SD1.5's 64x64 latents)",
     )
+    parser.add_argument("--batch", type=int, default=4, help=batch_help)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=Path(f"outputs/bench_{name}.json"))
+
+
+def parse(parser: argparse.ArgumentParser, *positive: str) -> argparse.Namespace:
+    """The parsed arguments; ``--warmup`` must be >= 0, ``--batch``, ``--steps`` and those named
+    in ``positive`` (their dest names) >= 1, else the parser's usage error."""
+    args = parser.parse_args()
+    names = ("batch", "steps", *positive)
+    if min(getattr(args, n) for n in names) < 1 or args.warmup < 0:
+        parser.error(f"{', '.join('--' + n.replace('_', '-') for n in names)} must be >= 1, --warmup >= 0")
+    return args
 
 
 def pipeline(args: argparse.Namespace, folder: Path) -> Path:
@@ -33,6 +52,27 @@ def pipeline(args: argparse.Namespace, folder: Path) -> Path:
     args.resolution = args.resolution or (32 if args.model == "tiny" else 128)
     unet = dict(SD15_UNET_CONFIG, sample_size=args.resolution // 2) if args.model == "sd15" else None
     return build_tiny_pipeline(folder, unet_config=unet, sample_size=args.resolution // 2)
+
+
+@contextlib.contextmanager
+def workspace(args: argparse.Namespace) -> Iterator[tuple[Path, Path]]:
+    """A pipeline for ``args.model`` and ``args.batch`` pairs at ``args.resolution`` in a temporary
+    folder, removed on exit: ``(pipeline, pairs.jsonl)``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        pipe = pipeline(args, root / "pipe")
+        yield pipe, pairs(root / "data", args.batch, args.resolution)
+
+
+def write_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    """``report`` with the model, device and machine, to ``args.output`` (JSON) and stdout."""
+    report = {
+        "model": args.model, "device": args.device, "resolution": args.resolution, "batch": args.batch,
+        "timed_steps": args.steps, "torch": torch.__version__, "machine": platform.platform(), **report,
+    }  # fmt: skip
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
 
 
 def pairs(folder: Path, n: int, size: int) -> Path:

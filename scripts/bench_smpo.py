@@ -15,39 +15,17 @@ and max. SmPO draws one timestep per step, and its cost depends on how many of i
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import tempfile
-from pathlib import Path
 
+import bench_common as bench
 import torch
-from bench_common import (
-    add_model_arguments,
-    first_batch,
-    method,
-    pairs,
-    pipeline,
-    seconds,
-    summary,
-    train_step,
-)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_arguments(parser)
-    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
+    bench.add_arguments(parser, "smpo", "pairs per step")
     parser.add_argument("--inversion-steps", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=Path("outputs/bench_smpo.json"))
-    args = parser.parse_args()
-    if min(args.batch, args.steps, args.inversion_steps) < 1 or args.warmup < 0:
-        parser.error("--batch, --steps and --inversion-steps must be >= 1, --warmup >= 0")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        pipe = pipeline(args, root / "pipe")
-        data = pairs(root / "data", args.batch, args.resolution)
+    args = bench.parse(parser, "inversion_steps")
+    with bench.workspace(args) as (pipe, data):
         variants = {
             "diffusion_dpo": ("diffusion_dpo", {}),
             "smpo_policy_inversion": ("smpo", {"inversion_steps": args.inversion_steps}),
@@ -57,27 +35,22 @@ def main() -> None:
         }  # fmt: skip
         methods, batches = {}, {}
         for key, (name, options) in variants.items():
-            methods[key] = method(name, pipe, data, args, **options)
-            batches[key] = first_batch(methods[key], args.batch)
+            methods[key] = bench.method(name, pipe, data, args, **options)
+            batches[key] = bench.first_batch(methods[key], args.batch)
         # interleaved: step i of every variant runs before step i + 1 of any, so a drift in the
         # machine's speed touches all alike
         times: dict[str, list[float]] = {key: [] for key in variants}
         for i in range(args.warmup + args.steps):
             for key, built in methods.items():
                 torch.manual_seed(i)
-                times[key].append(seconds(lambda b=built, k=key: train_step(b, batches[k]), args.device)[0])
-        results = {key: summary(t, args.warmup) for key, t in times.items()}
+                times[key].append(
+                    bench.seconds(lambda b=built, k=key: bench.train_step(b, batches[k]), args.device)[0]
+                )
+        results = {key: bench.summary(t, args.warmup) for key, t in times.items()}
     base = results["diffusion_dpo"]["median"]
     for r in results.values():
         r["ratio_to_diffusion_dpo"] = r["median"] / base
-    report = {
-        "model": args.model, "device": args.device, "batch_pairs": args.batch, "resolution": args.resolution,
-        "inversion_steps": args.inversion_steps, "timed_steps": args.steps, "torch": torch.__version__,
-        "machine": platform.platform(), "seconds_per_step": results,
-    }  # fmt: skip
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    bench.write_report(args, {"inversion_steps": args.inversion_steps, "seconds_per_step": results})
 
 
 if __name__ == "__main__":

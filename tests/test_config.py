@@ -190,3 +190,18 @@ def test_messages_show_values_as_written_and_the_inner_reason() -> None:
         load_config(TrainConfig, None, [*base, "validation_prompts=[a dog: cute]"])
     with pytest.raises(ConfigError, match=r"'model.lora.alpha' must be a finite number, got nan"):
         load_config(TrainConfig, None, [*base, "model.lora={alpha: .nan}"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.resolution=0", "resolution must be >= 1"),
+        ("data.caption_dropout=2", r"caption_dropout is a probability in \[0, 1\]"),
+        ("data.num_workers=-1", "num_workers must be >= 0"),
+    ],
+)
+def test_data_values_out_of_range_are_named(override: str, message: str) -> None:
+    from diffalign.training.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, None, ["method=dro", "model.pretrained=m", "data.path=d", override])

@@ -205,7 +205,7 @@ def _run_config(pipeline: str, data: Path, out: Path, max_steps: int, **extra: A
     # checkpoints hold the lagged weights at some steps and not at others) and an EMA
     return config(
         pipeline, data, out, caption_dropout=0.3, max_steps=max_steps, checkpoint_every=2,
-        keep_checkpoints=10, gradient_accumulation_steps=2, log_every=1, ema_decay=0.9, batch_size=2,
+        keep_checkpoints=10, gradient_accumulation_steps=2, log_every=3, ema_decay=0.9, batch_size=2,
         optim=OptimConfig(lr=1e-3, schedule="constant"),
         method_options={"buffer_size": 5, "refresh_every": 2, "sync_every": 3}, **extra,
     )  # fmt: skip
@@ -246,10 +246,45 @@ def test_a_killed_run_resumes_bit_identical(tiny_pipelines, tmp_path: Path) -> N
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), (key, kill_at)
-    losses = [(tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("full", "killed")]
-    assert [json.loads(line)["loss"] for line in losses[0]] == [
-        json.loads(line)["loss"] for line in losses[1]
+    # logged every 3 steps, checkpointed every 2: a log window straddles the resume, and still
+    # averages what the uninterrupted run's did
+    logs = [
+        [{k: v for k, v in json.loads(line).items() if k != "samples_per_second"} for line in lines]
+        for lines in (
+            (tmp_path / name / "metrics.jsonl").read_text().splitlines() for name in ("full", "killed")
+        )
     ]
+    assert [m["step"] for m in logs[0]] == [3, 6, 8] and logs[0] == logs[1]
+    trained = json.loads((out / "config.json").read_text())["method_options"]
+    assert trained["sync_every"] == 3 and trained["rollout_sampler"] == "dpmsolver++"  # defaults included
+
+
+def test_a_resume_with_rollouts_of_another_shape_is_refused_before_anything_changes(
+    tiny_pipelines, tmp_path: Path
+) -> None:
+    from diffalign.training.loop import run_training
+
+    data, out = experts(tmp_path / "d"), tmp_path / "run"
+    run_training(get_method("dro")(_run_config(tiny_pipelines["sd"], data, out, 4)))
+    metrics = (out / "metrics.jsonl").read_text()
+    cfg = _run_config(tiny_pipelines["sd"], data, out, 6, resume_from="latest")
+    cfg.method_options["rollout_steps"] = 4
+    with pytest.raises(ValueError, match=r"method_options\.rollout_steps=3 \(now 4\)"):
+        run_training(get_method("dro")(cfg))
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_lagged_copy_in_another_precision_feeds_the_step(tiny_pipelines, tmp_path: Path) -> None:
+    """Under mixed precision the lagged copy samples (and encodes prompts) in bfloat16 while the
+    trained UNet is float32: the buffer's rows reach it in its own dtype."""
+    method = get_method("dro")(config(tiny_pipelines["sd"], experts(tmp_path / "d"), tmp_path / "out"))
+    method.setup(torch.device("cpu"), torch.bfloat16)
+    batch = batch_of(method)
+    method.buffer.push(method.rollout(batch["prompts"], batch["images"]))
+    drawn = method.buffer.draw(4)
+    assert drawn["cond.encoder_hidden_states"].dtype == torch.bfloat16
+    loss, _ = method.step(drawn)
+    assert torch.isfinite(loss)
 
 
 def _worker(argv: list[str]) -> None:
@@ -283,6 +318,11 @@ def test_a_buffer_the_run_cannot_fill_or_that_drops_samples_is_refused_before_lo
         "/nonexistent/pipeline", data, tmp_path / "o", max_steps=10, method_options={"buffer_size": 3}
     )
     with pytest.raises(ConfigError, match="less than a micro-batch"):
+        get_method("dro")(cfg)
+    # 2 experts for a batch of 4: each rollout samples 2, so 2 steps fill 4 rows, not 8
+    few = experts(tmp_path / "few", n=2)
+    cfg = config("/nonexistent/pipeline", few, tmp_path / "o", max_steps=2, method_options={"buffer_size": 8})
+    with pytest.raises(ConfigError, match=r"samples only 4 per process \(2 rollouts of 2 prompts"):
         get_method("dro")(cfg)
 
 

@@ -359,3 +359,41 @@ def test_experts_and_pairs_share_one_transform(tmp_path: Path) -> None:
         pairs.set_epoch(epoch)
         for index in range(3):
             assert torch.equal(experts[index]["image"], pairs[index]["chosen"])
+
+
+# --- defects a tester found -----------------------------------------------------------------
+
+
+def test_top_k_skips_broken_images_for_the_next_best(tmp_path: Path) -> None:
+    """With data.on_bad_sample=skip, a broken image among the best leaves its place to the next
+    best: top_k still keeps K experts (per prompt too), and images below them are never decoded."""
+    for i, grey in enumerate((10, 20, 30, 40)):
+        write(tmp_path / f"{i}.png", encoded(grey))
+    write(tmp_path / "3.png", b"not an image")  # the best-scored one is broken
+    write(tmp_path / "4.png", b"also broken, but never decoded: below the top 2")
+    path = scored_rows(tmp_path, ["a", "a", "a", "a", "a"], [1.0, 2.0, 3.0, 4.0, 0.5])
+    usable, dropped = usable_experts(read_experts(path), "skip", top_k=2)
+    assert [r.image.name for r in usable] == ["1.png", "2.png"] and dropped == 1
+    with pytest.raises(ValueError, match=r"3\.png"):
+        usable_experts(read_experts(path), "error", top_k=2)
+    per_prompt = scored_rows(tmp_path, ["a", "b", "a", "b", "a"], [1.0, 2.0, 3.0, 4.0, 0.5])
+    usable, dropped = usable_experts(read_experts(per_prompt), "skip", top_k=1, per_prompt=True)
+    assert [r.image.name for r in usable] == ["1.png", "2.png"] and dropped == 1  # b: 3.png broken → 1.png
+    with pytest.raises(ValueError, match=r"top_k needs a reward score"):
+        usable_experts(folder_of(tmp_path / "f", {"x.png": encoded(1)}), "skip", top_k=1)
+
+
+def test_blank_prompts_in_pairs_and_captions_that_are_not_utf8_are_named(tmp_path: Path) -> None:
+    pair_images(tmp_path, {"a": 10, "b": 20})
+    rows = [
+        {"prompt": "p", "chosen": "a.png", "rejected": "b.png"},
+        {"prompt": " ", "chosen": "b.png", "rejected": "a.png"},
+    ]
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:2: blank prompt"):
+        read_experts(jsonl(tmp_path / "pairs.jsonl", rows))
+    write(tmp_path / "latin" / "x.png", encoded(5))
+    write(tmp_path / "latin" / "x.txt", "café".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"x\.txt: the prompt of x\.png is not UTF-8"):
+        read_experts(tmp_path / "latin")
+    with pytest.raises(FileNotFoundError, match="expert data not found"):
+        read_experts(tmp_path / "no_such_folder")

@@ -425,6 +425,13 @@ def test_ema_decay_zero_means_no_ema(tmp_path: Path, decay: float | None, with_e
     assert ("custom_checkpoint_0.pkl" in saved) == with_ema, saved
 
 
+def test_options_a_method_does_not_take_are_refused(tmp_path: Path) -> None:
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"method_options: method online takes none, got \['buffer'\]"):
+        Online(_cfg(tmp_path / "out", max_steps=2, checkpoint_every=2, method_options={"buffer": 3}))
+
+
 def _worker(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)

@@ -144,3 +144,19 @@ def test_a_run_that_could_not_draw_its_validation_samples_is_refused_when_built(
     with pytest.raises(ValueError, match=r"validation_every: the validation samples cannot be drawn: .*999"):
         get_method("diffusion_dpo")(load_config(TrainConfig, None, args))
     get_method("diffusion_dpo")(load_config(TrainConfig, None, args[:-2]))  # training itself is defined
+
+
+@pytest.mark.parametrize(("sampler", "steps"), [("ddim", 1000), ("dpmsolver++", 999)])
+def test_sampling_steps_whose_timesteps_leave_the_schedule_are_an_error(
+    tiny_pipelines, sampler: str, steps: int
+) -> None:
+    """diffusers' "leading" spacing with steps_offset=1 (SD's) reaches timestep T = 1000 at 1000
+    steps: named before any UNet call, not an IndexError from inside the schedule (a tester's find,
+    through Diffusion-DRO's rollout_steps and the validation grids' validation_steps alike)."""
+    from diffalign.diffusion.sampling import check_sampling
+
+    policy = DiffusionPolicy.from_pretrained(tiny_pipelines["sd"])
+    assert policy.scheduler.config.steps_offset == 1
+    with pytest.raises(ValueError, match=r"timesteps reach 1000, outside the schedule's \[0, 1000\)"):
+        check_sampling(policy, sampler, steps)
+    check_sampling(policy, sampler, 500)  # within the schedule

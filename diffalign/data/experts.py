@@ -85,7 +85,7 @@ def read_experts(
     if per_prompt and top_k is None:
         raise ValueError("per_prompt keeps the top_k images of each prompt: set top_k too")
     path = Path(path)
-    if path.suffix and not path.exists():
+    if not path.exists() and (path.suffix or path.is_absolute()):  # else maybe a hub dataset id
         raise FileNotFoundError(f"expert data not found: {path}")
     kind = _source_kind(path)
     if score_prefix and kind != "pairs":
@@ -143,7 +143,10 @@ def _folder_prompt(image: Path) -> str:
     """The stripped text of ``<stem>.txt`` beside the image, else of ``caption.txt`` in its folder."""
     for text in (image.with_suffix(".txt"), image.parent / "caption.txt"):
         if text.is_file():
-            prompt = text.read_text(encoding="utf-8").strip()
+            try:
+                prompt = text.read_text(encoding="utf-8").strip()
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{text}: the prompt of {image.name} is not UTF-8 text ({err})") from err
             if not prompt:
                 raise ValueError(f"{image}: blank prompt in {text.name} (an expert image needs a prompt)")
             return prompt
@@ -186,6 +189,8 @@ def _pair_images(pairs: list[PairRecord]) -> list[ExpertRecord]:
     seen: set[tuple[ImageRef, str]] = set()
     records = []
     for pair in pairs:
+        if not pair.prompt.strip():
+            raise ValueError(f"{pair.where}: blank prompt; an expert image needs a prompt")
         if pair.rewards is not None:
             sides = [("chosen", pair.chosen, pair.rewards[0]), ("rejected", pair.rejected, pair.rewards[1])]
         else:
@@ -199,46 +204,64 @@ def _pair_images(pairs: list[PairRecord]) -> list[ExpertRecord]:
 
 def _top_k(records: list[ExpertRecord], top_k: int, per_prompt: bool, path: Path) -> list[ExpertRecord]:
     """The ``top_k`` best-scored records (per prompt), in their original order; ties: earlier first."""
+    keep = {i for ranked in _ranked(records, per_prompt, str(path)) for i in ranked[:top_k]}
+    return [record for i, record in enumerate(records) if i in keep]
+
+
+def _ranked(records: list[ExpertRecord], per_prompt: bool, source: str) -> list[list[int]]:
+    """Indices of ``records`` grouped (by prompt, or one group) and sorted by descending score,
+    equal scores in their order. Raises ``ValueError`` naming ``source`` when a record has no score."""
     unscored = next((r for r in records if r.score is None), None)
     if unscored is not None:
         raise ValueError(
-            f"{path}: top_k needs a reward score for every image ({unscored.where} has none): score "
+            f"{source}: top_k needs a reward score for every image ({unscored.where} has none): score "
             "preference pairs with scripts/score_dataset.py and pass its column_prefix as score_prefix "
             "(method_options.score_prefix), or give expert rows a 'score'"
         )
     groups: dict[str, list[int]] = {}
     for i, record in enumerate(records):
         groups.setdefault(record.prompt if per_prompt else "", []).append(i)
-    keep = set()
-    for indices in groups.values():  # sorted() is stable: equal scores keep their order
-        keep.update(sorted(indices, key=lambda i: -records[i].score)[:top_k])
-    return [record for i, record in enumerate(records) if i in keep]
+    # sorted() is stable: equal scores keep their order
+    return [sorted(indices, key=lambda i: -records[i].score) for indices in groups.values()]
 
 
 def usable_experts(
-    records: list[ExpertRecord], on_bad_sample: Literal["error", "skip"] = "error"
+    records: list[ExpertRecord],
+    on_bad_sample: Literal["error", "skip"] = "error",
+    top_k: int | None = None,
+    per_prompt: bool = False,
 ) -> tuple[list[ExpertRecord], int]:
-    """The records whose image decodes (each decoded once, with ``load_image``), and how many were
-    dropped. ``"error"``: the first missing or corrupt image raises (``FileNotFoundError`` /
-    ``ValueError`` naming it); ``"skip"``: such records are dropped and counted.
+    """The records whose image decodes (each decoded once, with ``load_image``), in their order,
+    and how many were dropped. ``"error"``: the first missing or corrupt image raises
+    (``FileNotFoundError`` / ``ValueError`` naming it); ``"skip"``: such records are dropped and
+    counted. With ``top_k`` (``per_prompt``: per prompt), images are decoded best score first
+    until ``top_k`` decode, so that a skipped image leaves its place to the next best, and the
+    others are never decoded.
 
-    Raises ``ValueError`` when no image is usable, naming the first failure."""
+    Raises ``ValueError`` when no image is usable (naming the first failure), or, with ``top_k``,
+    when a record has no score."""
     if on_bad_sample not in ("error", "skip"):
         raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
-    usable, first_failure = [], None
-    for record in records:
-        try:
-            load_image(record.image, record.where)
-        except (FileNotFoundError, ValueError) as err:
-            if on_bad_sample == "error":
-                raise
-            first_failure = first_failure or err
-            continue
-        usable.append(record)
-    if not usable:
-        cause = f"; the first failure: {first_failure}" if first_failure else " (no records)"
+    ranked = [list(range(len(records)))] if top_k is None else _ranked(records, per_prompt, "expert data")
+    keep, failures = set(), []
+    for order in ranked:
+        kept = 0
+        for i in order:
+            if top_k is not None and kept == top_k:
+                break
+            try:
+                load_image(records[i].image, records[i].where)
+            except (FileNotFoundError, ValueError) as err:
+                if on_bad_sample == "error":
+                    raise
+                failures.append(err)
+                continue
+            keep.add(i)
+            kept += 1
+    if not keep:
+        cause = f"; the first failure: {failures[0]}" if failures else " (no records)"
         raise ValueError(f"the expert set has no usable image{cause}")
-    return usable, len(records) - len(usable)
+    return [record for i, record in enumerate(records) if i in keep], len(failures)
 
 
 class ExpertDataset(ImageRecordDataset):

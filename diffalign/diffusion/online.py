@@ -6,6 +6,7 @@ the same samples and the same sampling weights.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -79,10 +80,11 @@ class ReplayBuffer:
     (as the official Diffusion-DRO buffer's ``cpu_offload``); :meth:`draw` returns them there.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, settings: Mapping[str, Any] | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"a replay buffer holds >= 1 rows, got capacity {capacity}")
         self.capacity = capacity
+        self.settings = dict(settings or {})  # what shapes the rows, by config key: checked on load
         self.rows: dict[str, Tensor] = {}
 
     def __len__(self) -> int:
@@ -112,13 +114,21 @@ class ReplayBuffer:
         return {name: rows[index] for name, rows in self.rows.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"capacity": self.capacity, "rows": dict(self.rows)}
+        return {"capacity": self.capacity, "settings": dict(self.settings), "rows": dict(self.rows)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Raises ``ValueError`` when the checkpoint's buffer had another capacity."""
+        """Raises ``ValueError`` when the checkpoint's buffer had another capacity, or was filled
+        under other ``settings`` (its rows would not fit this run's: rollout steps, image size)."""
         if state["capacity"] != self.capacity:
             raise ValueError(
                 f"the checkpoint's replay buffer holds {state['capacity']} rows, this run's "
                 f"{self.capacity}: resume with the same buffer size"
+            )
+        saved = state.get("settings", {})
+        changed = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in self.settings.items() if saved.get(k) != v]
+        if changed:
+            raise ValueError(
+                f"the checkpoint's replay buffer was filled with {', '.join(changed)}: its rows do not fit "
+                "this run; resume with the same settings"
             )
         self.rows = dict(state["rows"])

@@ -38,15 +38,23 @@ def predicted_x0_eps(
 
 
 def require_sampleable(scheduler, timesteps: Tensor, training_alphas: Tensor | None = None) -> None:
-    """Raise ``ValueError`` if an epsilon model would be asked for x_0 at a timestep with
-    ``a_t = 0``, which is undefined. ``training_alphas``: the training schedule's ``alphas_cumprod``
-    when ``scheduler``'s own differ (DPM-Solver replaces ``a_T = 0`` by 2**-24, which only turns
-    the division by zero into a division by 2**-12)."""
+    """Raise ``ValueError`` if a timestep lies outside the schedule (diffusers' "leading" spacing
+    with ``steps_offset=1`` reaches T at T sampling steps), or if an epsilon model would be asked
+    for x_0 at a timestep with ``a_t = 0``, which is undefined. ``training_alphas``: the training
+    schedule's ``alphas_cumprod`` when ``scheduler``'s own differ (DPM-Solver replaces ``a_T = 0``
+    by 2**-24, which only turns the division by zero into a division by 2**-12)."""
     config = scheduler.config
-    if config.prediction_type != "epsilon":
-        return
     alphas = scheduler.alphas_cumprod if training_alphas is None else training_alphas
     t = timesteps.reshape(-1).long().to(alphas.device)
+    if len(t) and not 0 <= int(t.min()) <= int(t.max()) < len(alphas):
+        outside = int(t.max()) if int(t.max()) >= len(alphas) else int(t.min())
+        spacing, offset = getattr(config, "timestep_spacing", None), getattr(config, "steps_offset", 0)
+        raise ValueError(
+            f"the sampler's timesteps reach {outside}, outside the schedule's [0, {len(alphas)}) "
+            f"(timestep_spacing={spacing!r}, steps_offset={offset}): use fewer sampling steps"
+        )
+    if config.prediction_type != "epsilon":
+        return
     zero = t[alphas[t] == 0]
     if len(zero):
         raise ValueError(

@@ -80,6 +80,11 @@ class DiffusionDROOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_k_per_prompt and self.top_k is None:
+            raise ValueError("top_k_per_prompt keeps the top_k images of each prompt: set top_k too")
+        for name in ("rollout_guidance", "validation_guidance"):  # <= 1 is the conditional prediction
+            if not getattr(self, name) >= 1:
+                raise ValueError(f"{name} must be >= 1 (1: no guidance), got {getattr(self, name)}")
 
 
 class DiffusionDRO(UNetMethod):
@@ -98,13 +103,17 @@ class DiffusionDRO(UNetMethod):
         super().__init__(cfg)
         self.options: DiffusionDROOptions
         self._check_objective()
-        self._check_buffer()
         self.experts = self.expert_records()  # before any model loads
+        self._check_buffer()
         self.policy = self.load_policy(reference=self.objective.uses_reference)
         self._check_rollouts()
         self.lagged = LaggedPolicy(self.policy, self.options.sync_every)
         self.frozen.append(self.lagged.policy)
-        self.buffer = ReplayBuffer(self.options.buffer_size)
+        shape = {
+            "method_options.rollout_steps": self.options.rollout_steps,
+            "data.resolution": self.cfg.data.resolution,
+        }
+        self.buffer = ReplayBuffer(self.options.buffer_size, settings=shape)
         self._dataset: ExpertDataset | None = None
 
     def expert_records(self) -> list[ExpertRecord]:
@@ -115,10 +124,11 @@ class DiffusionDRO(UNetMethod):
                 without scores (naming ``data.path``, the row or the image).
         """
         d, o = self.cfg.data, self.options
-        records = read_experts(
-            d.path, split=d.split, score_prefix=o.score_prefix, top_k=o.top_k, per_prompt=o.top_k_per_prompt
+        candidates = read_experts(d.path, split=d.split, score_prefix=o.score_prefix)
+        # best first, so that an image skipped as broken leaves its place to the next best
+        records, self.skipped_experts = usable_experts(
+            candidates, d.on_bad_sample, o.top_k, o.top_k_per_prompt
         )
-        records, self.skipped_experts = usable_experts(records, d.on_bad_sample)
         return records
 
     def _check_objective(self) -> None:
@@ -142,11 +152,12 @@ class DiffusionDRO(UNetMethod):
                 f"(batch_size {cfg.batch_size}): each rollout would drop samples before training on them"
             )
         rollouts = math.ceil(cfg.max_steps * cfg.gradient_accumulation_steps / o.refresh_every)
-        if o.buffer_size > rollouts * cfg.batch_size:
+        rows = min(cfg.batch_size, len(self.experts))  # a set smaller than a batch makes smaller rollouts
+        if o.buffer_size > rollouts * rows:
             raise ConfigError(
                 f"method_options.buffer_size: {o.buffer_size} rows, but the run samples only "
-                f"{rollouts * cfg.batch_size} per process ({rollouts} rollouts of batch_size "
-                f"{cfg.batch_size}): the buffer would never fill"
+                f"{rollouts * rows} per process ({rollouts} rollouts of {rows} prompts: batch_size "
+                f"{cfg.batch_size}, {len(self.experts)} experts): the buffer would never fill"
             )
 
     def _check_rollouts(self) -> None:
@@ -158,11 +169,18 @@ class DiffusionDRO(UNetMethod):
             )
         try:
             check_sampling(self.policy, o.rollout_sampler, o.rollout_steps)
-            if o.perturb_timesteps:  # shifted schedules visit every timestep below T x stride
-                stride = training.config.num_train_timesteps // o.rollout_steps
-                require_sampleable(training, torch.arange(o.rollout_steps * stride))
         except ValueError as err:
             raise ValueError(f"method_options.rollout_sampler: the rollouts cannot be drawn: {err}") from err
+        stride = training.config.num_train_timesteps // o.rollout_steps
+        try:  # shifted schedules visit every timestep below T x stride, the last one included
+            if o.perturb_timesteps:
+                require_sampleable(training, torch.arange(o.rollout_steps * stride))
+        except ValueError as err:
+            raise ValueError(
+                f"method_options.perturb_timesteps: shifted rollout schedules reach timestep "
+                f"{o.rollout_steps * stride - 1}, where this model cannot sample (set "
+                f"perturb_timesteps=false to keep the sampler's own schedule): {err}"
+            ) from err
 
     def dataset(self) -> tuple[Dataset, Any]:
         d = self.cfg.data
@@ -230,7 +248,7 @@ class DiffusionDRO(UNetMethod):
             torch.stack([expert[0], sample[0]], 1),
             torch.stack([expert[1], sample[1].to(expert[1].dtype)], 1),
             t,
-            _conditioning(batch, device),
+            _conditioning(batch, device, policy.dtype),
             with_reference=self.objective.uses_reference,
         )
         ref = (None, None) if out.reference is None else out.reference.unbind(1)
@@ -266,11 +284,13 @@ def _flat_conditioning(cond: Conditioning) -> dict[str, torch.Tensor]:
     }
 
 
-def _conditioning(batch: dict[str, torch.Tensor], device: torch.device) -> Conditioning:
-    """The conditioning of buffer rows (see :func:`_flat_conditioning`), on ``device``."""
+def _conditioning(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> Conditioning:
+    """The conditioning of buffer rows (see :func:`_flat_conditioning`) on ``device``, in the trained
+    UNet's ``dtype`` (the lagged copy that encoded it may run in the mixed-precision one)."""
     extra = {
-        k.removeprefix("cond."): v.to(device)
+        k.removeprefix("cond."): v
         for k, v in batch.items()
         if k.startswith("cond.") and k != "cond.encoder_hidden_states"
     }
-    return Conditioning(batch["cond.encoder_hidden_states"].to(device), extra or None)
+    cond = Conditioning(batch["cond.encoder_hidden_states"], extra or None)
+    return cond.map(lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device))

@@ -37,7 +37,6 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import Dataset
 
-from diffalign.config import build
 from diffalign.fingerprint import fingerprint, module_fingerprint, rows_fingerprint
 from diffalign.objectives import (
     check_objective_inputs,
@@ -70,11 +69,11 @@ class TextPreference(Method):
         "optim": {"lr": 1e-6, "scale_lr": False, "weight_decay": 0.0, "warmup_steps": 0},
         "model": {"lora": {"target_modules": ["all-linear"]}},
     }
+    options_class = TextPreferenceOptions
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         cfg = self.cfg  # with the defaults above filled in
-        self.options = build(TextPreferenceOptions, cfg.method_options, source="method_options")
         self.objective = get_objective(**cfg.objective)
         # the data first: an objective the rows cannot feed is refused before any model loads
         records = read_text_preferences(cfg.data.path, cfg.data.split, cfg.data.ties)

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from diffalign.config import build
 from diffalign.diffusion.policy import DiffusionPolicy
 from diffalign.diffusion.sampling import check_sampling, sample_with_trajectory
 from diffalign.objectives import get_objective
@@ -25,18 +24,16 @@ __all__ = ["UNetMethod"]
 class UNetMethod(Method):
     """A recipe that trains a text-to-image UNet (``trainable_module``) of a diffusers pipeline.
 
-    ``__init__`` builds ``self.options`` (``options_class`` from ``method_options``) and
-    ``self.objective``; a subclass reads and checks its data next, so that bad data fails before
-    any model loads, then calls :meth:`load_policy`. ``self.frozen`` lists the frozen UNet
-    copies (lagged or inverting policies) that :meth:`setup` places beside the reference.
+    ``__init__`` builds ``self.objective`` (``Method`` builds ``self.options``); a subclass reads
+    and checks its data next, so that bad data fails before any model loads, then calls
+    :meth:`load_policy`. ``self.frozen`` lists the frozen UNet copies (lagged or inverting
+    policies) that :meth:`setup` places beside the reference.
     """
 
-    options_class: ClassVar[type]
     policy: DiffusionPolicy
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
-        self.options = build(self.options_class, self.cfg.method_options, source="method_options")
         self.objective = get_objective(**self.cfg.objective)
         self.frozen: list[DiffusionPolicy] = []
 

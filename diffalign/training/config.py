@@ -102,6 +102,14 @@ class DataConfig:
     )
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
 
+    def __post_init__(self) -> None:
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"resolution must be >= 1, got {self.resolution}")
+        if self.caption_dropout is not None and not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"caption_dropout is a probability in [0, 1], got {self.caption_dropout}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
 
 @dataclass
 class OptimConfig:

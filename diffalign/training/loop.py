@@ -56,7 +56,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from diffalign.config import ConfigError, to_dict
+from diffalign.config import ConfigError, build, to_dict
 from diffalign.images import save_grid
 from diffalign.training.config import OptimConfig, TrainConfig, with_method_defaults
 
@@ -89,10 +89,20 @@ class Method(ABC):
     """The method's values of the keys the shared config leaves unset, as nested config keys
     (``{"objective": {...}, "optim": {"lr": ...}}``); see :func:`with_method_defaults`."""
 
+    options_class: ClassVar[type | None] = None
+    """The dataclass of the method's ``method_options`` (None: it takes none)."""
+
     def __init__(self, cfg: TrainConfig) -> None:
         from accelerate.utils import set_seed
 
         self.cfg = with_method_defaults(cfg, cfg.method, self.defaults)
+        if self.options_class is not None:
+            self.options = build(self.options_class, self.cfg.method_options, source="method_options")
+            self.cfg.method_options = to_dict(self.options)  # config.json then says what trained
+        elif self.cfg.method_options:
+            raise ConfigError(
+                f"method_options: method {cfg.method} takes none, got {sorted(cfg.method_options)}"
+            )
         _resume_path(self.cfg)  # an output_dir or resume_from that cannot work fails before any model loads
         set_seed(cfg.seed)
 
@@ -422,6 +432,8 @@ def _resume(run: _Run) -> None:
                 f"{accelerator.num_processes}: its data order and learning rate need as many"
             )
         run.step = run.saved_step = saved["global_step"]
+        window = path / f"log_window_{accelerator.process_index}.json"
+        run.window = json.loads(window.read_text()) if window.is_file() else []  # older checkpoints: none
         # checkpoints from before micro_batches: one loader batch per micro-batch
         run.loader_batches = saved.get("loader_batches", run.step * cfg.gradient_accumulation_steps)
         accelerator.print(f"resumed from {path} at step {run.step}")
@@ -596,9 +608,9 @@ def _with_ema(ema: Any, params: list[torch.nn.Parameter], fn: Any) -> None:
 
 
 def _checkpoint(run: _Run) -> None:
-    """checkpoint-N: accelerate's state (with every rank's method state), the export and where the
-    loop is. Written as checkpoint-N.partial and renamed when complete: a run killed while saving
-    resumes from the checkpoint before."""
+    """checkpoint-N: accelerate's state (with every rank's method state and metrics since the last
+    log), the export and where the loop is. Written as checkpoint-N.partial and renamed when
+    complete: a run killed while saving resumes from the checkpoint before."""
     accelerator, cfg = run.accelerator, run.cfg
     path = cfg.output_dir / "checkpoints" / f"checkpoint-{run.step}"
     partial = path.with_name(f"{path.name}.partial")
@@ -607,6 +619,9 @@ def _checkpoint(run: _Run) -> None:
             shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    # the metrics since the last log, each rank's own: the resumed run's next log averages the same
+    window = partial / f"log_window_{accelerator.process_index}.json"
+    window.write_text(json.dumps(run.window))
     if accelerator.is_main_process:
         _with_ema(run.ema, run.params, lambda: run.method.export(partial / "export"))
         world = accelerator.num_processes
