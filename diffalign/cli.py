@@ -82,6 +82,7 @@ def _objectives(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
+    from diffalign.config import to_dict
     from diffalign.methods import METHODS, get_method
 
     def dotted(values: dict, prefix: str = "") -> list[str]:
@@ -99,7 +100,8 @@ def _methods(args: argparse.Namespace) -> int:
         cls = get_method(name)
         summary = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         print(f"{name}: {summary}")
-        for line in dotted(dict(cls.defaults)):
+        options = {} if cls.options_class is None else {"method_options": to_dict(cls.options_class())}
+        for line in dotted({**cls.defaults, **options}):
             print(f"  {line}")
     return 0
 

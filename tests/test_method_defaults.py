@@ -77,7 +77,10 @@ def test_methods_cli_lists_the_defaults(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     image = out[out.index("diffusion_dpo:") : out.index("text_preference:")]
     assert "optim.lr=1e-08" in image and "objective={'name': 'dpo', 'beta': 5000.0}" in image
-    assert "optim.lr=1e-06" in out[out.index("text_preference:") :]
+    assert "optim.lr=1e-06" in out[out.index("text_preference:") : out.index("smpo:")]
+    dro = out[out.index("dro:") :]  # its options too, with their defaults
+    assert "ema_decay=0.9999" in dro and "method_options.buffer_size=4" in dro
+    assert "method_options.rollout_sampler=dpmsolver++" in dro
 
 
 def test_shipped_configs_build_with_their_methods_defaults() -> None:
