@@ -278,10 +278,9 @@ def sample_with_trajectory(
     per sample (Diffusion-DRO's shifted schedules, :func:`perturbed_timesteps`); integers, each row
     strictly decreasing within [0, num_train_timesteps), T = ``num_inference_steps``. DDIM steps from t
     to t - num_train_timesteps // T, so its rows must be spaced by exactly that stride (any offset is
-    fine). Rows with one schedule share a scheduler (DPM-Solver++ keeps a per-instance history); each
-    step runs the UNet once on the whole batch with one timestep per row, then each scheduler steps its
-    rows, drawing its own noise in order of first row (so per-sample schedules leave the pipeline's
-    random stream). ``Trajectory.timesteps`` is the (T,) or (N, T) passed, else the sampler's (T,).
+    fine). Each step runs the UNet once on the batch, one timestep per row; then one scheduler per
+    distinct schedule steps its rows, drawing its own noise (off the pipeline's random stream).
+    ``Trajectory.timesteps`` is the (T,) or (N, T) passed, else the sampler's (T,).
     Raises ``ValueError`` on inputs that do not fit the model or a malformed ``timesteps`` (naming
     what is wrong), ``FloatingPointError`` if a latent or log-prob is not finite (naming the step).
     """
