@@ -3,8 +3,9 @@
 No reward model and no preference pairs: a set of expert images with their prompts (e.g. the
 top-K of a dataset by a registry reward, ``scripts/score_dataset.py`` + ``top_k``), a frozen
 reference, and a lagged copy of the policy that samples the negatives. Algorithm (the paper's
-ranking objective, Eq. 11-13 with its denoising bound; the official ``basiclab/DiffusionDRO``
-``train.py``), for each loader batch of experts (x_0, c):
+thresholded ranking objective on denoising errors, as the official ``basiclab/DiffusionDRO``
+``train.py`` computes it; the paper's equation numbers are not checked here), for each loader
+batch of experts (x_0, c):
 
 1. rollout: each prompt c becomes "" with probability ``caption_dropout``; the lagged policy
    samples from it (``rollout_sampler`` DPM-Solver++, ``rollout_steps`` 20, guidance
