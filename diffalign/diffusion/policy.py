@@ -43,6 +43,16 @@ UNET_ATTENTION_PROJECTIONS = ("to_k", "to_q", "to_v", "to_out.0")
 """The UNet modules diffusers' LoRA training scripts adapt: each attention's projections."""
 
 
+def drop_captions(prompts: list[str], dropout: float, generator: torch.Generator | None = None) -> list[str]:
+    """Each prompt replaced by "" with probability ``dropout`` (caption dropout, as the official
+    Diffusion-DPO and Diffusion-DRO scripts train); one uniform draw per prompt from ``generator``
+    (torch's global one when None), none at all when ``dropout`` is 0."""
+    if dropout <= 0:
+        return prompts
+    drop = torch.rand(len(prompts), generator=generator) < dropout
+    return ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+
+
 @dataclass
 class Conditioning:
     """What the UNet is conditioned on, batched: text hidden states plus SDXL's added conditions."""
@@ -407,9 +417,7 @@ class DiffusionPolicy:
         """
         if not self.text_encoders:
             raise ValueError("this pipeline has no text encoder to encode prompts with")
-        if dropout > 0:
-            drop = torch.rand(len(prompts), generator=generator) < dropout
-            prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+        prompts = drop_captions(prompts, dropout, generator)
         device = self.device
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):

@@ -41,7 +41,7 @@ from diffalign.config import ConfigError
 from diffalign.data.experts import ExpertDataset, ExpertRecord, collate_experts, read_experts, usable_experts
 from diffalign.diffusion.likelihood import denoising_logp_at, denoising_target
 from diffalign.diffusion.online import LaggedPolicy, ReplayBuffer
-from diffalign.diffusion.policy import UNET_ATTENTION_PROJECTIONS, Conditioning
+from diffalign.diffusion.policy import UNET_ATTENTION_PROJECTIONS, Conditioning, drop_captions
 from diffalign.diffusion.sampling import check_sampling, perturbed_timesteps, sample_with_trajectory
 from diffalign.diffusion.schedule import require_sampleable
 from diffalign.methods.unet_method import UNetMethod
@@ -172,10 +172,11 @@ class DiffusionDRO(UNetMethod):
             check_sampling(self.policy, o.rollout_sampler, o.rollout_steps)
         except ValueError as err:
             raise ValueError(f"method_options.rollout_sampler: the rollouts cannot be drawn: {err}") from err
+        if not o.perturb_timesteps:
+            return
         stride = training.config.num_train_timesteps // o.rollout_steps
         try:  # shifted schedules visit every timestep below T x stride, the last one included
-            if o.perturb_timesteps:
-                require_sampleable(training, torch.arange(o.rollout_steps * stride))
+            require_sampleable(training, torch.arange(o.rollout_steps * stride))
         except ValueError as err:
             raise ValueError(
                 f"method_options.perturb_timesteps: shifted rollout schedules reach timestep "
@@ -212,8 +213,7 @@ class DiffusionDRO(UNetMethod):
         ``latents`` (B, T, C, h, w) at which ``predictions`` (B, T, C, h, w) were made at
         ``timesteps`` (B, T) -- and the prompt's conditioning tensors (``cond.*``)."""
         o, policy = self.options, self.lagged.policy
-        drop = torch.rand(len(prompts)) < self.cfg.data.caption_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
+        prompts = drop_captions(prompts, self.cfg.data.caption_dropout)  # for sampling and training alike
         x0 = policy.encode_images(images)
         timesteps = None
         if o.perturb_timesteps:
