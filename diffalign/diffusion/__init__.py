@@ -15,6 +15,7 @@ from diffalign.diffusion.policy import (
 )
 from diffalign.diffusion.sampling import (
     Trajectory,
+    Transitions,
     check_sampling,
     gaussian_logp,
     make_scheduler,
@@ -22,6 +23,7 @@ from diffalign.diffusion.sampling import (
     sample_with_trajectory,
     step_logprob,
     trajectory_logps,
+    trajectory_transitions,
     transition_stats,
 )
 from diffalign.diffusion.schedule import predicted_x0_eps, require_finite, require_sampleable
@@ -35,6 +37,7 @@ __all__ = [
     "InpaintInputs",
     "Inversion",
     "Trajectory",
+    "Transitions",
     "attention_backend_available",
     "build_tiny_pipeline",
     "check_sampling",
@@ -54,5 +57,6 @@ __all__ = [
     "tiny_text_encoder",
     "tiny_tokenizer",
     "trajectory_logps",
+    "trajectory_transitions",
     "transition_stats",
 ]

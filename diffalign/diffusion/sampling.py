@@ -31,6 +31,7 @@ from diffalign.diffusion.schedule import predicted_x0_eps, require_finite, requi
 
 __all__ = [
     "Trajectory",
+    "Transitions",
     "check_sampling",
     "gaussian_logp",
     "make_scheduler",
@@ -38,6 +39,7 @@ __all__ = [
     "sample_with_trajectory",
     "step_logprob",
     "trajectory_logps",
+    "trajectory_transitions",
     "transition_stats",
 ]
 
@@ -244,6 +246,27 @@ class Trajectory:
     sampler: SamplerName
     eta: float  # DDIM's; DDPM's steps do not use it
     inpaint: InpaintInputs | None = None
+
+    def select(self, rows: Tensor) -> Trajectory:
+        """The trajectories of ``rows`` (R,) (indices into the batch), with their conditionings and
+        inpainting inputs: what a PPO micro-batch recomputes."""
+        rows = torch.as_tensor(rows).long()
+
+        def take(x: Tensor) -> Tensor:
+            return x[rows.to(x.device)]
+
+        return Trajectory(
+            images=take(self.images) if len(self.images) else self.images,
+            latents=take(self.latents), predictions=take(self.predictions),
+            timesteps=take(self.timesteps) if self.timesteps.dim() == 2 else self.timesteps,
+            log_probs=None if self.log_probs is None else take(self.log_probs),
+            conditioning=self.conditioning.map(take),
+            unconditional=None if self.unconditional is None else self.unconditional.map(take),
+            guidance_scale=self.guidance_scale, sampler=self.sampler, eta=self.eta,
+            inpaint=None if self.inpaint is None else InpaintInputs(
+                take(self.inpaint.mask), take(self.inpaint.masked_image_latents)
+            ),
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -517,17 +540,40 @@ def _recorded_logp(
     return gaussian_logp(new_latents, mean, std)
 
 
+@dataclass
+class Transitions:
+    """Chosen steps of a recorded trajectory recomputed under a policy (:func:`trajectory_transitions`),
+    each (N, S, ...) in float32: row i, column k is sample i's k-th chosen step."""
+
+    logps: Tensor  # (N, S): log p(x_{t-1} | x_t), the per-dimension mean; with gradients
+    means: Tensor  # (N, S, C, h, w): the policy's transition means; with gradients
+    recorded_means: (
+        Tensor  # (N, S, C, h, w): the means of the steps as sampled (from the recorded predictions)
+    )
+    stds: Tensor  # (N, S): the transition standard deviations (the same for both)
+
+
 def trajectory_logps(
     policy: DiffusionPolicy, trajectory: Trajectory, steps: Sequence[int] | Tensor | None = None
 ) -> Tensor:
     """``log p(x_{t-1} | x_t)`` of chosen steps of a recorded trajectory under ``policy``, with
-    gradients to its UNet: (N, S) float32, the per-dimension mean as :func:`step_logprob`.
+    gradients to its UNet: (N, S) float32, the per-dimension mean as :func:`step_logprob`; the
+    ``logps`` of :func:`trajectory_transitions`, which documents the arguments and errors."""
+    return trajectory_transitions(policy, trajectory, steps).logps
+
+
+def trajectory_transitions(
+    policy: DiffusionPolicy, trajectory: Trajectory, steps: Sequence[int] | Tensor | None = None
+) -> Transitions:
+    """Chosen steps of a recorded trajectory under ``policy``: their log-probs and transition means
+    (with gradients to its UNet), and the means the sampler used (PPO's old policy's, from the
+    recorded predictions; a KL or L1 term to them is a trust region).
 
     Step ``j`` recomputes the guided prediction at ``trajectory.latents[:, j]`` as sampling did
     (the trajectory's conditionings, guidance scale and inpainting inputs; a scheduler of its
     sampler with its T steps and eta) and scores the recorded ``latents[:, j + 1]``. With the
-    policy that sampled, this equals ``trajectory.log_probs`` to float rounding; with another
-    (PPO's trained policy on the old policy's samples) it is the importance ratio's numerator
+    policy that sampled, the log-probs equal ``trajectory.log_probs`` to float rounding; with another
+    (PPO's trained policy on the old policy's samples) they are the importance ratio's numerator
     (DDPO, kvablack/ddpo-pytorch ``scripts/train.py``: ``ddim_step_with_logprob`` on the stored
     latents and next latents). ``steps``: indices into ``trajectory.timesteps``, (S,) for every
     sample or (N, S) per sample (DDPO trains each sample on its own random steps); default all T.
@@ -542,24 +588,10 @@ def trajectory_logps(
             misshapen, ``policy``'s schedule gives other timesteps than the trajectory's, or the
             trajectory was sampled on per-sample (N, T) schedules (not supported here).
     """
-    if trajectory.timesteps.dim() != 1:
-        raise ValueError(
-            f"trajectory_logps does not support per-sample schedules: this trajectory's timesteps are "
-            f"{tuple(trajectory.timesteps.shape)} (N, T), one row per sample; it needs the sampler's own "
-            "(T,) schedule"
-        )
-    if trajectory.sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"a '{trajectory.sampler}' trajectory has no per-step log-probs (use ddim or ddpm)")
+    scheduler = _trajectory_scheduler(policy, trajectory)
     n, total = trajectory.latents.shape[0], len(trajectory.timesteps)
     device = trajectory.latents.device
     idx = _step_indices(steps, n, total).to(device)
-    scheduler = make_scheduler(policy, trajectory.sampler)
-    scheduler.set_timesteps(total, device=device)
-    if not torch.equal(scheduler.timesteps.cpu(), trajectory.timesteps.cpu()):
-        raise ValueError(
-            f"the policy's {trajectory.sampler} schedule with {total} steps has timesteps "
-            f"{scheduler.timesteps.tolist()[:3]}..., the trajectory {trajectory.timesteps.tolist()[:3]}..."
-        )
     s = idx.shape[1]
     rows, cols = torch.arange(n, device=device).expand(s, n), idx.T  # step-major (S, N), as cat below
     x = trajectory.latents[rows, cols].flatten(0, 1)
@@ -574,7 +606,41 @@ def trajectory_logps(
         trajectory.guidance_scale,
         None if trajectory.inpaint is None else trajectory.inpaint.repeat(s),
     )
-    return step_logprob(scheduler, pred, t, x, prev, eta=trajectory.eta).reshape(s, n).T
+    logps = step_logprob(scheduler, pred, t, x, prev, eta=trajectory.eta)
+    mean, std = transition_stats(scheduler, pred, t, x, eta=trajectory.eta)
+    recorded, _ = transition_stats(
+        scheduler, trajectory.predictions[rows, cols].flatten(0, 1), t, x, eta=trajectory.eta
+    )
+
+    def by_sample(v: Tensor) -> Tensor:  # step-major rows back to (N, S, ...)
+        return v.reshape(s, n, *v.shape[1:]).transpose(0, 1)
+
+    return Transitions(
+        logps=by_sample(logps), means=by_sample(mean), recorded_means=by_sample(recorded.detach()),
+        stds=by_sample(std.expand(len(x), *std.shape[1:]).flatten(1)[:, 0]),
+    )  # fmt: skip
+
+
+def _trajectory_scheduler(policy: DiffusionPolicy, trajectory: Trajectory):
+    """A scheduler of the trajectory's sampler on its (T,) schedule; ``ValueError`` as
+    :func:`trajectory_transitions` says."""
+    if trajectory.timesteps.dim() != 1:
+        raise ValueError(
+            f"trajectory_logps does not support per-sample schedules: this trajectory's timesteps are "
+            f"{tuple(trajectory.timesteps.shape)} (N, T), one row per sample; it needs the sampler's own "
+            "(T,) schedule"
+        )
+    if trajectory.sampler not in ("ddim", "ddpm"):
+        raise ValueError(f"a '{trajectory.sampler}' trajectory has no per-step log-probs (use ddim or ddpm)")
+    total = len(trajectory.timesteps)
+    scheduler = make_scheduler(policy, trajectory.sampler)
+    scheduler.set_timesteps(total, device=trajectory.latents.device)
+    if not torch.equal(scheduler.timesteps.cpu(), trajectory.timesteps.cpu()):
+        raise ValueError(
+            f"the policy's {trajectory.sampler} schedule with {total} steps has timesteps "
+            f"{scheduler.timesteps.tolist()[:3]}..., the trajectory {trajectory.timesteps.tolist()[:3]}..."
+        )
+    return scheduler
 
 
 def _step_indices(steps: Sequence[int] | Tensor | None, n: int, total: int) -> Tensor:

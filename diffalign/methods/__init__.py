@@ -13,6 +13,8 @@ METHODS = {
     "text_preference": "diffalign.methods.text_preference:TextPreference",
     "smpo": "diffalign.methods.smpo:SmPO",
     "dro": "diffalign.methods.dro:DiffusionDRO",
+    "ddpo": "diffalign.methods.ddpo:DDPO",
+    "prefpaint": "diffalign.methods.prefpaint:PrefPaint",
 }
 
 

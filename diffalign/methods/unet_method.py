@@ -37,24 +37,28 @@ class UNetMethod(Method):
         self.objective = get_objective(**self.cfg.objective)
         self.frozen: list[DiffusionPolicy] = []
 
-    def load_policy(self, reference: bool) -> DiffusionPolicy:
+    def load_policy(self, reference: bool, inpainting: bool = False) -> DiffusionPolicy:
         """The pipeline of ``model.pretrained`` with LoRA adapters when ``model.lora`` is set, a
         reference when ``reference`` (``model.reference``: a frozen copy, or the adapters turned
         off; auto picks adapters under LoRA), the attention backend and gradient checkpointing.
+        ``inpainting``: the recipe trains an inpainting UNet (else a text-to-image one).
 
         Raises:
-            ValueError: an inpainting pipeline, validation samples that cannot be drawn, or a
-                reference mode these recipes cannot use (``precomputed``: the noise is fresh
-                every step).
+            ValueError: a pipeline of the other kind (inpainting or not), validation samples that
+                cannot be drawn, or a reference mode these recipes cannot use (``precomputed``: the
+                noise is fresh every step).
         """
         cfg = self.cfg
         policy = DiffusionPolicy.from_pretrained(cfg.model.pretrained, adapter=cfg.model.adapter)
-        if policy.is_inpainting:
+        if policy.is_inpainting != inpainting:
+            kind = "an inpainting" if policy.is_inpainting else "a text-to-image"
+            wanted = "inpainting UNets (latents, mask and masked image: 2C + 1 input channels)"
             raise ValueError(
-                f"model.pretrained: {cfg.model.pretrained} is an inpainting pipeline; {cfg.method} trains "
-                "text-to-image UNets"
+                f"model.pretrained: {cfg.model.pretrained} is {kind} pipeline (its UNet takes "
+                f"{policy.unet.config.in_channels} input channels); {cfg.method} trains "
+                f"{wanted if inpainting else 'text-to-image UNets'}"
             )
-        if cfg.validation_every and cfg.validation_prompts:
+        if cfg.validation_every and cfg.validation_prompts and not inpainting:
             try:
                 check_sampling(policy, "ddim", cfg.validation_steps)
             except ValueError as err:

@@ -1,0 +1,260 @@
+"""The RL core (DDPO and PrefPaint): advantages and trust weights against hand-computed values,
+the surrogate against DDPO's and PrefPaint's code on equal inputs, per-step log-probs from the
+trajectory module (ratio 1 before the first update), a KL / L1 trust region that enters the loss,
+the stat tracker across a resume, and bad input refused."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from diffalign.config import ConfigError
+from diffalign.diffusion.sampling import trajectory_logps, trajectory_transitions
+from diffalign.methods import get_method
+from diffalign.methods.prefpaint import trust_weights
+from diffalign.objectives import get_objective
+from diffalign.objectives.advantages import PerPromptStatTracker, batch_advantages, group_advantages
+from diffalign.training.config import DataConfig, ModelConfig, TrainConfig
+from diffalign.training.loop import run_training
+
+PROMPTS = ["a red ball", "a blue cube", "a green cone"]
+
+
+def prompt_file(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def ddpo_config(pipeline: str, data: Path, out: Path, **extra: Any) -> TrainConfig:
+    options = {
+        "reward": "rl_rewards:Brightness", "samples_per_prompt": 2, "train_batch_size": 3,
+        "train_timesteps": 2, "rollout_steps": 4, "rollout_guidance": 2.0, **extra.pop("method_options", {}),
+    }  # fmt: skip
+    return TrainConfig(
+        method="ddpo", model=ModelConfig(pretrained=pipeline), data=DataConfig(path=data, resolution=32),
+        method_options=options, output_dir=out, report_to=[],
+        **{"batch_size": 3, "gradient_accumulation_steps": 2, "log_every": 1, **extra},
+    )  # fmt: skip
+
+
+def build(cfg: TrainConfig) -> Any:
+    method = get_method(cfg.method)(cfg)
+    method.setup(torch.device("cpu"), torch.float32)
+    return method
+
+
+def first_batch(method: Any) -> Any:
+    dataset, collate = method.dataset()
+    return collate([dataset[i] for i in range(min(3, len(dataset)))])
+
+
+# -- pure parts ------------------------------------------------------------------------------------
+
+
+def test_batch_advantages_standardise_over_finite_rewards() -> None:
+    rewards = torch.tensor([1.0, 2.0, 3.0, float("nan")])
+    std = math.sqrt(2 / 3)  # population std of 1, 2, 3
+    expected = torch.tensor([-1 / (std + 1e-6), 0.0, 1 / (std + 1e-6), float("nan")])
+    torch.testing.assert_close(batch_advantages(rewards), expected, equal_nan=True)
+
+
+def test_group_advantages_standardise_within_each_group() -> None:
+    rewards = torch.tensor([1.0, 3.0, 5.0, 5.0, 2.0])
+    groups = torch.tensor([0, 0, 1, 1, 2])
+    # group 0: mean 2, std 1; group 1: no spread; group 2: one sample
+    expected = torch.tensor([-1 / (1 + 1e-6), 1 / (1 + 1e-6), 0.0, 0.0, 0.0])
+    torch.testing.assert_close(group_advantages(rewards, groups), expected)
+
+
+def test_the_stat_tracker_is_ddpos_and_survives_a_round_trip() -> None:
+    """ddpo_pytorch/stat_tracking.py: a prompt's own buffer once it holds min_count, the batch's
+    rewards before; numpy's population std + 1e-6."""
+    tracker = PerPromptStatTracker(buffer_size=3, min_count=2)
+    first = tracker.update(["a", "a", "b"], torch.tensor([1.0, 3.0, 10.0]))
+    batch = torch.tensor([1.0, 3.0, 10.0])
+    b_expected = (10 - batch.mean()) / (batch.std(correction=0) + 1e-6)
+    torch.testing.assert_close(
+        first, torch.stack([torch.tensor(-1 / (1 + 1e-6)), torch.tensor(1 / (1 + 1e-6)), b_expected])
+    )
+    restored = PerPromptStatTracker(buffer_size=3, min_count=2)
+    restored.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    # "a" now holds 1, 3, 5 (mean 3); the next 7 pushes 1 out: 3, 5, 7
+    for t in (tracker, restored):
+        assert float(t.update(["a"], torch.tensor([5.0]))[0]) == pytest.approx(2 / (math.sqrt(8 / 3) + 1e-6))
+        assert float(t.update(["a"], torch.tensor([7.0]))[0]) == pytest.approx(2 / (math.sqrt(8 / 3) + 1e-6))
+    with pytest.raises(ValueError, match="buffer_size, min_count"):
+        PerPromptStatTracker(4, 2).load_state_dict(tracker.state_dict())
+
+
+def test_trust_weights_are_the_official_formula_and_clamped() -> None:
+    g = torch.Generator().manual_seed(0)
+    features, v_inverse = torch.randn(64, 8, generator=g), torch.randn(8, 8, generator=g)
+    # train_inpainting_model.py: sqrt(sum((f @ V_inverse)^2, 1)); clamp(exp(-a b + c), 1, 2.21)
+    bound = torch.sqrt(torch.sum(torch.pow(torch.matmul(features, v_inverse), 2), dim=1))
+    expected = torch.clamp(torch.exp(-0.05 * bound + 0.7), min=1.0, max=2.21)
+    torch.testing.assert_close(trust_weights(features, v_inverse), expected)
+    assert 0 < int((expected == 1.0).sum()) < 64  # the test reaches the lower clamp and not only it
+    near = trust_weights(torch.zeros(3, 8), v_inverse)
+    torch.testing.assert_close(near, torch.full((3,), math.exp(0.7)))
+    capped = trust_weights(torch.zeros(3, 8), v_inverse, beta=1.0)
+    torch.testing.assert_close(capped, torch.full((3,), 2.21))
+    with pytest.raises(ValueError, match=r"V\^-1 \(D, D\)"):
+        trust_weights(features, v_inverse[:4])
+
+
+def test_the_surrogate_is_ddpos_and_prefpaints_on_equal_inputs() -> None:
+    g = torch.Generator().manual_seed(1)
+    logp, old = torch.randn(32, generator=g) * 1e-3, torch.randn(32, generator=g) * 1e-3
+    adv, w = torch.randn(32, generator=g) * 8, 1 + torch.rand(32, generator=g)
+    # kvablack/ddpo-pytorch scripts/train.py
+    advantages = torch.clamp(adv, -5, 5)
+    ratio = torch.exp(logp - old)
+    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - 1e-4, 1.0 + 1e-4)
+    ddpo = torch.mean(torch.maximum(unclipped, clipped))
+    out = get_objective("ppo_clip")(policy_logps=logp, old_policy_logps=old, advantages=adv)
+    torch.testing.assert_close(out.loss, ddpo, check_dtype=False)
+    assert 0 < out.metrics["policy/clipfrac"] < 1
+    # PrefPaint's: boundary_weight * max(...) per sample, advantages clipped to 10
+    pp = get_objective("ppo_clip", advantage_clip=10.0)
+    a10 = torch.clamp(adv, -10, 10)
+    expected = w * torch.max(-a10 * ratio, -a10 * torch.clamp(ratio, 1 - 1e-4, 1 + 1e-4))
+    got = pp(policy_logps=logp, old_policy_logps=old, advantages=adv, trust_weights=w)
+    torch.testing.assert_close(got.losses, expected, check_dtype=False)
+
+
+# -- the recipes -----------------------------------------------------------------------------------
+
+
+def test_step_log_probs_come_from_the_trajectory_and_the_first_ratio_is_one(
+    tiny_pipelines, tmp_path: Path
+) -> None:
+    method = build(ddpo_config(tiny_pipelines["sd"], prompt_file(tmp_path), tmp_path / "out"))
+    rollout = method.rollout(first_batch(method))
+    trajectory = rollout.trajectory
+    assert trajectory.log_probs.shape == (6, 4) and trajectory.sampler == "ddim" and trajectory.eta == 1.0
+    with torch.no_grad():
+        torch.testing.assert_close(
+            trajectory_logps(method.policy, trajectory), trajectory.log_probs, atol=1e-4, rtol=0
+        )
+    micro = {"rollout": rollout, "rows": torch.arange(3), "steps": torch.tensor([[0], [2], [3]])}
+    loss, metrics = method.step(micro)
+    assert metrics["policy/ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert metrics["policy/clipfrac"] == 0.0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.policy.unet.parameters())
+
+
+def test_micro_batches_cover_each_sample_on_its_own_steps(tiny_pipelines, tmp_path: Path) -> None:
+    method = build(ddpo_config(tiny_pipelines["sd"], prompt_file(tmp_path), tmp_path / "out"))
+    torch.manual_seed(0)
+    micro = list(method.micro_batches(first_batch(method), 0))
+    assert len(micro) == 2 * 2  # 6 samples in chunks of 3, 2 timesteps each
+    seen: dict[int, list[int]] = {}
+    for m in micro:
+        for row, step in zip(m["rows"].tolist(), m["steps"][:, 0].tolist(), strict=True):
+            seen.setdefault(row, []).append(step)
+    assert sorted(seen) == list(range(6))
+    assert all(len(set(s)) == 2 for s in seen.values())  # two distinct steps per sample
+
+
+def test_a_kl_or_l1_term_to_the_old_means_enters_the_loss(tiny_pipelines, tmp_path: Path) -> None:
+    data = prompt_file(tmp_path)
+    method = build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "out"))
+    rollout = method.rollout(first_batch(method))
+    with torch.no_grad():  # a policy that has moved since the rollout
+        for p in method.policy.unet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    micro = {"rollout": rollout, "rows": torch.arange(3), "steps": torch.tensor([[1], [1], [2]])}
+    base, _ = method.step(micro)
+    with torch.no_grad():
+        moved = trajectory_transitions(
+            method.policy, rollout.trajectory.select(torch.arange(3)), micro["steps"]
+        )
+    drift = (moved.means - moved.recorded_means).flatten(2)
+    assert float(drift.abs().mean()) > 0
+    method.options.l1_weight = 0.5
+    with_l1, metrics = method.step(micro)
+    assert float((with_l1 - base).detach()) == pytest.approx(0.5 * float(drift.abs().mean()), rel=1e-4)
+    method.options.l1_weight, method.options.kl_weight = 0.0, 2.0
+    with_kl, metrics = method.step(micro)
+    kl = ((drift**2).mean(-1) / (2 * moved.stds**2)).mean()
+    assert float((with_kl - base).detach()) == pytest.approx(2.0 * float(kl), rel=1e-4)
+    assert metrics["policy/kl_to_old"] == pytest.approx(float(kl), rel=1e-4)
+
+
+def test_nan_rewards_stop_training_or_are_skipped_and_counted(tiny_pipelines, tmp_path: Path) -> None:
+    data = prompt_file(tmp_path)
+    options = {"reward": "rl_rewards:NanForRed", "advantages": "batch"}
+    method = build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "a", method_options=options))
+    with pytest.raises(FloatingPointError, match=r"2 non-finite scores of 6 .*on_nan_reward=skip"):
+        method.rollout(first_batch(method))
+    skip = build(
+        ddpo_config(
+            tiny_pipelines["sd"], data, tmp_path / "b", method_options={**options, "on_nan_reward": "skip"}
+        )
+    )
+    rollout = skip.rollout(first_batch(skip))
+    red = torch.tensor([p == "a red ball" for p in PROMPTS for _ in range(2)])
+    assert bool((rollout.advantages[red] == 0).all()) and bool(rollout.advantages[~red].abs().sum() > 0)
+    assert skip.dropped_samples() == 2 and rollout.metrics["reward/non_finite"] == 2
+
+
+def test_the_stat_tracker_and_old_policy_survive_a_resume(tiny_pipelines, tmp_path: Path) -> None:
+    """A rollout makes 4 micro-batches, 2 optimiser steps: a run cut after the first rollout and
+    resumed trains, logs and keeps what the uninterrupted one does."""
+    data = prompt_file(tmp_path)
+    options = {"advantages": "per_prompt", "stat_min_count": 2, "stat_buffer_size": 4, "sync_every": 2}
+    runs = {
+        name: ddpo_config(
+            tiny_pipelines["sd"], data, tmp_path / out, method_options=options, max_steps=steps,
+            checkpoint_every=2,
+        )
+        for name, out, steps in (("whole", "whole", 4), ("first", "cut", 2))
+    }  # fmt: skip
+    run_training(get_method("ddpo")(runs["whole"]))
+    run_training(get_method("ddpo")(runs["first"]))
+    resumed = ddpo_config(
+        tiny_pipelines["sd"], data, tmp_path / "cut", method_options=options, max_steps=4, checkpoint_every=2,
+        resume_from="latest",
+    )  # fmt: skip
+    run_training(get_method("ddpo")(resumed))
+
+    def state(out: Path) -> dict:
+        return torch.load(out / "checkpoints" / "checkpoint-4" / "method_state_0.pt", weights_only=False)
+
+    a, b = state(tmp_path / "whole"), state(tmp_path / "cut")
+    assert a["stat_tracker"] == b["stat_tracker"] and a["stat_tracker"]["stats"]
+    assert a["old_policy"]["synced_at"] == b["old_policy"]["synced_at"] == 4
+    lines = [(tmp_path / o / "metrics.jsonl").read_text().splitlines() for o in ("whole", "cut")]
+    for x, y in zip(lines[0], lines[1], strict=True):
+        x, y = json.loads(x), json.loads(y)
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6) and x["reward/mean"] == y["reward/mean"]
+
+
+def test_schedules_that_cannot_work_are_refused_before_training(tiny_pipelines, tmp_path: Path) -> None:
+    data = prompt_file(tmp_path)
+    with pytest.raises(
+        ConfigError, match="gradient_accumulation_steps: 3 does not divide the 4 micro-batches"
+    ):
+        build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "a", gradient_accumulation_steps=3))
+    with pytest.raises(ConfigError, match="train_timesteps: 9 exceeds the 4 stochastic steps"):
+        build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "b", method_options={"train_timesteps": 9}))
+    with pytest.raises(ValueError, match=r"is an inpainting pipeline .* ddpo trains text-to-image"):
+        build(ddpo_config(tiny_pipelines["inpaint"], data, tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"method_options\.reward: cannot build reward 'no_such_reward'"):
+        build(
+            ddpo_config(
+                tiny_pipelines["sd"], data, tmp_path / "d", method_options={"reward": "no_such_reward"}
+            )
+        )
+    with pytest.raises(ValueError, match="eta must be > 0"):
+        build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "e", method_options={"eta": 0.0}))
+    with pytest.raises(ValueError, match="objective 'dpo' is pairwise"):
+        build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "f", objective={"name": "dpo"}))
