@@ -6,28 +6,47 @@ to preference pairs by binary cross-entropy (ties, when kept, are targets of 0.5
 CLIP tower frozen, so each image is embedded once. The trained model is a folder:
 ``bradley_terry.json`` (how to rebuild it) and ``head.safetensors``;
 ``load_reward("bradley_terry", path=FOLDER)`` reads it.
+
+Shared with PrefPaint's trainer (``diffalign_rewards.prefpaint_training``, the same loss on
+another model): :class:`TrainRewardConfig`, and the pair data: each distinct image (with its
+mask) of the pairs decoded once (:func:`load_pair_images`), the usable pairs split into
+training and held-out ones (:func:`split_usable_pairs`), held-out metrics
+(:meth:`PairSplit.metrics`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from diffalign.config import build
-from diffalign.data.preference import PairRecord, load_image, read_preference_pairs
+from diffalign.data.preference import ImageRef, PairRecord, load_image, read_preference_pairs
 from diffalign.images import masked_for_reward
 from diffalign.rewards import RewardModel
 from diffalign_rewards._weights import load_state_dict
 from diffalign_rewards.clip_rewards import ClipImageEmbedder
+from diffalign_rewards.prefpaint import PrefPaintTrainSpec
 
-__all__ = ["BradleyTerryReward", "ModelSpec", "TrainRewardConfig", "train_bradley_terry"]
+__all__ = [
+    "BradleyTerryReward",
+    "ModelSpec",
+    "PairImage",
+    "PairSplit",
+    "TrainRewardConfig",
+    "embed_pair_images",
+    "index_pair_images",
+    "load_pair_images",
+    "split_usable_pairs",
+    "train_bradley_terry",
+]
 
 SPEC_FILE, HEAD_FILE = "bradley_terry.json", "head.safetensors"
 
@@ -105,12 +124,27 @@ class BradleyTerryReward(RewardModel):
 @dataclass
 class TrainRewardConfig:
     data: Path = field(
-        metadata={"help": "preference pairs: Pick-a-Pic-style .parquet or .jsonl (see diffalign.data)"}
+        metadata={
+            "help": "preference pairs: Pick-a-Pic-style .parquet or .jsonl, or scored images (.jsonl rows "
+            "with image, mask, score, group; see diffalign.data)"
+        }
     )
     output_dir: Path = field(
-        metadata={"help": "where bradley_terry.json, head.safetensors and metrics.json go"}
+        metadata={
+            "help": "where the model goes: bradley_terry.json and head.safetensors, or prefpaint.json, "
+            "prefpaint.safetensors and v_inverse.safetensors; and metrics.json"
+        }
     )
-    model: ModelSpec = field(default_factory=ModelSpec, metadata={"help": "the model (see model.* below)"})
+    architecture: Literal["bradley_terry", "prefpaint"] = field(
+        default="bradley_terry",
+        metadata={"help": "an MLP on CLIP embeddings (model.*), or PrefPaint's reward (prefpaint.*)"},
+    )
+    model: ModelSpec = field(
+        default_factory=ModelSpec, metadata={"help": "the bradley_terry model (see model.* below)"}
+    )
+    prefpaint: PrefPaintTrainSpec = field(
+        default_factory=PrefPaintTrainSpec, metadata={"help": "the prefpaint model (see prefpaint.* below)"}
+    )
     ties: Literal["drop", "half"] = field(
         default="drop", metadata={"help": "drop tied pairs, or train them towards 0.5"}
     )
@@ -121,7 +155,10 @@ class TrainRewardConfig:
     validation_fraction: float = field(default=0.1, metadata={"help": "share of pairs held out for accuracy"})
     epochs: int = field(default=30, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=64, metadata={"help": "pairs per optimiser step (per process)"})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the head"})
+    lr: float = field(
+        default=1e-3,
+        metadata={"help": "AdamW learning rate of the head (and of a trained CLIP tower, see prefpaint.*)"},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     embed_batch_size: int = field(default=32, metadata={"help": "images per backbone forward when embedding"})
     seed: int = field(default=0, metadata={"help": "split and initialisation seed"})
@@ -131,53 +168,156 @@ class TrainRewardConfig:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
 
 
-def _embed_all(
-    records: list[PairRecord], embedder: ClipImageEmbedder, cfg: TrainRewardConfig, device: torch.device
-) -> tuple[Tensor, Tensor, list[int], int]:
-    """Features of the chosen and rejected image of every usable pair (frozen backbone)."""
-    feats_w, feats_l, kept, skipped = [], [], [], 0
-    size = embedder.image_size
-    buffer: list[tuple[int, Tensor, Tensor]] = []
+class PairImage(NamedTuple):
+    """One distinct image of a pair set: the image, its mask (inpainting), and the first row that
+    uses it (errors name it)."""
 
-    def load_pair(r: PairRecord) -> tuple[Tensor, Tensor]:
-        w, lo = load_image(r.chosen, r.where, size), load_image(r.rejected, r.where, size)
-        if cfg.model.inpainting:
-            if r.mask is None:
-                raise ValueError(f"{r.where}: an inpainting reward needs a 'mask' for every pair")
-            mask = load_image(r.mask, r.where, size, grey=True)
-            w, lo = torch.cat([w, masked_for_reward(w, mask)]), torch.cat([lo, masked_for_reward(lo, mask)])
-        return w, lo
+    image: ImageRef
+    mask: ImageRef | None
+    where: str
 
-    def flush() -> None:
-        if not buffer:
-            return
-        images = torch.stack([x for _, w, lo in buffer for x in (w, lo)]).to(device)
-        images = images.reshape(-1, 3, size, size)  # inpainting: image, masked input interleaved
-        with torch.no_grad():
-            emb = torch.cat([embedder(chunk) for chunk in images.split(cfg.embed_batch_size)])
-        per = 4 if cfg.model.inpainting else 2
-        emb = emb.reshape(len(buffer), per, -1)
-        half = per // 2
-        feats_w.append(emb[:, :half].flatten(1))
-        feats_l.append(emb[:, half:].flatten(1))
-        kept.extend(i for i, _, _ in buffer)
-        buffer.clear()
 
-    for i, record in enumerate(records):
+def index_pair_images(records: list[PairRecord], inpainting: bool) -> tuple[list[PairImage], Tensor]:
+    """The distinct images of ``records`` (with their masks when ``inpainting``), in order of
+    first use, and (P, 2) long: the indices of each pair's (chosen, rejected) among them."""
+    ids: dict[tuple[ImageRef, ImageRef | None], int] = {}
+    images, index = [], []
+    for record in records:
+        mask = record.mask if inpainting else None
+        for ref in (record.chosen, record.rejected):
+            if (ref, mask) not in ids:
+                ids[ref, mask] = len(images)
+                images.append(PairImage(ref, mask, record.where))
+            index.append(ids[ref, mask])
+    return images, torch.tensor(index, dtype=torch.long).reshape(-1, 2)
+
+
+def _decode(image: PairImage, size: int, inpainting: bool) -> Tensor:
+    """(K, 3, size, size) in [0, 1]: the image, and with ``inpainting`` its masked input (black
+    in the hole, :func:`~diffalign.images.masked_for_reward`) after it."""
+    pixels = load_image(image.image, image.where, size)
+    if not inpainting:
+        return pixels[None]
+    if image.mask is None:
+        raise ValueError(f"{image.where}: an inpainting reward needs a 'mask' for every pair")
+    mask = load_image(image.mask, image.where, size, grey=True)
+    return torch.stack([pixels, masked_for_reward(pixels, mask)])
+
+
+def load_pair_images(
+    images: list[PairImage],
+    size: int,
+    inpainting: bool,
+    cfg: TrainRewardConfig,
+    consume: Callable[[Tensor, Tensor], None],
+) -> Tensor:
+    """Decode every image, handing batches of about ``cfg.embed_batch_size`` of them to
+    ``consume(ids (B,), pixels (B, K, 3, size, size))`` so that no more are held at once; an
+    image that cannot be read stops everything or, with ``on_bad_sample="skip"``, is left out.
+
+    Returns:
+        (U,) bool: which images were decoded.
+    """
+    usable = torch.zeros(len(images), dtype=torch.bool)
+    ids: list[int] = []
+    batch: list[Tensor] = []
+    for i, image in enumerate(images):
         try:
-            w, lo = load_pair(record)
+            batch.append(_decode(image, size, inpainting))
         except (FileNotFoundError, ValueError):
             if cfg.on_bad_sample == "error":
                 raise
-            skipped += 1
             continue
-        buffer.append((i, w, lo))
-        if len(buffer) * 2 >= cfg.embed_batch_size:
-            flush()
-    flush()
-    if not kept:
+        ids.append(i)
+        usable[i] = True
+        if len(batch) * batch[0].shape[0] >= cfg.embed_batch_size:
+            consume(torch.tensor(ids), torch.stack(batch))
+            ids, batch = [], []
+    if batch:
+        consume(torch.tensor(ids), torch.stack(batch))
+    return usable
+
+
+def embed_pair_images(
+    images: list[PairImage],
+    embed: Callable[[Tensor], Tensor],
+    size: int,
+    inpainting: bool,
+    cfg: TrainRewardConfig,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """Embeddings (U, K, E) of every image (K = 2 with ``inpainting``: image, masked input)
+    by a frozen ``embed`` ((B, 3, H, W) -> (B, E)), each embedded once; and (U,) bool: which
+    were usable (the others' rows are 0)."""
+    chunks: list[tuple[Tensor, Tensor]] = []
+
+    def consume(ids: Tensor, pixels: Tensor) -> None:
+        with torch.no_grad():
+            emb = embed(pixels.flatten(0, 1).to(device))
+        chunks.append((ids, emb.unflatten(0, pixels.shape[:2])))
+
+    usable = load_pair_images(images, size, inpainting, cfg, consume)
+    if not chunks:
         raise ValueError(f"{cfg.data}: no usable preference pairs")
-    return torch.cat(feats_w), torch.cat(feats_l), kept, skipped
+    out = torch.zeros(len(images), *chunks[0][1].shape[1:], device=device)
+    for ids, emb in chunks:
+        out[ids.to(device)] = emb
+    return out, usable
+
+
+@dataclass
+class PairSplit:
+    """The usable pairs, and which are trained on and which held out (CPU tensors)."""
+
+    pairs: Tensor  # (P, 2) long: indices of (chosen, rejected) among the distinct images
+    labels: Tensor  # (P,) P(chosen preferred): 1, or 0.5 for a tie kept
+    train: Tensor  # indices into pairs
+    val: Tensor
+    skipped: int  # pairs left out for an unreadable image
+
+    def metrics(self, margin: Tensor) -> dict[str, float]:
+        """Pair counts, accuracy on decided pairs (``margin = s_w - s_l > 0``) and held-out
+        BCE loss, from ``margin`` (P,) of every usable pair."""
+        margin, decided = margin.detach().float().cpu(), self.labels == 1.0
+
+        def accuracy(part: Tensor) -> float:
+            won = margin[part][decided[part]] > 0
+            return float(won.float().mean()) if len(won) else math.nan
+
+        return {
+            "pairs": float(len(self.pairs)),
+            "skipped_pairs": float(self.skipped),
+            "train_pairs": float(len(self.train)),
+            "validation_pairs": float(len(self.val)),
+            "validation_accuracy": accuracy(self.val),
+            "train_accuracy": accuracy(self.train),
+            "validation_loss": float(
+                F.binary_cross_entropy_with_logits(margin[self.val], self.labels[self.val])
+            ),
+        }
+
+
+def split_usable_pairs(
+    records: list[PairRecord], index: Tensor, usable: Tensor, cfg: TrainRewardConfig
+) -> PairSplit:
+    """The pairs of ``records`` whose two images are ``usable``, a random ``validation_fraction``
+    of them (at least one; seeded by ``cfg.seed``) held out.
+
+    Raises:
+        ValueError: naming ``cfg.data``: no usable pair, or too few to hold some out.
+    """
+    kept = usable[index].all(1).nonzero().flatten()
+    n = len(kept)
+    if n == 0:
+        raise ValueError(f"{cfg.data}: no usable preference pairs")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    n_val = max(1, round(n * cfg.validation_fraction))
+    if n_val == n:
+        raise ValueError(
+            f"{cfg.data}: {n} usable pairs are too few to hold out {cfg.validation_fraction:.0%}"
+        )
+    labels = torch.tensor([records[i].label for i in kept.tolist()])
+    return PairSplit(index[kept], labels, order[n_val:], order[:n_val], len(records) - n)
 
 
 def train_bradley_terry(cfg: TrainRewardConfig) -> dict[str, float]:
@@ -185,6 +325,8 @@ def train_bradley_terry(cfg: TrainRewardConfig) -> dict[str, float]:
     from accelerate import Accelerator
     from safetensors.torch import save_file
 
+    if cfg.architecture != "bradley_terry":
+        raise ValueError(f"architecture={cfg.architecture!r}: train it with its own trainer, not this one")
     accelerator = Accelerator()
     torch.manual_seed(cfg.seed)
     records = read_preference_pairs(cfg.data, ties=cfg.ties)
@@ -192,25 +334,22 @@ def train_bradley_terry(cfg: TrainRewardConfig) -> dict[str, float]:
     embedder = ClipImageEmbedder(spec.backbone_path, spec.backbone, spec.backbone_weights).to(
         accelerator.device
     )
-    feats_w, feats_l, kept, skipped = _embed_all(records, embedder, cfg, accelerator.device)
-    labels = torch.tensor([records[i].label for i in kept], device=accelerator.device)
-    n = len(kept)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).to(accelerator.device)
-    n_val = max(1, round(n * cfg.validation_fraction))
-    val, train = order[:n_val], order[n_val:]
-    if len(train) == 0:
-        raise ValueError(
-            f"{cfg.data}: {n} usable pairs are too few to hold out {cfg.validation_fraction:.0%}"
-        )
+    images, index = index_pair_images(records, spec.inpainting)
+    size = embedder.image_size
+    emb, usable = embed_pair_images(images, embedder, size, spec.inpainting, cfg, accelerator.device)
+    emb = emb.flatten(1)  # inpainting: image and masked input side by side
+    split = split_usable_pairs(records, index, usable, cfg)
+    pairs, labels = split.pairs.to(accelerator.device), split.labels.to(accelerator.device)
 
-    head = _head(feats_w.shape[1], spec.hidden_dim)
+    head = _head(emb.shape[1], spec.hidden_dim)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = torch.utils.data.DataLoader(train.cpu(), batch_size=cfg.batch_size, shuffle=True)
+    loader = torch.utils.data.DataLoader(split.train, batch_size=cfg.batch_size, shuffle=True)
     head, optimizer, loader = accelerator.prepare(head, optimizer, loader)
     for _ in range(cfg.epochs):
         for idx in loader:
             idx = idx.to(accelerator.device)
-            margin = (head(feats_w[idx]) - head(feats_l[idx])).squeeze(-1)
+            ids = pairs[idx]
+            margin = (head(emb[ids[:, 0]]) - head(emb[ids[:, 1]])).squeeze(-1)
             loss = F.binary_cross_entropy_with_logits(margin, labels[idx])
             optimizer.zero_grad()
             accelerator.backward(loss)
@@ -218,21 +357,8 @@ def train_bradley_terry(cfg: TrainRewardConfig) -> dict[str, float]:
 
     model = accelerator.unwrap_model(head).eval()
     with torch.no_grad():
-        margin = (model(feats_w) - model(feats_l)).squeeze(-1)
-    decided = labels == 1.0
-    metrics = {
-        "pairs": float(n),
-        "skipped_pairs": float(skipped),
-        "train_pairs": float(len(train)),
-        "validation_pairs": float(n_val),
-        "validation_accuracy": float((margin[val][decided[val]] > 0).float().mean())
-        if bool(decided[val].any())
-        else math.nan,
-        "train_accuracy": float((margin[train][decided[train]] > 0).float().mean())
-        if bool(decided[train].any())
-        else math.nan,
-        "validation_loss": float(F.binary_cross_entropy_with_logits(margin[val], labels[val])),
-    }
+        margin = (model(emb[pairs[:, 0]]) - model(emb[pairs[:, 1]])).squeeze(-1)
+    metrics = split.metrics(margin)
     if accelerator.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         (cfg.output_dir / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))

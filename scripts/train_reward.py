@@ -1,10 +1,13 @@
-"""Train a Bradley-Terry reward model on preference pairs (diffalign's ``bradley_terry`` reward).
+"""Train a reward model on preference pairs: diffalign's ``bradley_terry`` reward, or PrefPaint's
+architecture (``architecture=prefpaint``) with its trust matrix ``V^-1``.
 
     accelerate launch scripts/train_reward.py --config configs/rewards/bradley_terry.yaml [key=value ...]
+    accelerate launch scripts/train_reward.py --config configs/rewards/prefpaint.yaml [key=value ...]
     python scripts/train_reward.py data=pairs.jsonl output_dir=outputs/bt model.backbone_path=DIR
 
 Prints the held-out metrics as JSON and writes the model folder that
-``load_reward("bradley_terry", path=output_dir)`` reads.
+``load_reward("bradley_terry", path=output_dir)`` or ``load_reward("prefpaint",
+weights=output_dir)`` reads.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ import sys
 
 from diffalign.config import add_config_arguments, config_from_args
 from diffalign_rewards.bradley_terry import TrainRewardConfig, train_bradley_terry
+from diffalign_rewards.prefpaint_training import train_prefpaint
+
+TRAINERS = {"bradley_terry": train_bradley_terry, "prefpaint": train_prefpaint}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     add_config_arguments(parser, TrainRewardConfig)
     cfg = config_from_args(TrainRewardConfig, parser.parse_args(argv), "train_reward")
-    print(json.dumps(train_bradley_terry(cfg), indent=2))
+    print(json.dumps(TRAINERS[cfg.architecture](cfg), indent=2))
     return 0
 
 

@@ -168,6 +168,7 @@ def test_script_help_documents_every_option() -> None:
     import sys
 
     from diffalign_rewards.bradley_terry import ModelSpec
+    from diffalign_rewards.prefpaint import PrefPaintTrainSpec
 
     root = Path(__file__).resolve().parents[1]
     text = subprocess.run(
@@ -176,10 +177,12 @@ def test_script_help_documents_every_option() -> None:
         text=True,
         check=True,
     ).stdout
+    sections = {"model": ModelSpec, "prefpaint": PrefPaintTrainSpec}
     for f in dataclasses.fields(TrainRewardConfig):
-        assert f"  {f.name} (" in text or f.name == "model", f.name
-    for f in dataclasses.fields(ModelSpec):
-        assert f"  model.{f.name} (" in text, f.name
+        assert f"  {f.name} (" in text or f.name in sections, f.name
+    for section, spec in sections.items():
+        for f in dataclasses.fields(spec):
+            assert f"  {section}.{f.name} (" in text, f"{section}.{f.name}"
 
 
 def test_hf_dataset_folder(tmp_path: Path) -> None:

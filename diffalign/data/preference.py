@@ -13,7 +13,13 @@ Sources, one record type:
   relative to the JSONL's folder), optional ``label`` (1, or 0.5 for a tie) and ``mask`` (for
   inpainting, white = repainted region); a parquet file with these columns (what
   ``scripts/score_dataset.py`` writes for a JSONL input) reads the same way, its paths relative
-  to its own folder.
+  to its own folder;
+- scored images (a JSONL or parquet file whose rows have ``image``, ``score`` and ``group``,
+  optional ``mask`` and ``prompt``, as PrefPaint's scored inpaintings): the rows of one group
+  are images of one input (inpaintings of one masked image), so they must share ``mask`` and
+  ``prompt``; every two rows of a group with different scores make a pair, the higher score
+  chosen, and equal scores a tie. A group of one row makes no pair. The pair's ``rewards`` are
+  the two scores and its ``where`` names both rows (``file:3+5``).
 
 Reward scores (optional; ``PairRecord.rewards``, (chosen, rejected)), for the objectives that use
 them (MaPPO, MADPO, SmPO, NCA):
@@ -31,6 +37,8 @@ null, NaN or infinite score, a missing or corrupt image (when it is decoded).
 from __future__ import annotations
 
 import io
+import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -75,6 +83,7 @@ def _tie_or_win(label_0: float, where: str) -> float | None:
 
 PICK_A_PIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+SCORED_COLUMNS = ("image", "score", "group")
 
 
 def read_preference_pairs(
@@ -94,7 +103,9 @@ def read_preference_pairs(
     path = Path(path)
     rows = read_rows(path, split, what="preference data")
     names = list(rows[0][1]) if rows else []
-    if path.suffix in (".jsonl", ".json") or ("jpg_0" not in names and set(PAIR_COLUMNS) <= set(names)):
+    if set(SCORED_COLUMNS) <= set(names) and "chosen" not in names:
+        records = _scored_pairs(rows, path if path.is_dir() else path.parent, ties)
+    elif path.suffix in (".jsonl", ".json") or ("jpg_0" not in names and set(PAIR_COLUMNS) <= set(names)):
         fields = ((f"{score_prefix}_chosen", f"{score_prefix}_rejected"),) if score_prefix else REWARD_FIELDS
         folder = path if path.is_dir() else path.parent
         records = [
@@ -140,6 +151,54 @@ def _pair_row(
         mask,
         pair_rewards(row, where, fields, required=scored),
     )
+
+
+def _scored_groups(rows: list[tuple[str, dict]]) -> list[list[tuple[str, dict]]]:
+    """The rows of each group, groups in order of first appearance, each checked: the scored
+    columns present, a finite score, a string or integer group, the group's mask and prompt."""
+    groups: dict[object, list[tuple[str, dict]]] = {}
+    for where, row in rows:
+        for key in SCORED_COLUMNS:
+            if key not in row:
+                raise ValueError(f"{where}: missing key '{key}' (scored images need image, score, group)")
+        score, group = row["score"], row["group"]
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise ValueError(f"{where}: 'score' must be a finite number, got {score!r}")
+        if isinstance(group, bool) or not isinstance(group, (str, int)):
+            raise ValueError(f"{where}: 'group' must be a string or an integer, got {group!r}")
+        members = groups.setdefault(group, [])
+        for key in ("mask", "prompt"):
+            if members and row.get(key) != members[0][1].get(key):
+                raise ValueError(
+                    f"{where}: '{key}' differs from that of {members[0][0]} in the same group {group!r}"
+                )
+        members.append((where, row))
+    return list(groups.values())
+
+
+def _scored_pairs(rows: list[tuple[str, dict]], folder: Path, ties: str) -> list[PairRecord]:
+    """Every two rows of a group (in file order) as a pair, the higher score chosen; equal
+    scores a tie (label 0.5; dropped unless ``ties="half"``), the earlier row first."""
+    records = []
+    for members in _scored_groups(rows):
+        for first, second in itertools.combinations(members, 2):
+            (where_a, a), (where_b, b) = first, second
+            tie = a["score"] == b["score"]
+            if tie and ties == "drop":
+                continue
+            (w_where, w), (l_where, lo) = (second, first) if b["score"] > a["score"] else (first, second)
+            records.append(
+                PairRecord(
+                    str(a.get("prompt", "")),
+                    _image_ref(w, "image", folder, w_where),
+                    _image_ref(lo, "image", folder, l_where),
+                    0.5 if tie else 1.0,
+                    f"{where_a}+{where_b.rsplit(':', 1)[1]}",
+                    _image_ref(a, "mask", folder, where_a) if a.get("mask") else None,
+                    (float(w["score"]), float(lo["score"])),
+                )
+            )
+    return records
 
 
 def _image_ref(row: dict, key: str, folder: Path, where: str) -> ImageRef:

@@ -47,7 +47,7 @@ import re
 import shutil
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -60,9 +60,11 @@ from diffalign.config import ConfigError, build, to_dict
 from diffalign.images import save_grid
 from diffalign.training.config import OptimConfig, TrainConfig, with_method_defaults
 
-__all__ = ["Method", "Stateful", "TrainResult", "run_training"]
+__all__ = ["Callback", "Method", "Stateful", "TrainResult", "run_training"]
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+Callback = Callable[[int, dict[str, float]], None]
+"""Called on the main process with (step, metrics) each time metrics are logged."""
 _END = object()  # what next() returns when a method's micro-batches run out
 
 
@@ -252,11 +254,13 @@ class _Run:
     samples: int = 0  # loader rows seen by all ranks in this process
     started: float = field(default_factory=time.perf_counter)
     progress: Any = None
+    callbacks: Sequence[Callback] = ()
 
 
-def run_training(method: Method) -> TrainResult:
+def run_training(method: Method, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train ``method`` for ``method.cfg.max_steps`` optimiser steps (from a checkpoint when
-    ``cfg.resume_from`` names one) and return the last logged metrics.
+    ``cfg.resume_from`` names one) and return the last logged metrics. ``callbacks``: functions of
+    (step, metrics) called on the main process at every log (progress reports, early plots).
 
     Raises ValueError when the method has nothing to train or its data is empty, and when a
     checkpoint's method state does not fit the method or the number of processes.
@@ -283,6 +287,7 @@ def run_training(method: Method) -> TrainResult:
         accelerator.register_for_checkpointing(ema)
     _register_method_state(accelerator, method)
     run = _Run(cfg, method, accelerator, module, params, optimizer, scheduler, loader, dataset, ema)
+    run.callbacks = callbacks
     _resume(run)
     if accelerator.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
@@ -560,6 +565,8 @@ def _log(run: _Run) -> None:
     if accelerator.is_main_process:
         with (run.cfg.output_dir / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(run.last) + "\n")
+        for callback in run.callbacks:
+            callback(run.step, dict(run.last))
     accelerator.log(run.last, step=run.step)
 
 
