@@ -1,7 +1,8 @@
 """Evaluating aligned models as the papers report them: seeded samples of each model on one prompt
 list (the same seeds for every model), their scores under any registry reward, the win-rate of
 one model over another with its Wilson interval, prompt fidelity through any classifier or
-reward, and diversity.
+reward, and diversity. Inpainting models are evaluated the same way on given images and masks
+(``images=``, ``masks=``): the same seeded noise per example for every model.
 
 >>> base_eval = evaluate(base, prompts, reward="pickscore", seed=0)  # doctest: +SKIP
 >>> aligned_eval = evaluate(aligned, prompts, reward="pickscore", seed=0)  # doctest: +SKIP
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["ModelEvaluation", "compare", "diversity", "evaluate", "sample_images", "wilson_interval"]
+__all__ = [
+    "ModelEvaluation",
+    "compare",
+    "diversity",
+    "evaluate",
+    "input_groups",
+    "sample_images",
+    "wilson_interval",
+]
 
 Fidelity = Callable[[Tensor, list[str]], float]
 
@@ -33,35 +42,49 @@ def sample_images(
     guidance_scale: float = 2.0,
     batch_size: int = 128,
     desc: str = "sampling",
+    images: Tensor | None = None,
+    masks: Tensor | None = None,
 ) -> Tensor:
-    """DDIM (eta 0) samples (N, 3, H, W) in [0, 1], one per prompt. The initial noise of image
-    ``i`` comes from ``(seed, i)`` alone, whatever the batch size or the prompts after it, so two
-    models given the same prompts and seed start from the same noise: their samples are comparable
-    image by image."""
+    """DDIM (eta 0) samples (N, 3, H, W) in [0, 1], one per prompt; with ``images`` (N, 3, H, W) in
+    [0, 1] and ``masks`` (N, 1, H, W) (1 = repaint), an inpainting policy's inpaintings of them.
+
+    The randomness of image ``i`` (its initial noise, then, for a latent inpainting model, the VAE
+    posterior sample of its masked image) comes from a generator seeded by ``(seed, i)`` alone,
+    whatever the batch size or the prompts after it, so two models given the same inputs and seed
+    start from the same noise: their samples are comparable image by image.
+
+    Raises:
+        ValueError: no prompt; only one of ``images`` and ``masks``, or not one per prompt; inputs
+            the policy cannot take (``sample_with_trajectory``'s errors).
+    """
     from diffalign.diffusion.sampling import sample_with_trajectory
 
     if not prompts:
         raise ValueError("sample_images needs at least one prompt")
+    if (images is None) != (masks is None):
+        raise ValueError("inpainting needs both `images` and `masks`")
+    if images is not None and not len(images) == len(masks) == len(prompts):
+        raise ValueError(
+            f"one image and mask per prompt: {len(prompts)} prompts, {len(images)} images, {len(masks)} masks"
+        )
     side = policy.unet.config.sample_size
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
-        batch = prompts[start : start + batch_size]
-        noise = [
-            torch.randn(
-                policy.latent_channels,
-                side,
-                side,
-                generator=torch.Generator().manual_seed(seed * 100_003 + i),
-            )
-            for i in range(start, start + len(batch))
-        ]
+        rows = slice(start, min(start + batch_size, len(prompts)))
+        generators = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(rows.start, rows.stop)]
+        noise = [torch.randn(policy.latent_channels, side, side, generator=g) for g in generators]
         trajectory = sample_with_trajectory(
             policy,
-            batch,
+            prompts[rows],
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             eta=0.0,
             latents=torch.stack(noise),
+            image=None if images is None else images[rows],
+            mask=None if masks is None else masks[rows],
+            # one generator per row, a list as diffusers' pipelines take it: a latent inpainting
+            # model draws row i's VAE posterior sample from generator i (after its noise)
+            generator=generators,
         )
         out.append(trajectory.images)
     return torch.cat(out)
@@ -88,21 +111,36 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def diversity(images: Tensor, prompts: list[str]) -> float:
+def diversity(images: Tensor, groups: Sequence[Hashable]) -> float:
     """Mean pairwise L2 distance (in [0, 1] pixel units, whole image) between the samples of one
-    prompt, averaged over prompts; prompts with a single sample are skipped.
+    group, averaged over groups; groups with a single sample are skipped. A group is what the
+    samples were conditioned on: the prompt for text-to-image, the prompt and the masked input
+    for inpainting (:func:`input_groups`).
 
     Raises:
-        ValueError: no prompt has two samples.
+        ValueError: no group has two samples.
     """
     values = []
-    for prompt in dict.fromkeys(prompts):
-        group = images[[i for i, q in enumerate(prompts) if q == prompt]].flatten(1).float()
+    for key in dict.fromkeys(groups):
+        group = images[[i for i, q in enumerate(groups) if q == key]].flatten(1).float()
         if len(group) > 1:
             values.append(float(torch.cdist(group, group).sum() / (len(group) * (len(group) - 1))))
     if not values:
-        raise ValueError("diversity needs at least two samples of one prompt")
+        raise ValueError("diversity needs at least two samples of one prompt (or masked input)")
     return sum(values) / len(values)
+
+
+def input_groups(prompts: list[str], images: Tensor, masks: Tensor) -> list[tuple[str, int]]:
+    """Inpainting inputs as diversity groups: ``(prompt, k)`` with ``k`` the same for examples whose
+    masked input (:func:`~diffalign.images.masked_for_inpainting`, what the model sees) and
+    binarised mask are equal, e.g. one example repeated with different seeds. ``images``
+    (N, 3, H, W) in [0, 1], ``masks`` (N, 1, H, W)."""
+    from diffalign.images import masked_for_inpainting
+
+    hole = (masks >= 0.5).to(images.dtype)
+    seen = torch.cat([masked_for_inpainting(images, hole).flatten(1), hole.flatten(1)], 1)
+    index = torch.unique(seen, dim=0, return_inverse=True)[1]
+    return list(zip(prompts, index.tolist(), strict=True))
 
 
 @dataclass
@@ -111,11 +149,11 @@ class ModelEvaluation:
 
     prompts: list[str]
     seed: int  # of the initial noise (see `sample_images`)
-    images: Tensor  # (N, 3, H, W) in [0, 1]
+    images: Tensor  # (N, 3, H, W) in [0, 1]: the samples (inpaintings of inpainting inputs)
     scores: Tensor  # (N,) under ``reward``
     reward: float  # mean score
     fidelity: float | None
-    diversity: float | None  # None: no prompt was sampled twice
+    diversity: float | None  # None: no prompt (inpainting: masked input) was sampled twice
 
     def summary(self) -> dict[str, float | None]:
         return {"reward": self.reward, "fidelity": self.fidelity, "diversity": self.diversity}
@@ -130,28 +168,40 @@ def evaluate(
     steps: int = 20,
     guidance_scale: float = 2.0,
     desc: str = "sampling",
+    images: Tensor | None = None,
+    masks: Tensor | None = None,
 ) -> ModelEvaluation:
     """Sample ``policy`` on ``prompts`` (repeat a prompt for several samples: diversity needs two)
-    and measure.
+    and measure; with ``images`` and ``masks`` (``sample_images``), an inpainting policy inpaints
+    them (repeat an example for several samples of it: diversity is measured among the samples of
+    one masked input).
 
-    ``reward``: a :class:`~diffalign.rewards.RewardModel` or a registry name (loaded once);
-    ``fidelity``: ``(images, prompts) -> float``, e.g. a classifier's accuracy on the prompt's
-    content, or None.
+    ``reward``: a :class:`~diffalign.rewards.RewardModel` or a registry name (loaded once); an
+    inpainting reward (``needs_masks``) also gets the masks and the masked inputs
+    (:func:`~diffalign.images.masked_for_reward` of ``images``); ``fidelity``:
+    ``(samples, prompts) -> float``, e.g. a classifier's accuracy on the prompt's content, or None.
     """
+    from diffalign.images import masked_for_reward
     from diffalign.rewards import load_reward
 
     scorer = load_reward(reward) if isinstance(reward, str) else reward
-    images = sample_images(policy, prompts, seed, steps, guidance_scale, desc=desc)
-    scores = scorer(images, prompts if scorer.needs_prompts else None).float().cpu()
-    several = len(set(prompts)) < len(prompts)
+    samples = sample_images(
+        policy, prompts, seed, steps, guidance_scale, desc=desc, images=images, masks=masks
+    )
+    context = {}
+    if images is not None and scorer.needs_masks:
+        context = {"masks": masks, "masked_images": masked_for_reward(images, masks)}
+    scores = scorer(samples, prompts if scorer.needs_prompts else None, **context).float().cpu()
+    groups = prompts if images is None else input_groups(prompts, images, masks)
+    several = len(set(groups)) < len(groups)
     return ModelEvaluation(
         prompts=prompts,
         seed=seed,
-        images=images,
+        images=samples,
         scores=scores,
         reward=float(scores.mean()),
-        fidelity=None if fidelity is None else fidelity(images, prompts),
-        diversity=diversity(images, prompts) if several else None,
+        fidelity=None if fidelity is None else fidelity(samples, prompts),
+        diversity=diversity(samples, groups) if several else None,
     )
 
 

@@ -486,7 +486,7 @@ def test_a_lora_folder_as_the_pipeline_is_named(
     shutil.copy(sft_lora / "pytorch_lora_weights.safetensors", renamed / "sft.safetensors")
     with pytest.raises(FileNotFoundError, match=rf"{renamed} is a LoRA folder, not a pipeline"):
         get_method("diffusion_dpo")(config(*overrides(str(renamed), pairs, tmp_path)))
-    with pytest.raises(ValueError, match="is an inpainting pipeline .*diffusion_dpo trains text-to-image"):
+    with pytest.raises(ValueError, match=r"is an inpainting pipeline .*diffusion_dpo trains text-to-image"):
         get_method("diffusion_dpo")(config(*overrides(tiny_pipelines["inpaint"], pairs, tmp_path)))
     # a LoRA for a transformer model: diffusers only warns that no key matched, the adapter would vanish
     other = tmp_path / "flux_lora"

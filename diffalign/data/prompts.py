@@ -34,7 +34,9 @@ def read_prompts(path: str | Path, split: str = "train") -> list[str]:
         for where, row in read_rows(path, split, what="prompts"):
             key = "prompt" if "prompt" in row else "caption"
             if not isinstance(row.get(key), str):
-                raise ValueError(f"{where}: a row needs a string 'prompt' (or 'caption'), got {row.get(key)!r}")
+                raise ValueError(
+                    f"{where}: a row needs a string 'prompt' (or 'caption'), got {row.get(key)!r}"
+                )
             prompts.append(row[key])
     if not prompts:
         raise ValueError(f"{path}: no prompts")

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from diffalign.config import ConfigError
 from diffalign.diffusion.online import LaggedPolicy
+from diffalign.diffusion.policy import DiffusionPolicy
 from diffalign.diffusion.sampling import (
     Trajectory,
     check_sampling,
@@ -47,7 +48,13 @@ from diffalign.objectives.advantages import PerPromptStatTracker, batch_advantag
 from diffalign.training.config import TrainConfig
 from diffalign.training.loop import Stateful
 
-__all__ = ["PolicyGradientMethod", "PolicyGradientOptions", "Rollout"]
+__all__ = [
+    "PolicyGradientMethod",
+    "PolicyGradientOptions",
+    "Rollout",
+    "micro_batches_per_rollout",
+    "stochastic_steps",
+]
 
 
 @dataclass
@@ -108,6 +115,25 @@ class PolicyGradientOptions:
             raise ValueError(
                 "advantages=group standardises within a prompt's samples: set samples_per_prompt >= 2"
             )
+
+
+def stochastic_steps(policy: DiffusionPolicy, rollout_steps: int, eta: float) -> Tensor:
+    """Indices (S,) of a ``rollout_steps``-step DDIM (``eta``) schedule's Gaussian steps (std > 1e-6):
+    the steps with a log-prob to train (DDIM's last is deterministic with ``set_alpha_to_one``)."""
+    scheduler = make_scheduler(policy, "ddim")
+    scheduler.set_timesteps(rollout_steps)
+    zeros = torch.zeros(len(scheduler.timesteps), 1, 1, 1)
+    _, std = transition_stats(scheduler, zeros, scheduler.timesteps, zeros, eta=eta)
+    return (std.flatten() > 1e-6).nonzero().flatten()
+
+
+def micro_batches_per_rollout(options: PolicyGradientOptions, batch_size: int, stochastic: int) -> int:
+    """Micro-batches one rollout of ``batch_size`` loader rows makes: inner epochs x chunks of
+    ``train_batch_size`` x trained timesteps (``stochastic``: the rollout's Gaussian steps, the
+    default); as ``gradient_accumulation_steps`` it makes one optimiser step per rollout."""
+    rows = batch_size * options.samples_per_prompt
+    chunks = math.ceil(rows / min(options.train_batch_size or rows, rows))
+    return options.inner_epochs * chunks * (options.train_timesteps or stochastic)
 
 
 @dataclass
@@ -197,17 +223,12 @@ class PolicyGradientMethod(UNetMethod):
             ) from err
 
     def _stochastic_steps(self) -> Tensor:
-        """Indices of the rollout schedule's steps that are Gaussian (std > 0): those with a log-prob."""
         o = self.options
         try:
             check_sampling(self.policy, "ddim", o.rollout_steps)
         except ValueError as err:
             raise ValueError(f"method_options.rollout_steps: the rollouts cannot be drawn: {err}") from err
-        scheduler = make_scheduler(self.policy, "ddim")
-        scheduler.set_timesteps(o.rollout_steps)
-        zeros = torch.zeros(len(scheduler.timesteps), 1, 1, 1)
-        _, std = transition_stats(scheduler, zeros, scheduler.timesteps, zeros, eta=o.eta)
-        return (std.flatten() > 1e-6).nonzero().flatten()
+        return stochastic_steps(self.policy, o.rollout_steps, o.eta)
 
     def _check_schedule(self) -> None:
         """Training timesteps within the stochastic steps, micro-batches that fill whole optimiser steps."""
@@ -218,16 +239,12 @@ class PolicyGradientMethod(UNetMethod):
                 f"method_options.train_timesteps: {o.train_timesteps} exceeds the {available} stochastic "
                 f"steps of a {o.rollout_steps}-step DDIM rollout"
             )
-        rows = cfg.batch_size * o.samples_per_prompt
-        chunks = math.ceil(rows / min(o.train_batch_size or rows, rows))
-        timesteps = o.train_timesteps or available
-        per_rollout = o.inner_epochs * chunks * timesteps
+        per_rollout = micro_batches_per_rollout(o, cfg.batch_size, available)
         if per_rollout % cfg.gradient_accumulation_steps:
             raise ConfigError(
                 f"gradient_accumulation_steps: {cfg.gradient_accumulation_steps} does not divide the "
-                f"{per_rollout} micro-batches of a rollout (inner_epochs {o.inner_epochs} x {chunks} chunks "
-                f"of method_options.train_batch_size x {timesteps} timesteps): an optimiser step would mix "
-                "two rollouts"
+                f"{per_rollout} micro-batches of a rollout (inner_epochs x chunks of "
+                "method_options.train_batch_size x train_timesteps): an optimiser step would mix two rollouts"
             )
 
     def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:

@@ -40,6 +40,7 @@ from diffalign.data.inpainting import InpaintingDataset, collate_inpainting, rea
 from diffalign.diffusion.policy import UNET_ATTENTION_PROJECTIONS
 from diffalign.methods.policy_gradient import PolicyGradientMethod, PolicyGradientOptions
 from diffalign.training.config import TrainConfig
+from diffalign_rewards.prefpaint import trust_bounds
 
 __all__ = ["PrefPaint", "PrefPaintOptions", "trust_weights"]
 
@@ -48,8 +49,9 @@ def trust_weights(
     features: Tensor, v_inverse: Tensor, alpha: float = 0.05, beta: float = 0.7, w_max: float = 2.21
 ) -> Tensor:
     """PrefPaint's per-sample weights (N,) in [1, w_max]: ``clamp(exp(-alpha b + beta), 1, w_max)``
-    with the trust bound ``b = ||f V^-1||_2`` of the reward features ``f`` (N, D) and ``v_inverse``
-    (D, D) (official ``train_inpainting_model.py``: ``sqrt(sum((f @ V_inverse)^2, 1))``).
+    with the trust bound ``b = ||f V^-1||_2`` (:func:`~diffalign_rewards.prefpaint.trust_bounds`)
+    of the reward features ``f`` (N, D) and ``v_inverse`` (D, D) (official
+    ``train_inpainting_model.py``).
 
     Raises:
         ValueError: shapes that do not fit, or ``w_max`` < 1.
@@ -61,7 +63,7 @@ def trust_weights(
         )
     if not w_max >= 1:
         raise ValueError(f"w_max must be >= 1 (weights are clamped to [1, w_max]), got {w_max}")
-    bound = (features.float() @ v_inverse.float().to(features.device)).norm(dim=1)
+    bound = trust_bounds(features, v_inverse.to(features.device))
     return torch.exp(-alpha * bound + beta).clamp(1.0, w_max)
 
 
