@@ -258,3 +258,69 @@ def test_schedules_that_cannot_work_are_refused_before_training(tiny_pipelines, 
         build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "e", method_options={"eta": 0.0}))
     with pytest.raises(ValueError, match="objective 'dpo' is pairwise"):
         build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "f", objective={"name": "dpo"}))
+
+
+def inpainting_examples(folder: Path, n: int = 4) -> Path:
+    from diffalign.data.inpainting import write_inpainting_examples
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(n, 1, 32, 32)
+    masks[:, :, 8:24, 8:24] = 1
+    return write_inpainting_examples(folder, torch.rand(n, 3, 32, 32, generator=g), masks, ["a cat"] * n)
+
+
+def prefpaint_config(pipeline: str, data: Path, out: Path, **options: Any) -> TrainConfig:
+    options = {
+        "reward": "rl_rewards:HoleFeatures", "train_timesteps": 2, "rollout_steps": 4, "sync_every": 1,
+        "train_batch_size": 4, **options,
+    }  # fmt: skip
+    return TrainConfig(
+        method="prefpaint", model=ModelConfig(pretrained=pipeline), data=DataConfig(path=data, resolution=32),
+        method_options=options, output_dir=out, report_to=[], batch_size=2, gradient_accumulation_steps=2,
+    )  # fmt: skip
+
+
+def test_prefpaint_weights_samples_by_trust_inside_the_loss(tiny_pipelines, tmp_path: Path) -> None:
+    data = inpainting_examples(tmp_path / "d")
+    method = build(prefpaint_config(tiny_pipelines["inpaint"], data, tmp_path / "out", samples_per_prompt=2))
+    batch = first_batch(method)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    originals, masks = batch["images"][:2].repeat_interleave(2, 0), batch["masks"][:2].repeat_interleave(2, 0)
+    scores, weights = method.score_rollout(images, ["a cat"] * 4, originals, masks)
+    # the reward sees the original picture blacked out in the hole, not the sample's
+    expected, features = method.reward.score_with_features(
+        images, masks, torch.where(masks >= 0.5, 0.0, originals)
+    )
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(weights, trust_weights(features, method.reward.v_inverse))
+    assert float(weights.min()) >= 1.0 and float(weights.max()) <= 2.21
+    rollout = method.rollout({k: v[:2] for k, v in batch.items()})
+    micro = {"rollout": rollout, "rows": torch.arange(4), "steps": torch.tensor([[0], [1], [2], [0]])}
+    rollout.weights = torch.ones(4)
+    once, _ = method.step(micro)
+    rollout.weights = torch.full((4,), 2.0)
+    twice, _ = method.step(micro)
+    assert float(twice.detach()) == pytest.approx(2 * float(once.detach()), rel=1e-5)
+
+
+def test_prefpaint_refuses_a_text_to_image_unet_a_missing_reward_and_untrusted_rewards(
+    tiny_pipelines, tmp_path: Path
+) -> None:
+    data = inpainting_examples(tmp_path / "d")
+    with pytest.raises(ValueError, match=r"is a text-to-image pipeline .* prefpaint trains inpainting UNets"):
+        build(prefpaint_config(tiny_pipelines["sd"], data, tmp_path / "a"))
+    missing = tmp_path / "no_reward_here"
+    with pytest.raises(
+        ValueError, match=rf"method_options\.reward: cannot build reward 'prefpaint'.*{missing.name}"
+    ):
+        build(prefpaint_config(tiny_pipelines["inpaint"], data, tmp_path / "b", reward="prefpaint",
+                               reward_kwargs={"weights": str(missing)}))  # fmt: skip
+    with pytest.raises(ValueError, match="gives no features to weigh trust by"):
+        build(
+            prefpaint_config(tiny_pipelines["inpaint"], data, tmp_path / "c", reward="rl_rewards:Brightness")
+        )
+    plain = build(
+        prefpaint_config(tiny_pipelines["inpaint"], data, tmp_path / "e", reward="rl_rewards:Brightness",
+                         trust_weights=False)
+    )  # fmt: skip
+    assert plain.rollout(first_batch(plain)).weights is None

@@ -15,10 +15,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,31 +74,46 @@ class DemoConfig:
 
 
 def _annotate(
-    images: torch.Tensor, reward: Any, prompt_list: list[str], cfg: DemoConfig, pairs_file: Path
+    images: torch.Tensor,
+    reward: Any,
+    prompt_list: list[str],
+    cfg: DemoConfig,
+    pairs_file: Path,
+    groups: list[Any] | None = None,
+    masks: torch.Tensor | None = None,
 ) -> dict:
-    """Writes the images to ``pairs_file``'s folder and the annotator's pairs, with the reward's
-    scores of both images, to ``pairs_file``."""
+    """Writes the images (and ``masks``, for inpainting pairs) to ``pairs_file``'s folder and the
+    annotator's pairs, with the reward's scores of both images, to ``pairs_file``. Pairs are drawn
+    within a group: a prompt's samples (default), or one masked input's inpaintings (``groups``:
+    one key per image; every pair of a group is labelled once)."""
     scores = reward(images, prompt_list)
     g = torch.Generator().manual_seed(cfg.seed + 7)
     folder = pairs_file.parent / "images"
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(to_pil(images)):
         im.save(folder / f"{i}.png")
+    if masks is not None:
+        for i, im in enumerate(to_pil(masks.expand(-1, 3, -1, -1))):
+            im.convert("L").save(folder / f"{i}.mask.png")
 
     def row(prompt: str, chosen: int, rejected: int) -> dict:
         # the reward's scores ride along for the objectives that weigh pairs by them (mappo, ...)
+        mask = {} if masks is None else {"mask": f"images/{chosen}.mask.png"}
         return {
             "prompt": prompt, "chosen": f"images/{chosen}.png", "rejected": f"images/{rejected}.png",
-            "chosen_reward": float(scores[chosen]), "rejected_reward": float(scores[rejected]),
+            "chosen_reward": float(scores[chosen]), "rejected_reward": float(scores[rejected]), **mask,
         }  # fmt: skip
 
     rows, disagree, ties = [], 0, 0
-    by_prompt: dict[str, list[int]] = {}
-    for i, p in enumerate(prompt_list):
-        by_prompt.setdefault(p, []).append(i)
-    for p, idx in by_prompt.items():
-        for _ in range(cfg.pairs_per_prompt):
-            a, b = (idx[k] for k in torch.randperm(len(idx), generator=g)[:2].tolist())
+    by_group: dict[Any, list[int]] = {}
+    for i, key in enumerate(groups or prompt_list):
+        by_group.setdefault(key, []).append(i)
+    for idx in by_group.values():
+        # a prompt's pairs are drawn at random (in the order the text-to-image demos were measured in)
+        every = itertools.combinations(idx, 2) if groups is not None else [None] * cfg.pairs_per_prompt
+        for pair in every:
+            a, b = pair or (idx[k] for k in torch.randperm(len(idx), generator=g)[:2].tolist())
+            p = prompt_list[a]
             gap = float(scores[a] - scores[b])
             if abs(gap) < cfg.tie_margin:
                 ties += 1
@@ -125,9 +142,13 @@ def _curve(log: list[dict], key: str, path: Path, title: str) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.api import train
+    from diffalign.demo.inpainting import run_inpainting_demo
     from diffalign.diffusion.policy import DiffusionPolicy
+    from diffalign.methods import get_method
     from diffalign.rewards import load_reward
 
+    if getattr(get_method(cfg.method), "inpainting", False):
+        return run_inpainting_demo(cfg)
     started = time.perf_counter()
     out, base_path = cfg.output_dir, base_folder(cfg.pretrain)
     data = out / "data" / "pairs.jsonl"
@@ -148,8 +169,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     _load_export(aligned, export)
 
     measured = _evaluate_both(cfg, {"base": base, "aligned": aligned}, reward, classifier.accuracy)
-    metrics = (train_cfg.output_dir / "metrics.jsonl").read_text().splitlines()
-    _plots(cfg, measured, [json.loads(line) for line in metrics])
     report = {
         "method": cfg.method,
         "objective": train_cfg.objective,
@@ -162,13 +181,24 @@ def run_demo(cfg: DemoConfig) -> dict:
         **compare(measured["base"], measured["aligned"]),
         "training_steps": result.global_step,
         "seconds": time.perf_counter() - started,
-        "config": json.loads(json.dumps(asdict(cfg), default=str)),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    groups = len(cfg.held_out_prompts)
+    return _plots_and_report(cfg, measured, train_cfg, report, cfg.eval_samples_per_prompt, groups)
+
+
+def _plots_and_report(
+    cfg: DemoConfig, measured: dict, train_cfg: Any, report: dict, per: int, groups: int
+) -> dict:
+    """The plots (:func:`_plots`; ``groups`` held-out inputs of ``per`` samples each) and
+    ``report.json`` (``report`` with the demo's config)."""
+    metrics = (train_cfg.output_dir / "metrics.jsonl").read_text().splitlines()
+    _plots(cfg, measured, [json.loads(line) for line in metrics], per, groups)
+    report = {**report, "config": json.loads(json.dumps(asdict(cfg), default=str))}
+    (cfg.output_dir / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def _train_config(cfg: DemoConfig, base_path: Path, data: Path) -> Any:
+def _train_config(cfg: DemoConfig, base_path: Path, data: Path, extra: Sequence[str] = ()) -> Any:
     """The method's demo config, pointed at the demo's model and pairs, with ``cfg.objective``
     swapped in (keeping the hyper-parameters it takes) and the user's overrides on top.
 
@@ -196,7 +226,7 @@ def _train_config(cfg: DemoConfig, base_path: Path, data: Path) -> Any:
         except KeyError as err:
             raise ConfigError(f"objective: {err.args[0]}") from err
         demo_keys.append(f"objective={json.dumps(swapped)}")
-    train_cfg = load_config(TrainConfig, config_file, [*demo_keys, *cfg.train_overrides])
+    train_cfg = load_config(TrainConfig, config_file, [*demo_keys, *extra, *cfg.train_overrides])
     return with_method_defaults(train_cfg, train_cfg.method, get_method(train_cfg.method).defaults)
 
 
@@ -229,16 +259,21 @@ def _evaluate_both(cfg: DemoConfig, models: dict[str, Any], reward: Any, fidelit
     }
 
 
-def _plots(cfg: DemoConfig, measured: dict, log: list[dict]) -> None:
-    """Before/after grid (per held-out prompt a base row above an aligned row, same seed in each
-    column) and the training curves."""
-    out, per = cfg.output_dir, cfg.eval_samples_per_prompt
-    k = min(8, per)
+def _plots(cfg: DemoConfig, measured: dict, log: list[dict], per: int, groups: int) -> None:
+    """Before/after grid (per held-out input a base row above an aligned row, same seed in each
+    column; ``groups`` inputs of ``per`` samples, up to 8 shown) and the training curves."""
+    k, out = min(8, per), cfg.output_dir
     pair = (measured["base"].images, measured["aligned"].images)
-    rows = [imgs[i * per : i * per + k] for i in range(len(cfg.held_out_prompts)) for imgs in pair]
+    rows = [imgs[i * per : i * per + k] for i in range(min(groups, 8)) for imgs in pair]
     save_grid(rows, out / "before_after.png", scale=4)
     _curve(log, "loss", out / "loss.png", "training loss")
-    _curve(log, "rewards/margins", out / "reward_margin.png", "implicit reward margin")
+    curves = {  # preference methods' implicit reward; RL methods' rollout reward
+        "rewards/margins": ("reward_margin.png", "implicit reward margin"),
+        "reward/mean": ("rollout_reward.png", "mean reward of the rollouts"),
+    }
+    for key, (name, title) in curves.items():
+        if any(key in m for m in log):
+            _curve(log, key, out / name, title)
 
 
 def _load_export(policy: Any, export: Path) -> None:
