@@ -300,8 +300,11 @@ class PairSplit:
 def split_usable_pairs(
     records: list[PairRecord], index: Tensor, usable: Tensor, cfg: TrainRewardConfig
 ) -> PairSplit:
-    """The pairs of ``records`` whose two images are ``usable``, a random ``validation_fraction``
-    of them (at least one; seeded by ``cfg.seed``) held out.
+    """The pairs of ``records`` whose two images are ``usable``, about ``validation_fraction`` of
+    them (at least one; seeded by ``cfg.seed``) held out. Pairs that share an image (the
+    inpaintings of one masked input compared with each other, scored groups) are held out or
+    trained on together, so that held-out accuracy is measured on images never trained on; pairs
+    of distinct images split as a random permutation of the pairs.
 
     Raises:
         ValueError: naming ``cfg.data``: no usable pair, or too few to hold some out.
@@ -310,14 +313,38 @@ def split_usable_pairs(
     n = len(kept)
     if n == 0:
         raise ValueError(f"{cfg.data}: no usable preference pairs")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
-    n_val = max(1, round(n * cfg.validation_fraction))
+    component = _shared_image_components(index[kept])
+    ranks = torch.randperm(int(component.max()) + 1, generator=torch.Generator().manual_seed(cfg.seed))
+    order = torch.argsort(ranks[component], stable=True)  # pairs, whole components at a time
+    grouped = component[order]
+    # where a component ends: the first held-out boundary at or after the target count
+    ends = [p for p in range(1, n + 1) if p == n or grouped[p] != grouped[p - 1]]
+    n_val = next(p for p in ends if p >= max(1, round(n * cfg.validation_fraction)))
     if n_val == n:
         raise ValueError(
-            f"{cfg.data}: {n} usable pairs are too few to hold out {cfg.validation_fraction:.0%}"
+            f"{cfg.data}: {n} usable pairs are too few to hold out {cfg.validation_fraction:.0%} "
+            "(pairs sharing images are held out together)"
         )
     labels = torch.tensor([records[i].label for i in kept.tolist()])
     return PairSplit(index[kept], labels, order[n_val:], order[:n_val], len(records) - n)
+
+
+def _shared_image_components(pairs: Tensor) -> Tensor:
+    """(n,) ids of the connected components of pairs (n, 2) linked by shared images, numbered in
+    order of first appearance."""
+    parent = list(range(int(pairs.max()) + 1))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in pairs.tolist():
+        parent[root(a)] = root(b)
+    roots = [root(a) for a, _ in pairs.tolist()]
+    ids = {r: i for i, r in enumerate(dict.fromkeys(roots))}
+    return torch.tensor([ids[r] for r in roots])
 
 
 def train_bradley_terry(cfg: TrainRewardConfig) -> dict[str, float]:

@@ -21,9 +21,9 @@ pair accuracy and loss as the Bradley-Terry trainer reports them, and the trust 
 pair uses: the RL stage weights a sample by ``clamp(exp(-0.05 b + 0.7), 1, 2.21)`` (official
 ``train_inpainting_model.py``), so bounds above 14 get weight 1.
 
-Limits: pairs are split at random, as the Bradley-Terry trainer does, so an image (and its
-masked input) may sit in training and held-out pairs both; ``train_backbone`` holds every
-distinct image in memory (about 300 KB each at 224 px).
+Pairs that share an image (the inpaintings of one masked input compared with each other) are
+held out together (``split_usable_pairs``), so held-out accuracy is on unseen images. Limit:
+``train_backbone`` holds every distinct image in memory (about 300 KB each at 224 px).
 """
 
 from __future__ import annotations

@@ -205,3 +205,29 @@ def test_hf_dataset_folder(tmp_path: Path) -> None:
         read_preference_pairs(tmp_path / "ds", split="validation")
     with pytest.raises(FileNotFoundError, match="preference data not found"):
         read_preference_pairs(tmp_path / "missing.parquet")
+
+
+def test_pairs_sharing_an_image_are_held_out_together(tmp_path: Path) -> None:
+    """Four inpaintings of one masked input make six pairs: none of their images may sit on both
+    sides of the split, or held-out accuracy would score images the model trained on."""
+    from itertools import combinations
+
+    from diffalign.data.preference import PairRecord
+    from diffalign_rewards.bradley_terry import TrainRewardConfig, split_usable_pairs
+
+    groups = [list(combinations(range(4 * g, 4 * g + 4), 2)) for g in range(10)]
+    singles = [(40 + 2 * i, 41 + 2 * i) for i in range(20)]  # pairs of distinct images
+    index = torch.tensor([pair for group in groups for pair in group] + singles)
+    records = [
+        PairRecord(prompt="", chosen=b"", rejected=b"", label=1.0, where=f"row {i}")
+        for i in range(len(index))
+    ]
+    cfg = TrainRewardConfig(
+        data=tmp_path / "pairs.jsonl", output_dir=tmp_path / "out", validation_fraction=0.2
+    )
+    split = split_usable_pairs(records, index, torch.ones(80, dtype=torch.bool), cfg)
+    train_images = set(split.pairs[split.train].flatten().tolist())
+    val_images = set(split.pairs[split.val].flatten().tolist())
+    assert train_images.isdisjoint(val_images)
+    assert len(split.val) >= round(0.2 * len(index)) and len(split.val) + len(split.train) == len(index)
+    assert 0 < len(split.val) < len(index)
