@@ -288,7 +288,11 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             f"{where}: '{key}' must be {expected or _type_name(tp)}, got {shown!r} ({type(shown).__name__})"
         )
 
-    if tp is Any:
+    if tp is Any:  # nested mappings may hold overrides of their own keys (`a.b.c=1` into a dict field)
+        if isinstance(value, Mapping):
+            return {k: _convert(v, Any, f"{key}.{k}", where) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_convert(v, Any, f"{key}[{i}]", where) for i, v in enumerate(value)]
         return _plain(value)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)

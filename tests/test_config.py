@@ -205,3 +205,17 @@ def test_data_values_out_of_range_are_named(override: str, message: str) -> None
 
     with pytest.raises(ConfigError, match=message):
         load_config(TrainConfig, None, ["method=dro", "model.pretrained=m", "data.path=d", override])
+
+
+def test_an_override_deep_inside_a_free_form_mapping_is_read_as_a_value(tmp_path) -> None:
+    """``method_options.reward_kwargs.weights=PATH`` reaches the reward as a string, not as the
+    unparsed override (PrefPaint's demo passes its reward folder so)."""
+    from diffalign.config import load_config
+    from diffalign.training.config import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("method: ddpo\nmethod_options: {reward_kwargs: {weights: old, scale: 1}}\n")
+    cfg = load_config(
+        TrainConfig, path, ["method_options.reward_kwargs.weights=/models/rm", "method_options.x.y=[1, 2]"]
+    )
+    assert cfg.method_options == {"reward_kwargs": {"weights": "/models/rm", "scale": 1}, "x": {"y": [1, 2]}}
