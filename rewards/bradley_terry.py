@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -304,7 +305,8 @@ def split_usable_pairs(
     them (at least one; seeded by ``cfg.seed``) held out. Pairs that share an image (the
     inpaintings of one masked input compared with each other, scored groups) are held out or
     trained on together, so that held-out accuracy is measured on images never trained on; pairs
-    of distinct images split as a random permutation of the pairs.
+    of distinct images split as a random permutation of the pairs, and so do pairs that share
+    images so widely (a pool paired at random) that whole groups cannot be held out (with a warning).
 
     Raises:
         ValueError: naming ``cfg.data``: no usable pair, or too few to hold some out.
@@ -318,12 +320,19 @@ def split_usable_pairs(
     order = torch.argsort(ranks[component], stable=True)  # pairs, whole components at a time
     grouped = component[order]
     # where a component ends: the first held-out boundary at or after the target count
+    target = max(1, round(n * cfg.validation_fraction))
     ends = [p for p in range(1, n + 1) if p == n or grouped[p] != grouped[p - 1]]
-    n_val = next(p for p in ends if p >= max(1, round(n * cfg.validation_fraction)))
+    n_val = next(p for p in ends if p >= target)
+    if n_val > 2 * target:  # images shared across most pairs (a pool paired at random): split pairs
+        warnings.warn(
+            f"{cfg.data}: the pairs share images too widely to hold out whole groups; held-out pairs "
+            "may show images trained on, so held-out accuracy is optimistic",
+            stacklevel=2,
+        )
+        order, n_val = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)), target
     if n_val == n:
         raise ValueError(
-            f"{cfg.data}: {n} usable pairs are too few to hold out {cfg.validation_fraction:.0%} "
-            "(pairs sharing images are held out together)"
+            f"{cfg.data}: {n} usable pairs are too few to hold out {cfg.validation_fraction:.0%}"
         )
     labels = torch.tensor([records[i].label for i in kept.tolist()])
     return PairSplit(index[kept], labels, order[n_val:], order[:n_val], len(records) - n)

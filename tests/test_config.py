@@ -214,7 +214,10 @@ def test_an_override_deep_inside_a_free_form_mapping_is_read_as_a_value(tmp_path
     from diffalign.training.config import TrainConfig
 
     path = tmp_path / "c.yaml"
-    path.write_text("method: ddpo\nmethod_options: {reward_kwargs: {weights: old, scale: 1}}\n")
+    path.write_text(
+        "method: ddpo\nmodel: {pretrained: p}\ndata: {path: d}\n"
+        "method_options: {reward_kwargs: {weights: old, scale: 1}}\n"
+    )
     cfg = load_config(
         TrainConfig, path, ["method_options.reward_kwargs.weights=/models/rm", "method_options.x.y=[1, 2]"]
     )

@@ -144,10 +144,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.api import train
     from diffalign.demo.inpainting import run_inpainting_demo
     from diffalign.diffusion.policy import DiffusionPolicy
-    from diffalign.methods import get_method
+    from diffalign.methods import METHODS, get_method
     from diffalign.rewards import load_reward
 
-    if getattr(get_method(cfg.method), "inpainting", False):
+    if cfg.method in METHODS and getattr(get_method(cfg.method), "inpainting", False):
         return run_inpainting_demo(cfg)
     started = time.perf_counter()
     out, base_path = cfg.output_dir, base_folder(cfg.pretrain)
