@@ -316,8 +316,12 @@ def split_usable_pairs(
     if n == 0:
         raise ValueError(f"{cfg.data}: no usable preference pairs")
     component = _shared_image_components(index[kept])
-    ranks = torch.randperm(int(component.max()) + 1, generator=torch.Generator().manual_seed(cfg.seed))
-    order = torch.argsort(ranks[component], stable=True)  # pairs, whole components at a time
+    # components in a seeded random order (the j-th drawn goes j-th: for pairs of distinct images
+    # this is the plain permutation of pairs the split has always used), their pairs together
+    drawn = torch.randperm(int(component.max()) + 1, generator=torch.Generator().manual_seed(cfg.seed))
+    position = torch.empty_like(drawn)
+    position[drawn] = torch.arange(len(drawn))
+    order = torch.argsort(position[component], stable=True)
     grouped = component[order]
     # where a component ends: the first held-out boundary at or after the target count
     target = max(1, round(n * cfg.validation_fraction))
