@@ -72,7 +72,7 @@ def make_inpainting(out: Path, n: int, seed: int = 0, size: int = 32) -> Path:
                      "mask": f"images/{i}.mask.png"})  # fmt: skip
     (out / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     reward_cfg = load_config(
-        TrainRewardConfig, packaged_config("demo", "prefpaint_reward.yaml"),
+        TrainRewardConfig, packaged_config("rewards", "prefpaint_demo.yaml"),
         [f"data={out / 'pairs.jsonl'}", f"output_dir={out / 'reward'}", "epochs=2"],
     )  # fmt: skip
     train_prefpaint(reward_cfg)

@@ -86,7 +86,9 @@ def test_methods_cli_lists_the_defaults(capsys: pytest.CaptureFixture[str]) -> N
 def test_shipped_configs_build_with_their_methods_defaults() -> None:
     root = Path(__file__).parents[1] / "configs"
     files = [
-        p for p in root.rglob("*.yaml") if p.parent.name in ("diffusion_dpo", "smpo", "dro", "text", "demo")
+        p
+        for p in root.rglob("*.yaml")
+        if p.parent.name in ("diffusion_dpo", "smpo", "dro", "ddpo", "prefpaint", "text", "demo")
     ]
     assert len(files) >= 22
     for path in files:

@@ -6,7 +6,7 @@
    times each; the simulated annotator (the text-to-image demo's, on the demo reward) labels every
    pair of inpaintings of one masked input; the pairs (with their masks) are written as JSONL + PNGs;
 3. the PrefPaint reward model trains on them through ``scripts/train_reward.py``'s code path
-   (``configs/demo/prefpaint_reward.yaml``: a small CLIP-like ViT trained with its head), which
+   (``configs/rewards/prefpaint_demo.yaml``: a small CLIP-like ViT trained with its head), which
    also writes V^-1; its held-out pair accuracy goes into the report;
 4. PrefPaint trains (``configs/demo/prefpaint.yaml``) on ``train_examples`` other masked pictures
    with that reward and its trust weights;
@@ -63,7 +63,7 @@ def _reward_model(cfg: Any, base: Any, out: Path, folder: Path) -> dict:
     pairs = out / "data" / "reward_pairs.jsonl"
     annotation = _annotate(images, load_reward("demo_size"), ex.prompts, cfg, pairs, groups, ex.masks)
     reward_cfg = load_config(
-        TrainRewardConfig, packaged_config("demo", "prefpaint_reward.yaml"),
+        TrainRewardConfig, packaged_config("rewards", "prefpaint_demo.yaml"),
         [f"data={pairs}", f"output_dir={folder}", f"seed={cfg.seed}"],
     )  # fmt: skip
     return {"annotation": annotation, "reward_model": train_prefpaint(reward_cfg)}
