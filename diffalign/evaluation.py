@@ -27,6 +27,7 @@ __all__ = [
     "diversity",
     "evaluate",
     "input_groups",
+    "ranking_agreement",
     "sample_images",
     "wilson_interval",
 ]
@@ -141,6 +142,29 @@ def input_groups(prompts: list[str], images: Tensor, masks: Tensor) -> list[tupl
     seen = torch.cat([masked_for_inpainting(images, hole).flatten(1), hole.flatten(1)], 1)
     index = torch.unique(seen, dim=0, return_inverse=True)[1]
     return list(zip(prompts, index.tolist(), strict=True))
+
+
+def ranking_agreement(
+    scores: Tensor, truth: Tensor, groups: Sequence[Hashable], margin: float = 0.0
+) -> tuple[float, int]:
+    """How often a learned reward orders two samples of one group (prompt, or masked input) as the
+    true preference does: the fraction of within-group pairs whose true gap is at least
+    ``margin`` on which ``scores`` (N,) and ``truth`` (N,) agree in sign (a tie in ``scores``
+    counts half), and the number of such pairs. NaN with no such pair.
+
+    Raises:
+        ValueError: ``scores``, ``truth`` and ``groups`` differ in length.
+    """
+    if not len(scores) == len(truth) == len(groups):
+        raise ValueError(f"{len(scores)} scores, {len(truth)} true scores and {len(groups)} groups")
+    ids = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+    index = torch.tensor([ids[g] for g in groups])
+    same = (index[:, None] == index[None]).triu(diagonal=1)
+    true_gap = truth[:, None] - truth[None]
+    pairs = same & (true_gap.abs() >= margin) & (true_gap != 0)
+    agree = (torch.sign(scores[:, None] - scores[None]) * torch.sign(true_gap))[pairs]
+    n = int(pairs.sum())
+    return ((float(agree.sum()) + n) / (2 * n) if n else math.nan), n
 
 
 @dataclass

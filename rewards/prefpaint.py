@@ -36,7 +36,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -182,10 +182,22 @@ class PrefPaintTrainSpec(PrefPaintArchitecture):
     dropout: float = field(default=0.1, metadata={"help": "dropout of the head's encoder layer"})
     mlp_dropout: float = field(default=0.2, metadata={"help": "dropout between the MLP's two layers"})
     ridge: float = field(default=0.01, metadata={"help": "ridge of V = F^T F / N + ridge I (trust matrix)"})
+    augment: Literal["none", "hflip", "dihedral"] = field(
+        default="none",
+        metadata={
+            "help": "random transform of each training image with its masked input (needs "
+            "train_backbone): horizontal flip, or any of the 8 flips and quarter turns (for rewards "
+            "that no such move changes)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.init_weights is not None and self.clip_weights is not None:
             raise ValueError("give init_weights (CLIP and head) or clip_weights (CLIP only), not both")
+        if self.augment != "none" and not self.train_backbone:
+            raise ValueError(
+                f"augment={self.augment!r} needs train_backbone=true: a frozen tower embeds each image once"
+            )
         if not self.ridge > 0:
             raise ValueError(f"ridge must be positive, got {self.ridge}")
 

@@ -60,7 +60,14 @@ from diffalign_rewards.prefpaint import (
     trust_matrix,
 )
 
-__all__ = ["PairScorer", "build_trainee", "fit_prefpaint", "save_prefpaint", "train_prefpaint"]
+__all__ = [
+    "PairScorer",
+    "augment_pixels",
+    "build_trainee",
+    "fit_prefpaint",
+    "save_prefpaint",
+    "train_prefpaint",
+]
 
 WEIGHTS_FILE, V_INVERSE_FILE = "prefpaint.safetensors", "v_inverse.safetensors"
 
@@ -110,18 +117,38 @@ def build_trainee(spec: PrefPaintTrainSpec) -> PrefPaintReward:
     return reward
 
 
+def augment_pixels(pixels: Tensor, kind: str) -> Tensor:
+    """``pixels`` (B, ..., S, S), each sample independently flipped left-right with probability
+    1/2 (``"hflip"``), or moved by one of the 8 flips and quarter turns of the square, uniformly
+    (``"dihedral"``); ``"none"`` returns them as they are. Draws from torch's global generator."""
+    if kind == "none":
+        return pixels
+    flip = (torch.rand(len(pixels)) < 0.5).view(-1, *[1] * (pixels.dim() - 1))
+    out = torch.where(flip, pixels.flip(-1), pixels)
+    if kind == "dihedral":
+        turns = torch.randint(4, (len(pixels),))
+        for k in (1, 2, 3):
+            out[turns == k] = torch.rot90(out[turns == k], k, dims=(-2, -1))
+    return out
+
+
 class PairScorer(torch.nn.Module):
     """Scores (B,) and features (B, D) of the distinct images by index, from ``inputs``: CLIP
     embeddings (U, 2, E) of (image, masked input) when the tower is frozen, or their 8-bit
-    pixels (U, 2, 3, S, S) when it trains. One module, so that DDP wraps what trains."""
+    pixels (U, 2, 3, S, S) when it trains, then moved by ``augment`` (:func:`augment_pixels`)
+    in training mode. One module, so that DDP wraps what trains."""
 
-    def __init__(self, reward: PrefPaintReward, inputs: Tensor) -> None:
+    def __init__(self, reward: PrefPaintReward, inputs: Tensor, augment: str = "none") -> None:
         super().__init__()
         self.reward = reward
         self.inputs = inputs  # a plain attribute: DDP would broadcast a buffer at every step
+        self.augment = augment
 
     def forward(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.inputs[ids.to(self.inputs.device)].to(self.reward.head.last_layer.weight.device)
+        x = self.inputs[ids.to(self.inputs.device)]
+        if self.training:
+            x = augment_pixels(x, self.augment)
+        x = x.to(self.reward.head.last_layer.weight.device)
         if not x.is_floating_point():
             x = self.reward.embed(x.flatten(0, 1).float() / 255).unflatten(0, x.shape[:2])
         return self.reward.head(x[:, 0], x[:, 1])
@@ -174,7 +201,7 @@ def train_pairs(scorer: PairScorer, split: PairSplit, cfg: TrainRewardConfig) ->
 
 def score_images(scorer: PairScorer, usable: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
     """Eval-mode scores (U,) and features (U, D) of every usable image (0 for the others)."""
-    scorer.reward.eval()
+    scorer.eval()
     ids = usable.nonzero().flatten()
     with torch.no_grad():
         parts = [scorer(chunk) for chunk in ids.split(batch_size)]
@@ -213,7 +240,7 @@ def fit_prefpaint(cfg: TrainRewardConfig) -> tuple[PrefPaintReward, dict[str, fl
     images, index = index_pair_images(records, inpainting=True)
     inputs, usable = cache_inputs(reward, images, cfg, device)
     split = split_usable_pairs(records, index, usable, cfg)
-    scorer = train_pairs(PairScorer(reward, inputs), split, cfg)
+    scorer = train_pairs(PairScorer(reward, inputs, cfg.prefpaint.augment), split, cfg)
     scores, features = score_images(scorer, usable, cfg.embed_batch_size)
 
     train_ids = split.pairs[split.train].unique()

@@ -201,3 +201,38 @@ def test_an_inpainting_reward_gets_the_masks_and_the_black_masked_inputs(inpaint
     assert torch.equal(seen[0]["masks"], masks)
     assert torch.equal(seen[0]["masked_images"], masked_for_reward(images, masks))
     assert torch.equal(result.scores, (result.images * masks).mean(dim=(1, 2, 3)))
+
+
+def test_reduced_prefpaint_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``diffalign demo --method prefpaint`` at a toy scale (a base after 2 pretraining steps,
+    12 masked pictures of reward data, 2 RL steps): every stage runs and reports what it measured.
+    Whether it aligns is the full demo's question (README, issue notes), not this test's."""
+    import diffalign.demo.inpainting as demo_inpainting
+    from diffalign.cli import main
+
+    monkeypatch.setenv("DIFFALIGN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo_inpainting, "REWARD_EXAMPLES", 12)
+    monkeypatch.setattr(demo_inpainting, "TRAIN_EXAMPLES", 8)
+    monkeypatch.setattr(demo_inpainting, "EVAL_EXAMPLES", 4)
+    out = tmp_path / "demo"
+    code = main([
+        "demo", "--method", "prefpaint", f"output_dir={out}", "pretrain.steps=2", "classifier_steps=2",
+        "sampler_steps=2", "train_overrides=[max_steps=2, batch_size=4, gradient_accumulation_steps=1, "
+        "checkpoint_every=2, method_options.train_batch_size=4, method_options.rollout_steps=3, "
+        "method_options.train_timesteps=2]",
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["training_steps"] == 2 and report["trust_weights"] is True
+    # every pair of a masked picture's 4 inpaintings is annotated once
+    assert report["annotation"]["pairs"] == 12 * 6
+    pairs = report["annotation"]["pairs"] - report["annotation"]["ties"]
+    model = report["reward_model"]
+    assert model["train_pairs"] + model["validation_pairs"] == pairs and model["validation_pairs"] > 0
+    for name in ("base", "aligned"):
+        assert 0 <= report[f"reward_model_agreement_{name}"] <= 1
+        # 4 held-out pictures x 4 inpaintings: at most 4 * 6 within-picture pairs
+        assert 0 < report[f"reward_model_agreement_{name}_pairs"] <= 24
+    assert report["held_out"] == "4 unseen masked pictures x 4 samples"
+    for name in ("before_after.png", "rollout_reward.png", "reward_model/v_inverse.safetensors"):
+        assert (out / name).stat().st_size > 0

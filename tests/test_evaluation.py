@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffalign.evaluation import ModelEvaluation, compare, diversity, evaluate, wilson_interval
+from diffalign.evaluation import (
+    ModelEvaluation,
+    compare,
+    diversity,
+    evaluate,
+    ranking_agreement,
+    wilson_interval,
+)
 
 
 def test_wilson_interval_matches_the_formula_and_its_edges() -> None:
@@ -40,6 +47,22 @@ def evaluation(scores: list[float], fidelity: float | None = None, seed: int = 0
     prompts = ["a", "a", "b", "b"][: len(scores)]
     t = torch.tensor(scores, dtype=torch.float32)
     return ModelEvaluation(prompts, seed, torch.rand(len(scores), 3, 2, 2), t, float(t.mean()), fidelity, 1.0)
+
+
+def test_ranking_agreement_counts_within_group_pairs_past_the_margin() -> None:
+    truth = torch.tensor([0.0, 1.0, 0.5, 2.0, 2.05, 9.0])
+    learned = torch.tensor([0.0, 3.0, 4.0, 1.0, 0.0, 7.0])
+    groups = ["a", "a", "a", "b", "b", "c"]
+    # group a: (0,1) agree, (0,2) agree, (1,2) disagree; group b: gap 0.05 under the margin;
+    # c: alone; pairs across groups never count
+    assert ranking_agreement(learned, truth, groups, margin=0.1) == (2 / 3, 3)
+    assert ranking_agreement(learned, truth, groups) == (2 / 4, 4)  # b's pair counts and disagrees
+    tied = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    assert ranking_agreement(tied, truth, groups, margin=0.1) == (0.5, 3)  # a learned tie: half
+    value, n = ranking_agreement(learned, truth, list("abcdef"))
+    assert n == 0 and value != value  # NaN: nothing to compare
+    with pytest.raises(ValueError, match="6 scores, 5 true scores and 6 groups"):
+        ranking_agreement(learned, truth[:5], groups)
 
 
 def test_compare_counts_ties_half_and_reports_the_drop() -> None:

@@ -318,6 +318,44 @@ def test_the_script_trains_prefpaint(tmp_path: Path) -> None:
     assert load_reward("prefpaint", weights=out).v_inverse.shape == (256, 256)
 
 
+def dihedral_moves(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips and quarter turns of the square images ``x`` (..., S, S); identity first, then
+    the left-right flip."""
+    turns = [torch.rot90(x, k, dims=(-2, -1)) for k in range(4)]
+    return [turns[0], x.flip(-1), *turns[1:], *(torch.rot90(x.flip(-1), k, dims=(-2, -1)) for k in (1, 2, 3))]
+
+
+@pytest.mark.parametrize("kind, moves", [("none", 1), ("hflip", 2), ("dihedral", 8)])
+def test_augmentation_moves_an_image_and_its_masked_input_together(kind: str, moves: int) -> None:
+    from diffalign_rewards.prefpaint_training import augment_pixels
+
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (400, 2, 3, 5, 5), dtype=torch.uint8)
+    out = augment_pixels(pixels, kind)
+    used = set()
+    for before, after in zip(pixels, out, strict=True):
+        # the image and its masked input (dim 0 of each sample) undergo one and the same move
+        used.add(next(k for k, moved in enumerate(dihedral_moves(before)) if torch.equal(moved, after)))
+    assert used == set(range(moves))
+
+
+def test_augmentation_in_training_only(trained) -> None:
+    from diffalign_rewards.prefpaint_training import PairScorer
+
+    reward = trained[0]
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (6, 2, 3, SIZE, SIZE), dtype=torch.uint8)
+    scorer = PairScorer(reward, pixels, "dihedral").eval()
+    ids = torch.arange(6)
+    plain = reward.head(*reward.embed(pixels.flatten(0, 1).float() / 255).unflatten(0, (6, 2)).unbind(1))
+    torch.testing.assert_close(scorer(ids), plain)  # eval: the stored pixels as they are
+    scorer.train()
+    scorer.reward.eval()  # no dropout: only the moves differ
+    assert not torch.allclose(scorer(ids)[0], plain[0])
+    with pytest.raises(ValueError, match="augment='hflip' needs train_backbone=true"):
+        tiny_spec(train_backbone=False, augment="hflip")
+
+
 def test_the_packaged_config_reads() -> None:
     from diffalign.config import load_config
 

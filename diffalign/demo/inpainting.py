@@ -13,7 +13,8 @@
 5. base and aligned models inpaint held-out masked pictures (``eval_examples``, each
    ``eval_samples_per_example`` times, the same seeds for both) and are compared by the demo
    reward (the "human" preference the reward model only approximates): win-rate, reward,
-   fidelity, diversity among one masked input's inpaintings.
+   fidelity, diversity among one masked input's inpaintings; and how often the learned reward
+   ranks two inpaintings of one masked picture as the demo reward does, on each model's samples.
 """
 
 from __future__ import annotations
@@ -69,6 +70,26 @@ def _reward_model(cfg: Any, base: Any, out: Path, folder: Path) -> dict:
     return {"annotation": annotation, "reward_model": train_prefpaint(reward_cfg)}
 
 
+def _reward_agreement(cfg: Any, folder: Path, held: InpaintingExamples, measured: dict) -> dict:
+    """How often the learned reward orders two inpaintings of one held-out masked picture as the
+    demo reward does (gaps under the annotator's tie margin left out), on each model's samples:
+    on the aligned model's, a fall means the policy found what the reward model gets wrong."""
+    from diffalign.evaluation import input_groups, ranking_agreement
+    from diffalign.images import masked_for_reward
+    from diffalign.rewards import load_reward
+
+    learned = load_reward("prefpaint", weights=str(folder))
+    context = {"masks": held.masks, "masked_images": masked_for_reward(held.images, held.masks)}
+    groups = input_groups(held.prompts, held.images, held.masks)
+    agreement = {}
+    for name, ev in measured.items():
+        scores = learned(ev.images, None, **context).float().cpu()
+        agreement[name] = ranking_agreement(scores, ev.scores, groups, cfg.tie_margin)
+    return {f"reward_model_agreement_{name}": a for name, (a, _) in agreement.items()} | {
+        f"reward_model_agreement_{name}_pairs": n for name, (_, n) in agreement.items()
+    }
+
+
 def run_inpainting_demo(cfg: Any) -> dict:
     """The steps above for ``cfg`` (a :class:`~diffalign.demo.run.DemoConfig`); writes and returns
     the report."""
@@ -110,7 +131,8 @@ def run_inpainting_demo(cfg: Any) -> dict:
     report = {
         "method": cfg.method, "objective": train_cfg.objective, "seed": cfg.seed,
         "held_out": f"{EVAL_EXAMPLES} unseen masked pictures x {EVAL_SAMPLES_PER_EXAMPLE} samples",
-        **reward_report, "classifier_accuracy_on_real_images": classifier_accuracy,
+        **reward_report, **_reward_agreement(cfg, reward_folder, held, measured),
+        "classifier_accuracy_on_real_images": classifier_accuracy,
         "base": measured["base"].summary(), "aligned": measured["aligned"].summary(),
         **compare(measured["base"], measured["aligned"]), "training_steps": result.global_step,
         "trust_weights": train_cfg.method_options.get("trust_weights"),
