@@ -10,6 +10,7 @@ processor). Images are preprocessed in float32 and cast to the model's dtype; sc
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,7 +131,7 @@ class OpenClipTowers(torch.nn.Module):
             example = "a file, a folder, a hub repo, or an open_clip pretrained tag such as 'openai'"
             source = require_weights(weights, what, "weights", example)
             state, path = load_open_clip_state(model_name, quick_gelu, source, what, filenames)
-        self.model = open_clip.create_model(model_name, pretrained=None).requires_grad_(False).eval()
+        self.model = _create_without_weights(model_name).requires_grad_(False).eval()
         if state is not None:
             load_into(self.model, state, path, what)
         self.tokenizer = open_clip.get_tokenizer(model_name)
@@ -145,6 +146,22 @@ class OpenClipTowers(torch.nn.Module):
     def encode_text(self, prompts: list[str]) -> Tensor:
         tokens = self.tokenizer(prompts).to(next(self.model.parameters()).device)
         return self.model.encode_text(tokens).float()
+
+
+def _create_without_weights(model_name: str) -> torch.nn.Module:
+    """``open_clip.create_model(model_name, pretrained=None)`` without its root-logger warning that
+    no pretrained weights were loaded: ours are loaded next, or left random on purpose."""
+    import open_clip
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        return open_clip.create_model(model_name, pretrained=None)
+    finally:
+        root.removeFilter(keep)
 
 
 def load_processor(loader: Callable[[str], object], source: str | Path, what: str) -> object:

@@ -246,3 +246,41 @@ def test_a_pixel_space_pipeline_fits_with_lora_saves_and_reloads(tmp_path: Path)
         .inpaint(image, mask, "a cat", num_inference_steps=3, seed=0)
     )
     assert np.array_equal(np.asarray(ours[0]), np.asarray(again[0]))
+
+
+def test_the_readme_demo_world_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """README's complete example on the demo world, executed as written but for one optimiser step
+    and 16 training pictures, with a 1-step base in the cache and an untrained reward of the demo's
+    architecture where the demo writes its reward model."""
+    import shutil
+
+    from diffalign.config import load_config, packaged_config
+    from diffalign.demo import pretrain
+    from diffalign_rewards.bradley_terry import TrainRewardConfig
+    from diffalign_rewards.prefpaint_training import build_trainee, save_prefpaint
+
+    monkeypatch.setenv("DIFFALIGN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    quick = pretrain.pretrained_base(pretrain.PretrainConfig(steps=1, batch_size=2, inpainting=True), False)
+    shutil.copytree(quick, pretrain.base_folder(pretrain.PretrainConfig(inpainting=True)))
+    spec = load_config(
+        TrainRewardConfig, packaged_config("rewards", "prefpaint_demo.yaml"), ["data=x", "output_dir=x"]
+    ).prefpaint
+    reward = build_trainee(spec)
+    reward.v_inverse = torch.eye(reward.head.last_layer.in_features)
+    save_prefpaint(reward, {}, tmp_path / "outputs" / "demo" / "reward_model")
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("A complete run on the demo world", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    for written, quick_value in (("steps=60", "steps=1"), ("inpainting(256", "inpainting(16")):
+        assert code.count(written) == 1
+        code = code.replace(written, quick_value)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["result"].global_step == 1
+    assert [im.size for im in namespace["images"]] == [(16, 16)] * 4
+    assert capsys.readouterr().out.startswith("1 ")  # the callback saw step 1's reward
+    saved = tmp_path / "outputs" / "demo-inpainting-aligned"
+    assert DiffusionPolicy.from_pretrained(saved).is_inpainting
