@@ -84,6 +84,7 @@ def test_reduced_demo_aligns_while_fidelity_holds(tmp_path: Path, monkeypatch: p
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["training_steps"] == 60 and report["annotation"]["pairs"] == 9 * 32
+    assert 0 < report["training_seconds"] < report["seconds"]
     assert report["classifier_accuracy_on_real_images"] >= 0.99
     base, aligned = report["base"], report["aligned"]
     assert base["fidelity"] >= 0.4  # the reduced base follows its prompts (chance: 1/12)

@@ -224,6 +224,7 @@ def test_reduced_prefpaint_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pyt
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["training_steps"] == 2 and report["trust_weights"] is True
+    assert 0 < report["training_seconds"] < report["seconds"]
     # every pair of a masked picture's 4 inpaintings is annotated once
     assert report["annotation"]["pairs"] == 12 * 6
     pairs = report["annotation"]["pairs"] - report["annotation"]["ties"]

@@ -163,7 +163,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     annotation = _collect_preferences(cfg, base, reward, data)
     if train_cfg.output_dir == out / "training":  # the demo's own: a rerun trains afresh, not on top
         shutil.rmtree(train_cfg.output_dir, ignore_errors=True)
+    training_started = time.perf_counter()
     result = train(train_cfg)
+    training_seconds = time.perf_counter() - training_started
     aligned = DiffusionPolicy.from_pretrained(base_path)
     export = out / "training" / "checkpoints" / f"checkpoint-{result.global_step}" / "export"
     _load_export(aligned, export)
@@ -180,6 +182,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "aligned": measured["aligned"].summary(),
         **compare(measured["base"], measured["aligned"]),
         "training_steps": result.global_step,
+        "training_seconds": training_seconds,
         "seconds": time.perf_counter() - started,
     }
     groups = len(cfg.held_out_prompts)
