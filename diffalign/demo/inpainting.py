@@ -93,10 +93,9 @@ def _reward_agreement(cfg: Any, folder: Path, held: InpaintingExamples, measured
 def run_inpainting_demo(cfg: Any) -> dict:
     """The steps above for ``cfg`` (a :class:`~diffalign.demo.run.DemoConfig`); writes and returns
     the report."""
-    from diffalign.api import train
     from diffalign.data.inpainting import write_inpainting_examples
     from diffalign.demo.pretrain import base_folder, pretrained_base, trained_classifier
-    from diffalign.demo.run import _load_export, _plots_and_report, _train_config
+    from diffalign.demo.run import _load_export, _plots_and_report, _timed_train, _train_config
     from diffalign.diffusion.policy import DiffusionPolicy
     from diffalign.evaluation import compare, evaluate
 
@@ -116,9 +115,7 @@ def run_inpainting_demo(cfg: Any) -> dict:
     ex = _examples(cfg.seed + 10_000, TRAIN_EXAMPLES)
     write_inpainting_examples(data, ex.images, ex.masks, ex.prompts)
     shutil.rmtree(train_cfg.output_dir, ignore_errors=True)
-    training_started = time.perf_counter()
-    result = train(train_cfg)
-    training_seconds = time.perf_counter() - training_started
+    result, training_seconds = _timed_train(train_cfg)
     aligned = DiffusionPolicy.from_pretrained(base_path)
     _load_export(aligned, out / "training" / "checkpoints" / f"checkpoint-{result.global_step}" / "export")
     held = _repeat(_examples(cfg.seed + 30_000, EVAL_EXAMPLES), EVAL_SAMPLES_PER_EXAMPLE)

@@ -140,8 +140,17 @@ def _curve(log: list[dict], key: str, path: Path, title: str) -> None:
     fig.savefig(path)
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def _timed_train(train_cfg: Any) -> tuple[Any, float]:
+    """``diffalign.api.train(train_cfg)``'s result and its wall time in seconds (the report's
+    ``training_seconds``, for comparisons at equal wall time)."""
     from diffalign.api import train
+
+    started = time.perf_counter()
+    result = train(train_cfg)
+    return result, time.perf_counter() - started
+
+
+def run_demo(cfg: DemoConfig) -> dict:
     from diffalign.demo.inpainting import run_inpainting_demo
     from diffalign.diffusion.policy import DiffusionPolicy
     from diffalign.methods import METHODS, get_method
@@ -163,9 +172,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     annotation = _collect_preferences(cfg, base, reward, data)
     if train_cfg.output_dir == out / "training":  # the demo's own: a rerun trains afresh, not on top
         shutil.rmtree(train_cfg.output_dir, ignore_errors=True)
-    training_started = time.perf_counter()
-    result = train(train_cfg)
-    training_seconds = time.perf_counter() - training_started
+    result, training_seconds = _timed_train(train_cfg)
     aligned = DiffusionPolicy.from_pretrained(base_path)
     export = out / "training" / "checkpoints" / f"checkpoint-{result.global_step}" / "export"
     _load_export(aligned, export)
