@@ -26,6 +26,7 @@ from diffalign.diffusion.online import LaggedPolicy, ReplayBuffer
 from diffalign.diffusion.sampling import perturbed_timesteps, sample_with_trajectory
 from diffalign.methods import get_method
 from diffalign.training.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from diffalign.training.state_files import load_state
 
 WORKER = Path(__file__).resolve()
 PROMPTS = ["a red square", "a blue circle", "a green cross", "a red ring"]
@@ -237,7 +238,7 @@ def test_a_killed_run_resumes_bit_identical(tiny_pipelines, tmp_path: Path) -> N
     killed = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     latest = (kill_at - 1) // 2 * 2
-    state = torch.load(out / "checkpoints" / f"checkpoint-{latest}" / "method_state_0.pt", weights_only=False)
+    state = load_state(out / "checkpoints" / f"checkpoint-{latest}" / "method_state_0.safetensors")
     assert len(state["buffer"]["rows"]["x0"]) == min(5, 2 * latest)  # the checkpoint holds the buffer
     assert (state["lagged_policy"]["unet"] is None) == (latest % 3 == 0)
     resumed = get_method("dro")(_run_config(tiny_pipelines["sd"], data, out, 8, resume_from="latest"))

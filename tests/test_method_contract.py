@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import shutil
@@ -26,6 +27,7 @@ from torch.utils.data import TensorDataset
 
 from diffalign.training.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from diffalign.training.loop import Method, Stateful, run_training
+from diffalign.training.state_files import load_state, save_state
 
 WORKER = Path(__file__).resolve()
 
@@ -127,9 +129,9 @@ def _cfg(out: Path, *, max_steps: int, checkpoint_every: int, **extra: object) -
     return TrainConfig(
         method="online", model=ModelConfig(pretrained="none"), data=DataConfig(path=Path("none")),
         output_dir=out, max_steps=max_steps, batch_size=2, checkpoint_every=checkpoint_every,
-        keep_checkpoints=10, log_every=1, report_to=[],
+        log_every=1, report_to=[],
         optim=OptimConfig(lr=1e-2, scale_lr=False, weight_decay=0.0, schedule="constant", warmup_steps=0),
-        **extra,
+        **{"keep_checkpoints": 10, **extra},
     )  # fmt: skip
 
 
@@ -151,28 +153,33 @@ def _losses(out: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.mark.parametrize("where", ["after_step", "while_saving"])
+@pytest.mark.parametrize("where", ["after_step", "while_saving", "while_saving_keeping_one"])
 def test_a_killed_online_run_resumes_bit_identical(tmp_path: Path, where: str) -> None:
-    """SIGKILL at a random step (after its hook, or while its checkpoint is being written), then
-    ``resume_from: latest``: policy, lagged copy and replay buffer equal the uninterrupted run's."""
+    """SIGKILL at a random step (after its hook, or while its checkpoint is being written, with
+    every checkpoint kept or only the last), then ``resume_from: latest``: policy, lagged copy and
+    replay buffer equal the uninterrupted run's."""
     full = Online(_cfg(tmp_path / "full", max_steps=20, checkpoint_every=5))
     run_training(full)
     # checkpoint-15 holds the state after hook 15, which synced the lagged copy
     at_15 = tmp_path / "full" / "checkpoints" / "checkpoint-15"
-    lagged = torch.load(at_15 / "method_state_0.pt")["lagged"]
+    lagged = load_state(at_15 / "method_state_0.safetensors")["lagged"]
     _assert_identical(lagged, torch.load(at_15 / "export" / "policy.pt"))
-    kill_at = random.choice([10, 15] if where == "while_saving" else [s for s in range(6, 20) if s % 5])
+    saving = where.startswith("while_saving")
+    kill_at = random.choice([10, 15] if saving else [s for s in range(6, 20) if s % 5])
     out = tmp_path / "killed"
     command = [sys.executable, str(WORKER), str(out), "20", "--kill-at", str(kill_at)]
-    command += ["--kill-while-saving"] if where == "while_saving" else []
+    command += ["--kill-while-saving"] if saving else []
+    command += ["--keep", "1"] if where == "while_saving_keeping_one" else []
     killed = subprocess.run(
         command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     latest = (kill_at - 1) // 5 * 5
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
-    expected = [f"checkpoint-{s}" for s in range(5, latest + 1, 5)]
-    assert names == sorted(expected + ([f"checkpoint-{kill_at}.partial"] if where == "while_saving" else []))
+    expected = [
+        f"checkpoint-{s}" for s in range(5 if where != "while_saving_keeping_one" else latest, latest + 1, 5)
+    ]
+    assert names == sorted(expected + ([f"checkpoint-{kill_at}.partial"] if saving else []))
     resumed = Online(_cfg(out, max_steps=20, checkpoint_every=5, resume_from="latest"))
     assert run_training(resumed).global_step == 20
     assert resumed.hook_steps == list(range(latest + 1, 21)), kill_at
@@ -184,7 +191,7 @@ def test_a_killed_online_run_resumes_bit_identical(tmp_path: Path, where: str) -
     # method that keeps state refuses a checkpoint without it
     bare = tmp_path / "bare" / "checkpoints" / f"checkpoint-{latest}"
     shutil.copytree(out / "checkpoints" / f"checkpoint-{latest}", bare)
-    (bare / "method_state_0.pt").unlink()
+    (bare / "method_state_0.safetensors").unlink()
     stateless = Stateless(_cfg(tmp_path / "bare", max_steps=20, checkpoint_every=5, resume_from="latest"))
     run_training(stateless)
     assert not torch.equal(stateless.policy.weight, full.policy.weight)
@@ -205,7 +212,7 @@ def test_several_micro_batches_per_loader_batch(tmp_path: Path) -> None:
     ckpts = tmp_path / "full" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["checkpoint-3", "checkpoint-6", "checkpoint-9"]
     position = json.loads((ckpts / "checkpoint-6" / "trainer_state.json").read_text())
-    assert position == {"global_step": 6, "loader_batches": 4, "processes": 1}
+    assert position == {"global_step": 6, "loader_batches": 4, "processes": 1, "skipped_steps": 0}
 
     shutil.copytree(ckpts / "checkpoint-3", tmp_path / "cut" / "checkpoints" / "checkpoint-3")
     resumed = Rollouts(
@@ -244,7 +251,7 @@ def test_kldo_resumes_with_its_running_average(tmp_path: Path) -> None:
 
     full = train(tmp_path / "full")
     checkpoint = tmp_path / "full" / "checkpoints" / "checkpoint-3"
-    assert int(torch.load(checkpoint / "method_state_0.pt")["objective"]["steps"]) == 3
+    assert int(load_state(checkpoint / "method_state_0.safetensors")["objective"]["steps"]) == 3
     shutil.copytree(checkpoint, tmp_path / "cut" / "checkpoints" / "checkpoint-3")
     resumed = train(tmp_path / "cut", "resume_from=latest")
     for a, b in zip(resumed.model.parameters(), full.model.parameters(), strict=True):
@@ -257,7 +264,7 @@ def test_kldo_resumes_with_its_running_average(tmp_path: Path) -> None:
             return {}
 
     shutil.copytree(checkpoint, tmp_path / "bare" / "checkpoints" / "checkpoint-3")
-    (tmp_path / "bare" / "checkpoints" / "checkpoint-3" / "method_state_0.pt").unlink()
+    (tmp_path / "bare" / "checkpoints" / "checkpoint-3" / "method_state_0.safetensors").unlink()
     restarted = train(tmp_path / "bare", "resume_from=latest", method=Forgetful)
     assert int(restarted.objective.state_dict()["steps"]) == 3  # the average restarted at resume
     assert not all(
@@ -392,22 +399,31 @@ def test_an_older_checkpoint_is_not_resumed_beside_newer_ones(tmp_path: Path) ->
         run_training(Online(_cfg(out, max_steps=9, checkpoint_every=3, resume_from="latest")))
 
 
-def test_broken_checkpoints_name_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "name",
+    ["method_state_0.safetensors", "ema.safetensors", "model.safetensors", "optimizer.bin", "scheduler.bin",
+     "random_states_0.pkl", "trainer_state.json"],
+)  # fmt: skip
+def test_a_broken_checkpoint_file_is_named(tmp_path: Path, name: str) -> None:
+    out = tmp_path / "run"
+    run_training(Online(_cfg(out, max_steps=3, checkpoint_every=3, ema_decay=0.9)))
+    file = out / "checkpoints" / "checkpoint-3" / name
+    resume = _cfg(out, max_steps=6, checkpoint_every=3, resume_from="latest", ema_decay=0.9)
+    for content in (b"not a checkpoint file", file.read_bytes()[: file.stat().st_size // 2]):
+        file.write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{file}: (broken|not a readable checkpoint state)"):
+            run_training(Online(resume))
+
+
+def test_checkpoints_that_do_not_fit_the_run_say_why(tmp_path: Path) -> None:
     out = tmp_path / "run"
     run_training(Online(_cfg(out, max_steps=3, checkpoint_every=3)))
-    state = out / "checkpoints" / "checkpoint-3" / "method_state_0.pt"
-    resume = _cfg(out, max_steps=6, checkpoint_every=3, resume_from="latest")
-    for content, message in [
-        (b"not a torch file", "not a readable method state"),
-        (state.read_bytes()[:100], "not a readable method state"),
-        (None, r"not a method state \(a list"),
-    ]:
-        if content is None:
-            torch.save([1, 2], state)
-        else:
-            state.write_bytes(content)
-        with pytest.raises(ValueError, match=rf"{state}: {message}"):
-            run_training(Online(resume))
+    state = out / "checkpoints" / "checkpoint-3" / "method_state_0.safetensors"
+    save_state({"buffer": {"samples": torch.zeros(1, 4)}}, state)
+    with pytest.raises(
+        ValueError, match=rf"{state} holds method state \['buffer'\], the method keeps \['buffer', 'lagged'\]"
+    ):
+        run_training(Online(_cfg(out, max_steps=6, checkpoint_every=3, resume_from="latest")))
     empty = out / "checkpoints" / "checkpoint-9"
     empty.mkdir()
     with pytest.raises(
@@ -416,13 +432,79 @@ def test_broken_checkpoints_name_the_file(tmp_path: Path) -> None:
         run_training(Online(_cfg(out, max_steps=12, checkpoint_every=3, resume_from="latest")))
 
 
+class Poisoned(Online):
+    """Online, whose loss (or only its gradient) is not finite in the window of the ``at``-th
+    optimiser step this process takes (in the last micro-batch of the window), once."""
+
+    def __init__(self, cfg: TrainConfig, at: int, where: str) -> None:
+        super().__init__(cfg)
+        self.at, self.where, self.micro, self.poisoned = at, where, 0, False
+
+    def step(self, batch: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, metrics = super().step(batch)
+        self.micro += 1
+        last = self.micro % self.cfg.gradient_accumulation_steps == 0
+        if self.poisoned or len(self.hook_steps) + 1 != self.at or not last:
+            return loss, metrics
+        self.poisoned = True  # once: a skipped window is not retried
+        if self.where == "loss":
+            return loss * math.nan, {"reward": -1.0}
+        w = self.train_policy.weight
+        return loss + (w - w.detach()).abs().sqrt().sum(), {"reward": -1.0}  # finite, its gradient is not
+
+
+@pytest.mark.parametrize(("where", "accumulation"), [("loss", 1), ("loss", 2), ("gradient", 1)])
+def test_a_non_finite_step_stops_the_run_and_leaves_the_checkpoints(
+    tmp_path: Path, where: str, accumulation: int
+) -> None:
+    from diffalign.training.loop import NonFiniteError
+
+    out = tmp_path / "run"
+    run_training(Online(_cfg(out, max_steps=4, checkpoint_every=2, gradient_accumulation_steps=accumulation)))
+    before = {
+        p.name: p.read_bytes() for p in (out / "checkpoints" / "checkpoint-4").rglob("*") if p.is_file()
+    }
+    cfg = _cfg(
+        out, max_steps=8, checkpoint_every=2, gradient_accumulation_steps=accumulation, resume_from="latest"
+    )
+    method = Poisoned(cfg, at=1, where=where)  # step 5
+    norm = "nan" if where == "gradient" else "not computed"
+    with pytest.raises(NonFiniteError, match=(
+        rf"optimiser step 5: .*gradient norm {norm}; .*'reward': \[.*-1.0\].*weights are those after step "
+        rf"4, and the last good checkpoint is {out / 'checkpoints' / 'checkpoint-4'}"
+    )):  # fmt: skip
+        run_training(method)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-2", "checkpoint-4"]
+    after = {p.name: p.read_bytes() for p in (out / "checkpoints" / "checkpoint-4").rglob("*") if p.is_file()}
+    assert after == before != {}
+    saved = torch.load(out / "checkpoints" / "checkpoint-4" / "export" / "policy.pt")
+    _assert_identical({"weight": method.policy.weight.detach(), "bias": method.policy.bias.detach()}, saved)
+
+
+def test_non_finite_steps_are_skipped_and_counted_by_option(tmp_path: Path) -> None:
+    """on_nonfinite=skip: step 5's window is dropped (no update, no hook), the run still takes 8
+    steps, and the count survives a resume."""
+    cfg = _cfg(tmp_path / "run", max_steps=8, checkpoint_every=2, on_nonfinite="skip")
+    method = Poisoned(cfg, at=5, where="loss")
+    run_training(method)
+    assert method.hook_steps == list(range(1, 9))
+    assert all(torch.isfinite(p).all() for p in method.policy.parameters())
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["skipped_steps"] for m in logged] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert all(math.isfinite(m["loss"]) for m in logged)
+    resumed = Poisoned(_cfg(tmp_path / "run", max_steps=9, checkpoint_every=2, on_nonfinite="skip",
+                            resume_from="latest"), at=0, where="loss")  # fmt: skip
+    run_training(resumed)
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["skipped_steps"] == 1
+
+
 @pytest.mark.parametrize(("decay", "with_ema"), [(None, False), (0.0, False), (0.5, True)])
 def test_ema_decay_zero_means_no_ema(tmp_path: Path, decay: float | None, with_ema: bool) -> None:
     """An EMA is kept (and checkpointed as accelerate's custom state) only for a decay above 0."""
     method = Online(_cfg(tmp_path / "out", max_steps=2, checkpoint_every=2, ema_decay=decay))
     run_training(method)
     saved = sorted(p.name for p in (tmp_path / "out" / "checkpoints" / "checkpoint-2").iterdir())
-    assert ("custom_checkpoint_0.pkl" in saved) == with_ema, saved
+    assert ("ema.safetensors" in saved) == with_ema, saved
 
 
 def test_options_a_method_does_not_take_are_refused(tmp_path: Path) -> None:
@@ -439,10 +521,12 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--kill-at", type=int)
     parser.add_argument("--kill-while-saving", action="store_true")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--keep", type=int, default=10)
     args = parser.parse_args(argv)
     cfg = _cfg(
-        args.out, max_steps=args.max_steps, checkpoint_every=5, resume_from="latest" if args.resume else None
-    )
+        args.out, max_steps=args.max_steps, checkpoint_every=5, resume_from="latest" if args.resume else None,
+        keep_checkpoints=args.keep,
+    )  # fmt: skip
     method = Online(cfg, args.kill_at, args.kill_while_saving)
     run_training(method)
     from accelerate import PartialState

@@ -21,6 +21,7 @@ from diffalign.objectives import get_objective
 from diffalign.objectives.advantages import PerPromptStatTracker, batch_advantages, group_advantages
 from diffalign.training.config import DataConfig, ModelConfig, TrainConfig
 from diffalign.training.loop import run_training
+from diffalign.training.state_files import load_state
 
 PROMPTS = ["a red ball", "a blue cube", "a green cone"]
 
@@ -227,7 +228,7 @@ def test_the_stat_tracker_and_old_policy_survive_a_resume(tiny_pipelines, tmp_pa
     run_training(get_method("ddpo")(resumed))
 
     def state(out: Path) -> dict:
-        return torch.load(out / "checkpoints" / "checkpoint-4" / "method_state_0.pt", weights_only=False)
+        return load_state(out / "checkpoints" / "checkpoint-4" / "method_state_0.safetensors")
 
     a, b = state(tmp_path / "whole"), state(tmp_path / "cut")
     assert a["stat_tracker"] == b["stat_tracker"] and a["stat_tracker"]["stats"]

@@ -78,7 +78,9 @@ class TextPreference(Method):
         # the data first: an objective the rows cannot feed is refused before any model loads
         records = read_text_preferences(cfg.data.path, cfg.data.split, cfg.data.ties)
         self._check_objective(records)
-        model, self.tokenizer = load_causal_lm(cfg.model.pretrained, cfg.model.adapter)
+        model, self.tokenizer = load_causal_lm(
+            cfg.model.pretrained, cfg.model.adapter, cfg.model.trust_remote_code
+        )
         if self.options.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):

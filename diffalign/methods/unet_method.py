@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from diffalign.config import ConfigError
 from diffalign.diffusion.policy import DiffusionPolicy
 from diffalign.diffusion.sampling import check_sampling, sample_with_trajectory
 from diffalign.objectives import get_objective
@@ -34,6 +35,11 @@ class UNetMethod(Method):
 
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
+        if cfg.model.trust_remote_code:
+            raise ConfigError(
+                "model.trust_remote_code: diffusion pipelines are loaded without running code they ship; "
+                "the option is for text models"
+            )
         self.objective = get_objective(**self.cfg.objective)
         self.frozen: list[DiffusionPolicy] = []
 

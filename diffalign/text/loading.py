@@ -54,10 +54,13 @@ def _absolute(name_or_path: str) -> str:
     return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
 
 
-def load_causal_lm(pretrained: str | Path, adapter: str | Path | None = None):  # type: ignore[no-untyped-def]
+def load_causal_lm(  # type: ignore[no-untyped-def]
+    pretrained: str | Path, adapter: str | Path | None = None, trust_remote_code: bool = False
+):
     """``(model, tokenizer)``: ``AutoModelForCausalLM`` from ``pretrained`` with the peft
     ``adapter`` (if any, or if ``pretrained`` is one) merged into its weights. The tokenizer comes
-    from the adapter folder when it holds one, else from the base.
+    from the adapter folder when it holds one, else from the base. ``trust_remote_code`` lets
+    transformers run the Python files a model folder or hub repo ships; off unless the user sets it.
 
     Raises ``FileNotFoundError`` when an adapter's base cannot be loaded (offline, a hub id not
     cached) and ``ValueError`` when the adapter cannot be merged; both name the adapter folder
@@ -67,17 +70,19 @@ def load_causal_lm(pretrained: str | Path, adapter: str | Path | None = None):  
 
     base, adapter = resolve_adapter(pretrained, adapter)
     tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
+    remote = {"trust_remote_code": trust_remote_code}
     if adapter is None:
-        return AutoModelForCausalLM.from_pretrained(base), AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, **remote)
+        return model, AutoTokenizer.from_pretrained(base, **remote)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, **remote)
     except OSError as err:
         raise FileNotFoundError(
             f"the adapter {adapter} needs its base model '{base}', which could not be loaded "
             f"({type(err).__name__}: {err}). Put a copy of it in a local folder and set "
             f"model.pretrained=FOLDER model.adapter={adapter}"
         ) from err
-    return _merged(model, adapter), AutoTokenizer.from_pretrained(tokenizer_source)
+    return _merged(model, adapter), AutoTokenizer.from_pretrained(tokenizer_source, **remote)
 
 
 def _merged(model, adapter: str):  # type: ignore[no-untyped-def]

@@ -69,6 +69,10 @@ class ModelConfig:
             "precomputed once before training (text methods)"
         },
     )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "text models: let transformers run the Python code a model folder or hub ships"},
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for UNet memory"})
     attention: Literal["sdpa", "xformers", "classic"] = field(
         default="sdpa", metadata={"help": "attention backend"}
@@ -173,6 +177,13 @@ class TrainConfig:
     )
     keep_checkpoints: int = field(default=3, metadata={"help": "how many checkpoints to keep"})
     resume_from: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder"})
+    on_nonfinite: Literal["error", "skip"] = field(
+        default="error",
+        metadata={
+            "help": "a non-finite loss or gradient norm stops the run before the step, naming it (error), "
+            "or the step is skipped and counted in the skipped_steps metric (skip)"
+        },
+    )
     log_every: int = field(default=10, metadata={"help": "log metrics every N steps"})
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={"help": "trackers"})
     validation_every: int = field(default=0, metadata={"help": "sample a grid every N steps (0: never)"})
@@ -188,9 +199,13 @@ class TrainConfig:
             "gradient_accumulation_steps",
             "checkpoint_every",
             "keep_checkpoints",
+            "log_every",
+            "validation_steps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.validation_every < 0:
+            raise ValueError(f"validation_every must be >= 0 (0: never), got {self.validation_every}")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
 

@@ -59,13 +59,18 @@ from tqdm.auto import tqdm
 from diffalign.config import ConfigError, build, to_dict
 from diffalign.images import save_grid
 from diffalign.training.config import OptimConfig, TrainConfig, with_method_defaults
+from diffalign.training.state_files import load_state, save_state
 
-__all__ = ["Callback", "Method", "Stateful", "TrainResult", "run_training"]
+__all__ = ["Callback", "Method", "NonFiniteError", "Stateful", "TrainResult", "run_training"]
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 Callback = Callable[[int, dict[str, float]], None]
 """Called on the main process with (step, metrics) each time metrics are logged."""
 _END = object()  # what next() returns when a method's micro-batches run out
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite loss or gradient norm stopped training (``on_nonfinite: error``)."""
 
 
 class Stateful(Protocol):
@@ -255,6 +260,7 @@ class _Run:
     started: float = field(default_factory=time.perf_counter)
     progress: Any = None
     callbacks: Sequence[Callback] = ()
+    skipped_steps: int = 0  # optimiser steps skipped for a non-finite loss or gradient (on_nonfinite)
 
 
 def run_training(method: Method, callbacks: Sequence[Callback] = ()) -> TrainResult:
@@ -284,8 +290,7 @@ def run_training(method: Method, callbacks: Sequence[Callback] = ()) -> TrainRes
 
         ema = EMAModel(params, decay=cfg.ema_decay)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    _register_method_state(accelerator, method)
+    _register_checkpoint_state(accelerator, method, ema)
     run = _Run(cfg, method, accelerator, module, params, optimizer, scheduler, loader, dataset, ema)
     run.callbacks = callbacks
     _resume(run)
@@ -378,19 +383,26 @@ def _loader(cfg: TrainConfig, dataset: Dataset, collate: Any, world: int) -> Dat
     )
 
 
-def _register_method_state(accelerator: Any, method: Method) -> None:
-    """Make ``accelerator.save_state`` / ``load_state`` write and read ``method_state_<rank>.pt``
-    on every rank (accelerate's own custom objects are saved by the main process only)."""
+def _register_checkpoint_state(accelerator: Any, method: Method, ema: Any) -> None:
+    """Make ``accelerate``'s ``save_state`` / ``load_state`` write and read, as safetensors
+    (:mod:`~diffalign.training.state_files`), ``method_state_<rank>`` on every rank (accelerate's
+    own custom objects are saved by the main process only, and as pickles) and the EMA."""
     rank, world = accelerator.process_index, accelerator.num_processes
 
     def save(models: Any, weights: Any, folder: str) -> None:
         states = method.state()
         if states:
-            saved = {name: states[name].state_dict() for name in sorted(states)}
-            torch.save(saved, Path(folder) / f"method_state_{rank}.pt")
+            save_state(
+                {name: states[name].state_dict() for name in sorted(states)}, _method_file(folder, rank)
+            )
+        if ema is not None and accelerator.is_main_process:  # the EMA of synced weights: equal on every rank
+            save_state(ema.state_dict(), Path(folder) / "ema.safetensors")
 
     def load(models: Any, folder: str) -> None:
-        states, found = method.state(), sorted(Path(folder).glob("method_state_*.pt"))
+        if ema is not None:
+            ema.load_state_dict(load_state(Path(folder) / "ema.safetensors"))
+            ema.to(accelerator.device)
+        states, found = method.state(), sorted(Path(folder).glob("method_state_*"))
         if not states and not found:
             return
         if not found:
@@ -403,17 +415,10 @@ def _register_method_state(accelerator: Any, method: Method) -> None:
                 f"{folder} holds the method state of {len(found)} processes, this run has {world}: "
                 "each rank's state is its own, resume with as many processes"
             )
-        file = Path(folder) / f"method_state_{rank}.pt"
-        try:  # trusted as accelerate's own custom states are: a checkpoint this run's code wrote
-            saved = torch.load(file, map_location="cpu", weights_only=False)
-        except Exception as err:  # torch raises a different type for each way a file can be broken
-            raise ValueError(f"{file}: not a readable method state ({type(err).__name__}: {err})") from err
-        if not isinstance(saved, dict):
-            raise ValueError(f"{file}: not a method state (a {type(saved).__name__}, not a dict by name)")
+        file = _method_file(folder, rank)
+        saved = load_state(file)
         if saved.keys() != states.keys():
-            raise ValueError(
-                f"{folder} holds method state {sorted(saved)}, the method keeps {sorted(states)}"
-            )
+            raise ValueError(f"{file} holds method state {sorted(saved)}, the method keeps {sorted(states)}")
         for name in sorted(states):
             states[name].load_state_dict(saved[name])
 
@@ -421,22 +426,37 @@ def _register_method_state(accelerator: Any, method: Method) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
+def _method_file(folder: str | Path, rank: int) -> Path:
+    return Path(folder) / f"method_state_{rank}.safetensors"
+
+
 def _resume(run: _Run) -> None:
     """Load the checkpoint ``resume_from`` names, if any, and drop the metrics logged after it."""
+    from accelerate.utils import load
+
     cfg, accelerator = run.cfg, run.accelerator
     path = _resume_path(cfg)
     if path is not None:
         state_file = path / "trainer_state.json"
         if not state_file.is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint: it has no trainer_state.json")
-        accelerator.load_state(str(path))
-        saved = json.loads(state_file.read_text())
+        try:
+            # accelerate skips a random-states file it cannot read with a log line: read it first
+            load(path / f"random_states_{accelerator.process_index}.pkl")
+            accelerator.load_state(str(path))
+            saved = json.loads(state_file.read_text())
+        except Exception as err:  # accelerate, torch and json each raise their own types
+            broken = _broken_file(path)
+            if broken is None:
+                raise
+            raise ValueError(f"{broken[0]}: broken, the checkpoint cannot be resumed ({broken[1]})") from err
         if saved.get("processes", accelerator.num_processes) != accelerator.num_processes:
             raise ValueError(
                 f"{path} was written by {saved['processes']} processes, this run has "
                 f"{accelerator.num_processes}: its data order and learning rate need as many"
             )
         run.step = run.saved_step = saved["global_step"]
+        run.skipped_steps = saved.get("skipped_steps", 0)
         window = path / f"log_window_{accelerator.process_index}.json"
         run.window = json.loads(window.read_text()) if window.is_file() else []  # older checkpoints: none
         # checkpoints from before micro_batches: one loader batch per micro-batch
@@ -448,6 +468,26 @@ def _resume(run: _Run) -> None:
             )
     if accelerator.is_main_process:  # the steps after the checkpoint are trained (and logged) again
         _drop_metrics_after(cfg.output_dir / "metrics.jsonl", run.step)
+
+
+def _broken_file(checkpoint: Path) -> tuple[Path, str] | None:
+    """The first file of ``checkpoint`` that does not read as its kind, and why (None: all read)."""
+    from accelerate.utils import load
+    from safetensors import safe_open
+
+    for file in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as f:
+                    for key in f.keys():  # noqa: SIM118 (not a dict)
+                        f.get_tensor(key)
+            elif file.suffix in (".bin", ".pkl"):  # accelerate's own, read with weights_only=True
+                load(file, map_location="cpu")
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except Exception as err:  # each reader raises its own types
+            return file, f"{type(err).__name__}: {err}"
+    return None
 
 
 def _refuse_used_output_dir(output_dir: Path) -> None:
@@ -523,18 +563,52 @@ def _train_on(run: _Run, batch: Any) -> None:
         with accelerator.accumulate(run.module):
             loss, metrics = run.method.step(micro_batch)
             accelerator.backward(loss)
-            if (
-                accelerator.sync_gradients
-                and cfg.optim.max_grad_norm is not None
-                and cfg.optim.name != "adafactor"
-            ):
-                accelerator.clip_grad_norm_(run.params, cfg.optim.max_grad_norm)
-            run.optimizer.step()
-            run.scheduler.step()
+            run.window.append({**metrics, "loss": float(loss.detach())})
+            stepped = not accelerator.sync_gradients or _finite_or_skipped(run)
+            if stepped:
+                run.optimizer.step()
+                run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
-        run.window.append({**metrics, "loss": float(loss.detach())})
-        if accelerator.sync_gradients:
+        if accelerator.sync_gradients and stepped:
             _after_optimizer_step(run)
+
+
+def _finite_or_skipped(run: _Run) -> bool:
+    """Clip the gradients of the window about to step, and tell whether the optimiser may step.
+
+    A non-finite loss in the window (on any rank) or gradient norm raises
+    :class:`NonFiniteError` before the step touches the weights (``on_nonfinite: error``), or
+    drops the window and counts it (``skip``: False is returned). Under fp16 a non-finite gradient
+    norm with finite losses is an overflow, which the loss scaler skips itself.
+    """
+    cfg, accelerator = run.cfg, run.accelerator
+    window = run.window[-run.micro :]
+    local = float(not all(math.isfinite(m["loss"]) for m in window))
+    norm = None
+    # a bad loss is caught before clipping: under fp16, unscaling would leave the scaler expecting a step
+    if accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum").item() == 0:
+        clip = cfg.optim.max_grad_norm if cfg.optim.name != "adafactor" else None
+        norm = accelerator.clip_grad_norm_(run.params, math.inf if clip is None else clip)
+        if norm is None or accelerator.mixed_precision == "fp16" or math.isfinite(float(norm)):
+            return True
+    if cfg.on_nonfinite == "error":
+        raise NonFiniteError(_nonfinite_message(run, window, norm))
+    run.skipped_steps += 1
+    del run.window[-run.micro :]
+    run.micro = 0
+    return False
+
+
+def _nonfinite_message(run: _Run, window: list[dict[str, float]], norm: Any) -> str:
+    saved = checkpoints(run.cfg.output_dir)
+    last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
+    metrics = {k: [m.get(k) for m in window] for k in sorted({k for m in window for k in m})}
+    norm = "not computed" if norm is None else float(norm)
+    return (
+        f"optimiser step {run.step + 1}: the loss or the gradient norm is not finite (gradient norm "
+        f"{norm}; metrics of its micro-batches on this rank: {metrics}). Stopped before the step: "
+        f"the weights are those after step {run.step}, and {last}. on_nonfinite=skip skips such steps."
+    )
 
 
 def _after_optimizer_step(run: _Run) -> None:
@@ -557,7 +631,8 @@ def _log(run: _Run) -> None:
     run.last = _reduce(accelerator, run.window)
     run.last.update(lr=run.scheduler.get_last_lr()[0], step=run.step,
                     samples_per_second=run.samples / (time.perf_counter() - run.started),
-                    dropped_samples=float(run.method.dropped_samples()))  # fmt: skip
+                    dropped_samples=float(run.method.dropped_samples()),
+                    skipped_steps=float(run.skipped_steps))  # fmt: skip
     run.window.clear()
     run.progress.set_postfix(
         loss=f"{run.last['loss']:.4g}", samples_s=f"{run.last['samples_per_second']:.2f}"
@@ -617,12 +692,13 @@ def _with_ema(ema: Any, params: list[torch.nn.Parameter], fn: Any) -> None:
 def _checkpoint(run: _Run) -> None:
     """checkpoint-N: accelerate's state (with every rank's method state and metrics since the last
     log), the export and where the loop is. Written as checkpoint-N.partial and renamed when
-    complete: a run killed while saving resumes from the checkpoint before."""
+    complete, and only then are the checkpoints beyond ``keep_checkpoints`` deleted: a run killed
+    while saving resumes from the checkpoint before, and the newest complete one is never deleted."""
     accelerator, cfg = run.accelerator, run.cfg
     path = cfg.output_dir / "checkpoints" / f"checkpoint-{run.step}"
     partial = path.with_name(f"{path.name}.partial")
-    if accelerator.is_main_process:  # left by runs killed while saving
-        for stale in path.parent.glob("checkpoint-*.partial"):
+    if accelerator.is_main_process:  # left by runs killed while saving or deleting
+        for stale in [*path.parent.glob("checkpoint-*.partial"), *path.parent.glob("checkpoint-*.trash")]:
             shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
@@ -632,17 +708,25 @@ def _checkpoint(run: _Run) -> None:
     if accelerator.is_main_process:
         _with_ema(run.ema, run.params, lambda: run.method.export(partial / "export"))
         world = accelerator.num_processes
-        position = {"global_step": run.step, "loader_batches": run.loader_batches, "processes": world}
+        position = {"global_step": run.step, "loader_batches": run.loader_batches, "processes": world,
+                    "skipped_steps": run.skipped_steps}  # fmt: skip
         (partial / "trainer_state.json").write_text(json.dumps(position))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if path.exists():  # a run started afresh in the same folder
-            shutil.rmtree(path)
+            _delete_checkpoint(path)
         partial.rename(path)
         for old in checkpoints(cfg.output_dir)[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old)
+            _delete_checkpoint(old)
     accelerator.wait_for_everyone()
     run.saved_step = run.step
+
+
+def _delete_checkpoint(path: Path) -> None:
+    """Renamed out of the checkpoints first: a kill while deleting leaves no half checkpoint-N."""
+    trash = path.with_name(f"{path.name}.trash")
+    path.rename(trash)
+    shutil.rmtree(trash)
 
 
 def _validate(accelerator: Any, method: Method, cfg: TrainConfig, step: int, ema: Any, params: list) -> None:
