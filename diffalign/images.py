@@ -15,11 +15,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 
-__all__ = ["masked_for_inpainting", "masked_for_reward", "save_grid", "to_pil"]
+__all__ = ["from_pil", "masked_for_inpainting", "masked_for_reward", "save_grid", "to_pil"]
+
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greys (32-bit "I": older Pillow's 16-bit PNGs)
+
+
+def from_pil(image: Image.Image, grey: bool = False) -> Tensor:
+    """An image as it is displayed, as float (3, H, W), or (1, H, W) with ``grey``, in [0, 1].
+
+    Where PIL's ``convert`` alone goes wrong: the EXIF orientation is applied (a phone's portrait
+    photo stays upright); 16-bit greys are scaled from 0-65535 (``convert`` clips them at 255, so
+    most pixels turn white; 32-bit ``I`` is taken as 16-bit and clipped); float ``F`` images are
+    taken as [0, 1] and clipped; transparency (RGBA, LA, a palette's or a colour's transparent
+    key) is composited over white (``convert`` drops alpha and shows whatever colour transparent
+    pixels hold, often black). CMYK, YCbCr, 1-bit and palette images go through ``convert``.
+
+    Raises whatever PIL raises for image data it cannot decode (``OSError``, ``ValueError``).
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _WIDE_GREY or image.mode == "F":
+        scale = 65535.0 if image.mode in _WIDE_GREY else 1.0
+        values = torch.from_numpy(np.asarray(image, dtype=np.float32) / scale).clamp(0, 1)[None]
+        return values if grey else values.expand(3, -1, -1).clone()
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    array = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(array.copy())
+    return tensor[None] if grey else tensor.permute(2, 0, 1)
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:

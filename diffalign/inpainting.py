@@ -47,7 +47,7 @@ from diffalign.data.inpainting import write_inpainting_examples
 from diffalign.data.preference import load_image
 from diffalign.diffusion.policy import DiffusionPolicy
 from diffalign.diffusion.sampling import sample_with_trajectory
-from diffalign.images import to_pil
+from diffalign.images import from_pil, to_pil
 from diffalign.methods.policy_gradient import micro_batches_per_rollout, stochastic_steps
 from diffalign.methods.prefpaint import PrefPaint, PrefPaintOptions
 from diffalign.training.config import TrainConfig
@@ -84,7 +84,7 @@ def image_tensor(image: ImageInput) -> Tensor:
     if isinstance(image, (str, Path)):
         return load_image(Path(image), str(image))
     if isinstance(image, Image.Image):
-        return _unit(torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1), "image")
+        return from_pil(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(
@@ -116,7 +116,7 @@ def mask_tensor(mask: ImageInput) -> Tensor:
     if isinstance(mask, (str, Path)):
         m = load_image(Path(mask), str(mask), grey=True)
     elif isinstance(mask, Image.Image):
-        m = _unit(torch.from_numpy(np.array(mask.convert("L")))[None], "mask")
+        m = from_pil(mask, grey=True)
     elif isinstance(mask, (np.ndarray, Tensor)):
         m = _unit(_one_channel(mask)[None], "mask")
     else:

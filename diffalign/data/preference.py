@@ -43,8 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
@@ -56,6 +54,7 @@ from diffalign.data.rows import (
     pair_rewards,
     read_rows,
 )
+from diffalign.images import from_pil
 
 __all__ = ["PairRecord", "load_image", "read_preference_pairs"]
 
@@ -211,18 +210,25 @@ def _image_ref(row: dict, key: str, folder: Path, where: str) -> ImageRef:
     raise ValueError(f"{where}: '{key}' must be an image path or encoded bytes, got {value!r:.60}")
 
 
-def load_image(ref: ImageRef, where: str, size: int | None = None, grey: bool = False) -> Tensor:
-    """Decode an image to float (C, H, W) in [0, 1], resized (bicubic) to ``size`` x ``size``."""
+def load_image(ref: ImageRef, where: str, grey: bool = False) -> Tensor:
+    """Decode an image (a path or encoded bytes) to float (3, H, W), or (1, H, W) with ``grey``,
+    in [0, 1], as it is displayed (:func:`~diffalign.images.from_pil`: EXIF orientation, 16-bit,
+    transparency).
+
+    Raises:
+        FileNotFoundError: no such file, naming ``where`` (the row) and the path.
+        ValueError: data that does not decode as an image, naming ``where`` and the file.
+    """
     try:
-        image = Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref)
-        image = image.convert("L" if grey else "RGB")
+        with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as image:
+            return from_pil(image, grey)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{where}: image file not found: {ref}") from err
-    except (UnidentifiedImageError, OSError) as err:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+    ) as err:  # SyntaxError: broken PNG chunks
         name = ref if isinstance(ref, Path) else "embedded bytes"
         raise ValueError(f"{where}: cannot decode image ({name}): {err}") from err
-    if size is not None and image.size != (size, size):
-        image = image.resize((size, size), Image.BICUBIC)
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array.copy())
-    return tensor[None] if grey else tensor.permute(2, 0, 1)
