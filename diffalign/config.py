@@ -43,10 +43,17 @@ import yaml
 T = TypeVar("T")
 
 __all__ = [
+    "AT_LEAST_ONE",
+    "NON_NEGATIVE",
+    "POSITIVE",
+    "UNIT",
     "ConfigError",
+    "Range",
     "add_config_arguments",
     "build",
+    "check_ranges",
     "config_from_args",
+    "declared_ranges",
     "describe",
     "load_config",
     "packaged_config",
@@ -57,6 +64,57 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric setting: between ``low`` and ``high`` (None: unbounded), each
+    bound included unless marked open. A class declares its settings' ranges in a class attribute
+    ``ranges: ClassVar[dict[str, Range]]`` (merged with its bases') and calls
+    :func:`check_ranges` from ``__post_init__``, so that a value that would make a loss constant
+    or invert it (a beta of 0, a negative temperature) is refused when the object is built."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return bool(above and below)  # NaN: neither
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{self.low:g}, {self.high:g}{right}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_ONE = Range(1)
+UNIT = Range(0, 1)
+
+
+def declared_ranges(cls: type) -> dict[str, Range]:
+    """The ``ranges`` of ``cls`` and its bases, a subclass's overriding its bases'."""
+    out: dict[str, Range] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get("ranges", {}))
+    return out
+
+
+def check_ranges(obj: Any) -> None:
+    """Raise ``ValueError`` naming the first setting of ``obj`` outside its declared range (each
+    element of a tuple or list is checked; None, an unset value, passes)."""
+    for name, allowed in declared_ranges(type(obj)).items():
+        value = getattr(obj, name)
+        for v in value if isinstance(value, (tuple, list)) else [value]:
+            if v is not None and v not in allowed:
+                raise ValueError(f"{name} must be {allowed}, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)

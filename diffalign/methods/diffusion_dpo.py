@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch.utils.data import Dataset
 
+from diffalign.config import AT_LEAST_ONE, Range, check_ranges
 from diffalign.data.pairs import PreferencePairDataset, collate_pairs
 from diffalign.data.preference import PairRecord, read_preference_pairs
 from diffalign.diffusion.likelihood import DenoisingLogp, denoising_logp
@@ -66,6 +67,11 @@ class DiffusionDPOOptions:
             "in pair rows); unset: JSONL pairs' optional chosen_reward/rejected_reward"
         },
     )
+
+    ranges: ClassVar[dict[str, Range]] = {"validation_guidance": AT_LEAST_ONE}
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 _SCORES_HINT = (

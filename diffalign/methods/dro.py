@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch.utils.data import Dataset
 
-from diffalign.config import ConfigError
+from diffalign.config import AT_LEAST_ONE, ConfigError, Range, check_ranges
 from diffalign.data.experts import ExpertDataset, ExpertRecord, collate_experts, read_experts, usable_experts
 from diffalign.diffusion.likelihood import denoising_logp_at, denoising_target
 from diffalign.diffusion.online import LaggedPolicy, ReplayBuffer
@@ -75,17 +75,17 @@ class DiffusionDROOptions:
     )
     validation_guidance: float = field(default=5.0, metadata={"help": "guidance scale of validation grids"})
 
+    ranges: ClassVar[dict[str, Range]] = dict.fromkeys(
+        # guidance: 1 is the conditional prediction, below it no guidance either
+        ("buffer_size", "refresh_every", "sync_every", "rollout_steps", "top_k", "rollout_guidance",
+         "validation_guidance"),
+        AT_LEAST_ONE,
+    )  # fmt: skip
+
     def __post_init__(self) -> None:
-        for name in ("buffer_size", "refresh_every", "sync_every", "rollout_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        check_ranges(self)
         if self.top_k_per_prompt and self.top_k is None:
             raise ValueError("top_k_per_prompt keeps the top_k images of each prompt: set top_k too")
-        for name in ("rollout_guidance", "validation_guidance"):  # <= 1 is the conditional prediction
-            if not getattr(self, name) >= 1:
-                raise ValueError(f"{name} must be >= 1 (1: no guidance), got {getattr(self, name)}")
 
 
 class DiffusionDRO(UNetMethod):

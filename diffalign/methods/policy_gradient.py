@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from diffalign.config import ConfigError
+from diffalign.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, Range, check_ranges
 from diffalign.diffusion.online import LaggedPolicy
 from diffalign.diffusion.policy import DiffusionPolicy
 from diffalign.diffusion.sampling import (
@@ -89,24 +89,21 @@ class PolicyGradientOptions:
     )
     validation_guidance: float = field(default=5.0, metadata={"help": "guidance scale of validation grids"})
 
+    ranges: ClassVar[dict[str, Range]] = {
+        **dict.fromkeys(
+            ("samples_per_prompt", "stat_buffer_size", "stat_min_count", "inner_epochs", "sync_every",
+             "rollout_steps", "train_batch_size", "train_timesteps"),
+            AT_LEAST_ONE,
+        ),
+        "eta": POSITIVE,  # a deterministic step has no log-prob to train
+        "kl_weight": NON_NEGATIVE,
+        "l1_weight": NON_NEGATIVE,
+        "rollout_guidance": AT_LEAST_ONE,  # 1: no guidance
+        "validation_guidance": AT_LEAST_ONE,
+    }  # fmt: skip
+
     def __post_init__(self) -> None:
-        for name in ("samples_per_prompt", "stat_buffer_size", "stat_min_count", "inner_epochs",
-                     "sync_every", "rollout_steps"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_batch_size", "train_timesteps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or none, got {getattr(self, name)}")
-        if not self.eta > 0:
-            raise ValueError(
-                f"eta must be > 0: a deterministic step has no log-prob to train, got {self.eta}"
-            )
-        for name in ("kl_weight", "l1_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("rollout_guidance", "validation_guidance"):
-            if not getattr(self, name) >= 1:
-                raise ValueError(f"{name} must be >= 1 (1: no guidance), got {getattr(self, name)}")
+        check_ranges(self)
         if self.stat_min_count > self.stat_buffer_size:
             raise ValueError(
                 f"stat_min_count {self.stat_min_count} exceeds stat_buffer_size {self.stat_buffer_size}"

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from diffalign.config import AT_LEAST_ONE, NON_NEGATIVE, Range
 from diffalign.data.inpainting import InpaintingDataset, collate_inpainting, read_inpainting_examples
 from diffalign.diffusion.policy import UNET_ATTENTION_PROJECTIONS
 from diffalign.methods.policy_gradient import PolicyGradientMethod, PolicyGradientOptions
@@ -84,14 +85,12 @@ class PrefPaintOptions(PolicyGradientOptions):
     trust_beta: float = field(default=0.7, metadata={"help": "trust weight: offset"})
     trust_max: float = field(default=2.21, metadata={"help": "trust weight: upper clamp (lower: 1)"})
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.trust_max >= 1:
-            raise ValueError(
-                f"trust_max must be >= 1 (weights are clamped to [1, trust_max]), got {self.trust_max}"
-            )
-        if not self.trust_alpha >= 0:
-            raise ValueError(f"trust_alpha must be >= 0, got {self.trust_alpha}")
+    # weights are clamped to [1, trust_max]; a negative alpha would trust the least certain most
+    ranges: ClassVar[dict[str, Range]] = {
+        "trust_alpha": NON_NEGATIVE,
+        "trust_beta": Range(),
+        "trust_max": AT_LEAST_ONE,
+    }
 
 
 class PrefPaint(PolicyGradientMethod):

@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from diffalign.config import ConfigError
+from diffalign.config import NON_NEGATIVE, ConfigError, Range
 from diffalign.data.preference import PairRecord, load_image
 from diffalign.diffusion.inversion import renoise_invert
 from diffalign.diffusion.likelihood import DenoisingLogp, denoising_logp_at, denoising_target
@@ -73,12 +73,17 @@ class SmPOOptions(DiffusionDPOOptions):
         },
     )
 
+    ranges: ClassVar[dict[str, Range]] = {
+        "score_bounds": Range(),
+        "inversion_steps": NON_NEGATIVE,
+        "renoise_steps": NON_NEGATIVE,
+        "average_range": NON_NEGATIVE,
+    }
+
     def __post_init__(self) -> None:
-        if self.inversion_steps < 0 or self.renoise_steps < 0:
-            raise ValueError(
-                f"inversion_steps and renoise_steps must be >= 0, got {self.inversion_steps} and "
-                f"{self.renoise_steps}"
-            )
+        super().__post_init__()
+        if self.score_bounds is not None and not self.score_bounds[0] < self.score_bounds[1]:
+            raise ValueError(f"score_bounds must be (min, max) with min < max, got {self.score_bounds}")
         first, last = self.average_range or (0, self.renoise_steps)
         if not 0 <= first <= last <= self.renoise_steps:
             raise ValueError(

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import Dataset
 
+from diffalign.config import AT_LEAST_ONE, Range, check_ranges
 from diffalign.fingerprint import fingerprint, module_fingerprint, rows_fingerprint
 from diffalign.objectives import (
     check_objective_inputs,
@@ -59,6 +60,11 @@ class TextPreferenceOptions:
     tokenization: Tokenization = field(default_factory=Tokenization)
     disable_dropout: bool = True  # as TRL: dropout would make policy and reference disagree at step 0
     reference_batch_size: int = 16
+
+    ranges: ClassVar[dict[str, Range]] = {"reference_batch_size": AT_LEAST_ONE}
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 class TextPreference(Method):

@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 from torch import Tensor
 
-from diffalign.config import build
+from diffalign.config import Range, build, check_ranges
 
 __all__ = [
     "LISTWISE_INPUTS",
@@ -116,6 +116,11 @@ class Objective:
     accepted_inputs: ClassVar[tuple[str, ...]] = ()
     soft_label_mode: ClassVar[Literal["mixture", "native"] | None] = None
     targets_from_rewards: ClassVar[bool] = False
+    ranges: ClassVar[dict[str, Range]] = {}
+    """Valid values of each hyper-parameter (:class:`~diffalign.config.Range`), checked when built."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
     @property
     def accepts_soft_labels(self) -> bool:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from diffalign.config import Range
 from diffalign.objectives.base import (
     Inputs,
     register_objective,
@@ -37,14 +39,14 @@ class KLDO(LogRatioObjective):
 
     soft_label_mode = None  # the DV bound couples the batch: a pair has no loss of its own to mix
 
+    ranges: ClassVar[dict[str, Range]] = {"running_rate": Range(0, 1, low_open=True)}
+
     running_rate: float | None = 0.1
     _log_running: float | None = field(default=None, init=False, repr=False)
     _steps: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.running_rate is not None and not 0 < self.running_rate <= 1:
-            raise ValueError(f"running_rate must be in (0, 1] or None, got {self.running_rate}")
 
     def state_dict(self) -> dict[str, Tensor]:
         """The running denominator, for checkpoints (a resumed run continues the same average)."""

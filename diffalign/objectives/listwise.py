@@ -23,11 +23,13 @@ fraction of the others whose implicit reward is below the best one's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffalign.config import POSITIVE, Range
 from diffalign.objectives.base import (
     LISTWISE_INPUTS,
     PAIRWISE_INPUTS,
@@ -54,13 +56,11 @@ class ListwiseObjective(Objective):
     soft_label_mode = "native"  # the targets p of the candidates
     targets_from_rewards = True
 
+    ranges: ClassVar[dict[str, Range]] = {"beta": POSITIVE, "reward_temperature": POSITIVE}
+
     beta: float = 0.01
     reward_temperature: float = 0.01
     reference_free: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.beta > 0 or not self.reward_temperature > 0:
-            raise ValueError("beta and reward_temperature must be positive")
 
     def required_inputs(self) -> tuple[str, ...]:
         return ("policy_logps",) if self.reference_free else ("policy_logps", "reference_logps")

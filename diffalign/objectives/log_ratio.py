@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffalign.config import NON_NEGATIVE, Range
 from diffalign.objectives.base import (
     Inputs,
     ObjectiveInputError,
@@ -43,12 +44,9 @@ class DPO(LogRatioObjective):
 class NoisyLabelObjective(LogRatioObjective):
     """A log-ratio objective that models preference labels flipped with probability ``e``."""
 
-    label_smoothing: float = 0.1
+    ranges: ClassVar[dict[str, Range]] = {"label_smoothing": Range(0, 0.5, high_open=True)}
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+    label_smoothing: float = 0.1
 
 
 @register_objective("cdpo")
@@ -118,6 +116,8 @@ class APO(DPO):
     Meaning chosen: "APO" is the Accelerated method of the paper above. TRL's Anchored
     Preference Optimization (D'Oosterlinck et al. 2024) is ``apo_zero`` / ``apo_down``.
     """
+
+    ranges: ClassVar[dict[str, Range]] = {"momentum": Range(0, 1, high_open=True)}
 
     momentum: float = 0.3
 
@@ -213,12 +213,9 @@ class FDPO(LogRatioObjective):
     """
 
     divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
-    alpha: float = 0.5
+    ranges: ClassVar[dict[str, Range]] = {"alpha": Range(0, 1, low_open=True, high_open=True)}
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 < self.alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1), got {self.alpha}")
+    alpha: float = 0.5
 
     def f_prime(self, rho: Tensor) -> Tensor:
         if self.divergence == "reverse_kl":
@@ -250,6 +247,8 @@ class DROranking(LogRatioObjective):
     """
 
     soft_label_mode = None  # expert vs. policy sample: the order is not a judgement that can be soft
+
+    ranges: ClassVar[dict[str, Range]] = {"margin": NON_NEGATIVE}
 
     beta: float = 2.0
     margin: float = 0.001

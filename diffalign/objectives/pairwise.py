@@ -31,11 +31,13 @@ better-scored side).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffalign.config import POSITIVE, Range
 from diffalign.objectives.base import (
     PAIRWISE_INPUTS,
     Inputs,
@@ -125,12 +127,10 @@ def swap_candidates(x: Inputs) -> Inputs:
 class LogRatioObjective(PairwiseObjective):
     """Objectives on ``rho = l - l_ref``; ``reference_free=True`` sets ``l_ref = 0``."""
 
+    ranges: ClassVar[dict[str, Range]] = {"beta": POSITIVE}
+
     beta: float = 0.1
     reference_free: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.beta > 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
 
     def required_inputs(self) -> tuple[str, ...]:
         refs = () if self.reference_free else ("reference_chosen_logps", "reference_rejected_logps")

@@ -19,10 +19,12 @@ The log-ratio is clamped at 30 before ``exp`` so that no ratio overflows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from diffalign.config import POSITIVE, Range
 from diffalign.objectives.base import (
     POLICY_GRADIENT_INPUTS,
     Inputs,
@@ -42,14 +44,10 @@ class PPOClip(Objective):
     kind = "policy_gradient"
     accepted_inputs = POLICY_GRADIENT_INPUTS
 
+    ranges: ClassVar[dict[str, Range]] = {"clip_range": POSITIVE, "advantage_clip": POSITIVE}
+
     clip_range: float = 1e-4
     advantage_clip: float | None = 5.0
-
-    def __post_init__(self) -> None:
-        if not self.clip_range > 0:
-            raise ValueError(f"clip_range must be positive, got {self.clip_range}")
-        if self.advantage_clip is not None and not self.advantage_clip > 0:
-            raise ValueError(f"advantage_clip must be positive or None, got {self.advantage_clip}")
 
     def required_inputs(self) -> tuple[str, ...]:
         return ("policy_logps", "old_policy_logps", "advantages")

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from diffalign.config import NON_NEGATIVE, POSITIVE, Range
 from diffalign.objectives.base import (
     Inputs,
     register_objective,
@@ -28,6 +30,8 @@ class SimPO(PairwiseObjective):
     reference-free; beta 2.0 and ``gamma = gamma_beta_ratio * beta`` with ratio 0.25, as the
     official recipes set them.
     """
+
+    ranges: ClassVar[dict[str, Range]] = {"beta": POSITIVE, "gamma_beta_ratio": NON_NEGATIVE}
 
     beta: float = 2.0
     gamma_beta_ratio: float = 0.25
@@ -57,6 +61,8 @@ class CPO(PairwiseObjective):
     official code and TRL's CPOTrainer).
     """
 
+    ranges: ClassVar[dict[str, Range]] = {"beta": POSITIVE, "nll_weight": NON_NEGATIVE}
+
     beta: float = 0.1
     nll_weight: float = 1.0
 
@@ -83,6 +89,8 @@ class ORPO(PairwiseObjective):
 
     ``rewards/*`` report the log-odds, the quantities the loss compares.
     """
+
+    ranges: ClassVar[dict[str, Range]] = {"odds_ratio_weight": POSITIVE}
 
     odds_ratio_weight: float = 0.1
 

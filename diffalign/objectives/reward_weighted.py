@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffalign.config import NON_NEGATIVE, POSITIVE, Range
 from diffalign.objectives.base import (
     Inputs,
     ObjectiveInputError,
@@ -53,6 +54,8 @@ class MaPPO(PairwiseObjective):
 
     soft_label_mode = None  # its prior weighting comes from the reward gap: a tie label contradicts it
 
+    ranges: ClassVar[dict[str, Range]] = {"beta": POSITIVE, "reward_min": Range(), "reward_max": Range()}
+
     base: Literal["dpo", "ipo", "simpo", "cpo"] = "dpo"
     beta: float | None = None
     reward_min: float = 0.0
@@ -60,6 +63,7 @@ class MaPPO(PairwiseObjective):
     base_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.reward_max > self.reward_min:
             raise ValueError(f"reward_max ({self.reward_max}) must exceed reward_min ({self.reward_min})")
         options = dict(self.base_options)
@@ -103,15 +107,17 @@ class MADPO(LogRatioObjective):
 
     soft_label_mode = None  # its weights come from the reward margin: a tie label contradicts it
 
+    ranges: ClassVar[dict[str, Range]] = {
+        "c_max": Range(1, low_open=True),
+        "c_min": Range(0, 1, low_open=True, high_open=True),
+        "lam": POSITIVE,
+        "tau": NON_NEGATIVE,
+    }
+
     c_max: float = 2.0
     c_min: float = 0.5
     lam: float = 1.0
     tau: float = math.log(999)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (0 < self.c_min < 1 < self.c_max):
-            raise ValueError(f"need 0 < c_min < 1 < c_max, got c_min={self.c_min}, c_max={self.c_max}")
 
     def required_inputs(self) -> tuple[str, ...]:
         return (*super().required_inputs(), *_REWARD_INPUTS)
@@ -153,6 +159,8 @@ class SmoothedDPO(LogRatioObjective):
 
     soft_label_mode = "native"
     targets_from_rewards = True
+
+    ranges: ClassVar[dict[str, Range]] = {"gamma": POSITIVE, "reward_min": Range(), "reward_max": Range()}
 
     beta: float = 2000.0
     gamma: float = 10.0

@@ -16,11 +16,12 @@ padding tokens masked out, the sum and the count of completion-token log-probabi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from diffalign.config import AT_LEAST_ONE, Range, check_ranges
 from diffalign.text.data import Text
 
 __all__ = [
@@ -42,11 +43,13 @@ class Tokenization:
     chat_template: Literal["auto", "never"] = "auto"
     padding_side: Literal["right", "left"] = "right"
 
+    ranges: ClassVar[dict[str, Range]] = dict.fromkeys(
+        ("max_prompt_length", "max_completion_length", "max_length"),
+        AT_LEAST_ONE,  # null: no limit
+    )
+
     def __post_init__(self) -> None:
-        for name in ("max_prompt_length", "max_completion_length", "max_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 (or null for no limit), got {value}")
+        check_ranges(self)
 
 
 Sequence = tuple[list[int], int]  # token ids, number of prompt tokens among them

@@ -17,7 +17,9 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
+
+from diffalign.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, Range, check_ranges
 
 __all__ = [
     "DataConfig",
@@ -46,6 +48,11 @@ class LoraSettings:
     target_modules: list[str] | None = field(
         default=None, metadata=_by_method("modules to adapt ([all-linear]: every linear layer)")
     )
+
+    ranges: ClassVar[dict[str, Range]] = {"rank": AT_LEAST_ONE, "alpha": POSITIVE}
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass
@@ -106,13 +113,14 @@ class DataConfig:
     )
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
 
+    ranges: ClassVar[dict[str, Range]] = {
+        "resolution": AT_LEAST_ONE,
+        "caption_dropout": UNIT,
+        "num_workers": NON_NEGATIVE,
+    }
+
     def __post_init__(self) -> None:
-        if self.resolution is not None and self.resolution < 1:
-            raise ValueError(f"resolution must be >= 1, got {self.resolution}")
-        if self.caption_dropout is not None and not 0 <= self.caption_dropout <= 1:
-            raise ValueError(f"caption_dropout is a probability in [0, 1], got {self.caption_dropout}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        check_ranges(self)
 
 
 @dataclass
@@ -135,6 +143,18 @@ class OptimConfig:
         default="constant_with_warmup", metadata={"help": "learning-rate schedule"}
     )
     warmup_steps: int | None = field(default=None, metadata=_by_method("warmup optimiser steps", "loop"))
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "lr": POSITIVE,
+        "weight_decay": NON_NEGATIVE,
+        "betas": Range(0, 1, high_open=True),
+        "eps": POSITIVE,
+        "max_grad_norm": POSITIVE,
+        "warmup_steps": NON_NEGATIVE,
+    }
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass
@@ -192,22 +212,19 @@ class TrainConfig:
     )
     validation_steps: int = field(default=25, metadata={"help": "sampler steps for validation images"})
 
+    ranges: ClassVar[dict[str, Range]] = {
+        **dict.fromkeys(
+            ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints",
+             "log_every", "validation_steps"),
+            AT_LEAST_ONE,
+        ),
+        "seed": NON_NEGATIVE,
+        "ema_decay": Range(0, 1, high_open=True),  # 0: no EMA
+        "validation_every": NON_NEGATIVE,  # 0: never
+    }  # fmt: skip
+
     def __post_init__(self) -> None:
-        for name in (
-            "max_steps",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "log_every",
-            "validation_steps",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.validation_every < 0:
-            raise ValueError(f"validation_every must be >= 0 (0: never), got {self.validation_every}")
-        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1) (0: no EMA), got {self.ema_decay}")
+        check_ranges(self)
 
 
 def with_method_defaults(cfg: TrainConfig, method: str, defaults: Mapping[str, Any]) -> TrainConfig:
