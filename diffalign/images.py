@@ -25,8 +25,9 @@ __all__ = ["from_pil", "masked_for_inpainting", "masked_for_reward", "save_grid"
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greys (32-bit "I": older Pillow's 16-bit PNGs)
 
 
-def from_pil(image: Image.Image, grey: bool = False) -> Tensor:
-    """An image as it is displayed, as float (3, H, W), or (1, H, W) with ``grey``, in [0, 1].
+def from_pil(image: Image.Image, grey: bool = False, size: int | None = None) -> Tensor:
+    """An image as it is displayed, as float (3, H, W), or (1, H, W) with ``grey``, in [0, 1],
+    resized (bicubic) to ``size`` x ``size`` when given.
 
     Where PIL's ``convert`` alone goes wrong: the EXIF orientation is applied (a phone's portrait
     photo stays upright); 16-bit greys are scaled from 0-65535 (``convert`` clips them at 255, so
@@ -40,14 +41,19 @@ def from_pil(image: Image.Image, grey: bool = False) -> Tensor:
     image = ImageOps.exif_transpose(image)
     if image.mode in _WIDE_GREY or image.mode == "F":
         scale = 65535.0 if image.mode in _WIDE_GREY else 1.0
-        values = torch.from_numpy(np.asarray(image, dtype=np.float32) / scale).clamp(0, 1)[None]
-        return values if grey else values.expand(3, -1, -1).clone()
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        image = Image.fromarray(np.asarray(image, dtype=np.float32) / scale)  # mode F
+    elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, image.convert("RGBA"))
-    array = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array.copy())
-    return tensor[None] if grey else tensor.permute(2, 0, 1)
+        image = Image.alpha_composite(white, image.convert("RGBA")).convert("L" if grey else "RGB")
+    else:
+        image = image.convert("L" if grey else "RGB")
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    if image.mode == "F":
+        values = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).clamp(0, 1)[None]
+        return values if grey else values.expand(3, -1, -1).clone()
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)
+    return tensor[None] if grey else tensor.permute(2, 0, 1).contiguous()
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:

@@ -210,10 +210,10 @@ def _image_ref(row: dict, key: str, folder: Path, where: str) -> ImageRef:
     raise ValueError(f"{where}: '{key}' must be an image path or encoded bytes, got {value!r:.60}")
 
 
-def load_image(ref: ImageRef, where: str, grey: bool = False) -> Tensor:
+def load_image(ref: ImageRef, where: str, size: int | None = None, grey: bool = False) -> Tensor:
     """Decode an image (a path or encoded bytes) to float (3, H, W), or (1, H, W) with ``grey``,
     in [0, 1], as it is displayed (:func:`~diffalign.images.from_pil`: EXIF orientation, 16-bit,
-    transparency).
+    transparency), resized (bicubic) to ``size`` x ``size`` when given.
 
     Raises:
         FileNotFoundError: no such file, naming ``where`` (the row) and the path.
@@ -221,7 +221,7 @@ def load_image(ref: ImageRef, where: str, grey: bool = False) -> Tensor:
     """
     try:
         with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as image:
-            return from_pil(image, grey)
+            return from_pil(image, grey, size)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{where}: image file not found: {ref}") from err
     except (

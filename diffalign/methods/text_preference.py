@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import Dataset
 
-from diffalign.config import AT_LEAST_ONE, Range, check_ranges
+from diffalign.config import AT_LEAST_ONE, ConfigError, Range, check_ranges
 from diffalign.fingerprint import fingerprint, module_fingerprint, rows_fingerprint
 from diffalign.objectives import (
     check_objective_inputs,
@@ -82,6 +82,13 @@ class TextPreference(Method):
         cfg = self.cfg  # with the defaults above filled in
         self.objective = get_objective(**cfg.objective)
         # the data first: an objective the rows cannot feed is refused before any model loads
+        self.reference_mode = cfg.model.reference
+        if self.reference_mode == "auto":
+            self.reference_mode = "adapters" if cfg.model.lora else "copy"
+        if self.reference_mode == "adapters" and cfg.model.lora is None:
+            raise ConfigError(
+                "model.reference: 'adapters' needs model.lora (the reference is the model without them)"
+            )
         records = read_text_preferences(cfg.data.path, cfg.data.split, cfg.data.ties)
         self._check_objective(records)
         model, self.tokenizer = load_causal_lm(
@@ -91,13 +98,6 @@ class TextPreference(Method):
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
                     module.p = 0.0
-        self.reference_mode = cfg.model.reference
-        if self.reference_mode == "auto":
-            self.reference_mode = "adapters" if cfg.model.lora else "copy"
-        if self.reference_mode == "adapters" and cfg.model.lora is None:
-            raise ValueError(
-                "model.reference 'adapters' needs model.lora (the reference is the model without them)"
-            )
         self.reference = None
         if self.objective.uses_reference and self.reference_mode == "copy":
             self.reference = copy.deepcopy(model).requires_grad_(False).eval()

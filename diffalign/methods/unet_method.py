@@ -6,6 +6,7 @@ it; each adds its data, its estimator call and its objective.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,23 @@ class UNetMethod(Method):
                 "model.trust_remote_code: diffusion pipelines are loaded without running code they ship; "
                 "the option is for text models"
             )
+        if cfg.model.reference == "adapters" and cfg.model.lora is None:
+            raise ConfigError(
+                "model.reference: 'adapters' needs model.lora (the reference is the UNet without them)"
+            )
         self.objective = get_objective(**self.cfg.objective)
         self.frozen: list[DiffusionPolicy] = []
+
+    def _check_unet_kind(self, in_channels: int, out_channels: int, inpainting: bool) -> None:
+        is_inpainting = in_channels == 2 * out_channels + 1
+        if is_inpainting != inpainting:
+            kind = "an inpainting" if is_inpainting else "a text-to-image"
+            wanted = "inpainting UNets (latents, mask and masked image: 2C + 1 input channels)"
+            raise ValueError(
+                f"model.pretrained: {self.cfg.model.pretrained} is {kind} pipeline (its UNet takes "
+                f"{in_channels} input channels); {self.cfg.method} trains "
+                f"{wanted if inpainting else 'text-to-image UNets'}"
+            )
 
     def load_policy(self, reference: bool, inpainting: bool = False) -> DiffusionPolicy:
         """The pipeline of ``model.pretrained`` with LoRA adapters when ``model.lora`` is set, a
@@ -55,15 +71,15 @@ class UNetMethod(Method):
                 noise is fresh every step).
         """
         cfg = self.cfg
+        local = Path(cfg.model.pretrained) / "unet" / "config.json"
+        unet: dict = {}
+        if local.is_file():  # a local pipeline: refused before any weights load
+            with contextlib.suppress(ValueError):  # unreadable: from_pretrained names the file
+                unet = json.loads(local.read_text())
+        if unet:
+            self._check_unet_kind(unet.get("in_channels", 4), unet.get("out_channels", 4), inpainting)
         policy = DiffusionPolicy.from_pretrained(cfg.model.pretrained, adapter=cfg.model.adapter)
-        if policy.is_inpainting != inpainting:
-            kind = "an inpainting" if policy.is_inpainting else "a text-to-image"
-            wanted = "inpainting UNets (latents, mask and masked image: 2C + 1 input channels)"
-            raise ValueError(
-                f"model.pretrained: {cfg.model.pretrained} is {kind} pipeline (its UNet takes "
-                f"{policy.unet.config.in_channels} input channels); {cfg.method} trains "
-                f"{wanted if inpainting else 'text-to-image UNets'}"
-            )
+        self._check_unet_kind(policy.unet.config.in_channels, policy.unet.config.out_channels, inpainting)
         if cfg.validation_every and cfg.validation_prompts and not inpainting:
             try:
                 check_sampling(policy, "ddim", cfg.validation_steps)

@@ -7,6 +7,7 @@ import dataclasses
 import re
 import types
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,42 @@ def test_ranges_read_as_a_user_would() -> None:
 
 def test_the_model_section_has_no_numbers_to_check() -> None:
     assert _numeric_fields(ModelConfig) == {}
+
+
+def _no_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to load a model fails the test: the settings must be refused before."""
+    import diffalign.methods.text_preference as text_preference
+    from diffalign.diffusion.policy import DiffusionPolicy
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(DiffusionPolicy, "from_pretrained", refuse)
+    monkeypatch.setattr(text_preference, "load_causal_lm", refuse)
+
+
+def test_an_inpainting_method_on_a_text_to_image_unet_is_refused_before_loading(
+    tiny_pipelines, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_policy_gradient import inpainting_examples, prefpaint_config
+
+    data = inpainting_examples(tmp_path / "data")
+    _no_model_loads(monkeypatch)
+    with pytest.raises(
+        ValueError, match=r"is a text-to-image pipeline \(its UNet takes 4 input channels\); prefpaint"
+    ):
+        get_method("prefpaint")(prefpaint_config(tiny_pipelines["sd"], data, tmp_path / "out"))
+
+
+@pytest.mark.parametrize("method", ["diffusion_dpo", "text_preference"])
+def test_adapters_as_reference_without_lora_are_refused_before_loading(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_model_loads(monkeypatch)
+    cfg = build(
+        TrainConfig,
+        {**REQUIRED[TrainConfig], "method": method, "model": {"pretrained": "x", "reference": "adapters"},
+         "output_dir": str(tmp_path / "out")},
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match=r"model\.reference: 'adapters' needs model\.lora"):
+        get_method(method)(cfg)
