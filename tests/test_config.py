@@ -196,7 +196,7 @@ def test_messages_show_values_as_written_and_the_inner_reason() -> None:
     ("override", "message"),
     [
         ("data.resolution=0", "resolution must be >= 1"),
-        ("data.caption_dropout=2", r"caption_dropout is a probability in \[0, 1\]"),
+        ("data.caption_dropout=2", r"caption_dropout must be in \[0, 1\], got 2"),
         ("data.num_workers=-1", "num_workers must be >= 0"),
     ],
 )

@@ -205,7 +205,7 @@ def test_bad_input_is_refused_before_any_model_loads(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="SmPO has no SFT baseline"):
         build("smpo", nowhere, pairs(tmp_path / "sft", [(0.9, 0.1)]), sft=True)
     for options, message in [
-        ({"inversion_steps": -1}, "inversion_steps and renoise_steps must be >= 0"),
+        ({"inversion_steps": -1}, "inversion_steps must be >= 0, got -1"),
         ({"renoise_steps": 1, "average_range": (0, 5)}, r"average_range must satisfy .* got \(0, 5\)"),
         ({"average_range": (1, 0)}, "average_range must satisfy"),
     ]:

@@ -82,8 +82,6 @@ class SmPOOptions(DiffusionDPOOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.score_bounds is not None and not self.score_bounds[0] < self.score_bounds[1]:
-            raise ValueError(f"score_bounds must be (min, max) with min < max, got {self.score_bounds}")
         first, last = self.average_range or (0, self.renoise_steps)
         if not 0 <= first <= last <= self.renoise_steps:
             raise ValueError(
