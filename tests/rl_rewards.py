@@ -15,6 +15,15 @@ class Brightness(RewardModel):
         return images.mean(dim=(1, 2, 3))
 
 
+class BrightnessDigit(RewardModel):
+    """The fourth decimal digit of the mean pixel value (0 to 9): the random tiny pipeline's images
+    differ in brightness by 1e-4, and standardising rewards that close amplifies float rounding;
+    whole-unit rewards keep the test of two runs' equality about the code, not the rounding."""
+
+    def score(self, images: Tensor, prompts: list[str] | None) -> Tensor:
+        return torch.floor(images.mean(dim=(1, 2, 3)).double() * 1e4).remainder(10).float()
+
+
 class NanForRed(RewardModel):
     """Brightness, but NaN for every prompt that names red (a reward model that fails on some inputs)."""
 

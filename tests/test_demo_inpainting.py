@@ -129,9 +129,11 @@ def test_malformed_rows_name_the_row_or_are_dropped_with_a_count(tmp_path: Path)
     path = write_rows(tmp_path, [GOOD, {"image": "images/1.png"}, {**GOOD, "prompt": 3}])
     with pytest.raises(ValueError, match=r"rows\.jsonl:2: missing key 'mask'"):
         read_inpainting_examples(path)
-    with pytest.warns(UserWarning, match="skipped 2 malformed examples of 3"):
+    with pytest.warns(UserWarning, match="skipped 2 malformed rows of 3"):
         assert len(read_inpainting_examples(path, on_bad_sample="skip")) == 1
-    with pytest.raises(ValueError, match=r"no inpainting examples; the first failure: .*rows\.jsonl:1"):
+    with pytest.raises(
+        ValueError, match=r"every row of the inpainting examples is malformed; the first: .*rows\.jsonl:1"
+    ):
         read_inpainting_examples(write_rows(tmp_path / "none", [{"image": "images/1.png"}]), "skip")
     (tmp_path / "folder").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "folder" / "lonely.png")

@@ -22,7 +22,6 @@ dataset replaces an example that fails to decode by the next one, counted in ``s
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch import Tensor
 from diffalign.data.experts import IMAGE_SUFFIXES
 from diffalign.data.pairs import ImageRecordDataset
 from diffalign.data.preference import ImageRef, _image_ref, load_image
-from diffalign.data.rows import read_rows
+from diffalign.data.rows import parse_rows, read_rows
 from diffalign.images import to_pil
 
 __all__ = [
@@ -72,7 +71,7 @@ def read_inpainting_examples(
         ValueError: a malformed row (``"error"``), or no usable example (naming ``path`` and, if
             any, the first malformed row).
     """
-    if on_bad_sample not in ("error", "skip"):
+    if on_bad_sample not in ("error", "skip"):  # before any file is touched
         raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
     path = Path(path)
     if not path.exists():
@@ -93,24 +92,9 @@ def read_inpainting_examples(
 def _parse_all(
     entries: Iterable[T], parse: Callable[[T], InpaintingRecord], on_bad_sample: str, source: Path
 ) -> list[InpaintingRecord]:
-    """``parse`` of each entry; a ``ValueError`` raises (``"error"``) or drops the entry (``"skip"``)."""
-    records, failures = [], []
-    for entry in entries:
-        try:
-            records.append(parse(entry))
-        except ValueError as err:
-            if on_bad_sample == "error":
-                raise
-            failures.append(err)
+    records = parse_rows(entries, parse, on_bad_sample, source, "inpainting examples")
     if not records:
-        cause = f"; the first failure: {failures[0]}" if failures else ""
-        raise ValueError(f"{source}: no inpainting examples{cause}")
-    if failures:
-        warnings.warn(
-            f"{source}: skipped {len(failures)} malformed examples of {len(failures) + len(records)} "
-            f"(the first: {failures[0]})",
-            stacklevel=3,
-        )
+        raise ValueError(f"{source}: no inpainting examples")
     return records
 
 

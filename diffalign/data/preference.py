@@ -31,7 +31,8 @@ them (MaPPO, MADPO, SmPO, NCA):
   ``score_rejected``), the text rows' fields; all rows or none.
 
 Bad input names the file and row: a missing column or key, an unreadable label, a missing,
-null, NaN or infinite score, a missing or corrupt image (when it is decoded).
+null, NaN or infinite score, a missing or corrupt image (when it is decoded). A malformed row
+raises, or with ``on_bad_sample="skip"`` is dropped and counted (``Parsed.skipped``, a warning).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -48,10 +50,12 @@ from torch import Tensor
 
 from diffalign.data.rows import (
     REWARD_FIELDS,
+    Parsed,
     check_columns,
     check_rewards_all_or_none,
     pair_label,
     pair_rewards,
+    parse_rows,
     read_rows,
 )
 from diffalign.images import from_pil
@@ -90,33 +94,57 @@ def read_preference_pairs(
     ties: Literal["drop", "half"] = "drop",
     split: str = "train",
     score_prefix: str | None = None,
-) -> list[PairRecord]:
+    on_bad_sample: Literal["error", "skip"] = "error",
+) -> Parsed[PairRecord]:
     """All pairs of a ``.parquet`` / ``.jsonl`` file, a folder of parquet shards, a ``save_to_disk``
     folder or a hub dataset id; images stay encoded until ``load_image``. ``score_prefix``: read
     the reward-score columns ``scripts/score_dataset.py`` wrote with that ``column_prefix``.
+    A malformed row (a bad label, image reference or score, a missing key) raises naming it
+    (``on_bad_sample="error"``) or is dropped and counted in the result's ``skipped`` and a warning
+    (``"skip"``). Duplicate pairs are kept (each row is a vote) and counted in a warning.
 
-    Raises ``ValueError`` naming the source (a missing column) or the row (a bad label, image
-    reference or score; a row without scores among scored ones)."""
+    Raises ``ValueError`` naming the source (a missing column, every row malformed) or the row
+    (a malformed one under ``"error"``; a row without scores among scored ones)."""
     if ties not in ("drop", "half"):
         raise ValueError(f"ties must be 'drop' or 'half', got {ties!r}")
     path = Path(path)
     rows = read_rows(path, split, what="preference data")
     names = list(rows[0][1]) if rows else []
+    folder = path if path.is_dir() else path.parent
     if set(SCORED_COLUMNS) <= set(names) and "chosen" not in names:
-        records = _scored_pairs(rows, path if path.is_dir() else path.parent, ties)
+        records = _scored_pairs(rows, folder, ties, on_bad_sample, path)
     elif path.suffix in (".jsonl", ".json") or ("jpg_0" not in names and set(PAIR_COLUMNS) <= set(names)):
         fields = ((f"{score_prefix}_chosen", f"{score_prefix}_rejected"),) if score_prefix else REWARD_FIELDS
-        folder = path if path.is_dir() else path.parent
-        records = [
-            r for where, row in rows if (r := _pair_row(row, where, folder, ties, fields, bool(score_prefix)))
-        ]
+        records = parse_rows(
+            rows, lambda r: _pair_row(r[1], r[0], folder, ties, fields, bool(score_prefix)),
+            on_bad_sample, path, "preference pairs",
+        )  # fmt: skip
     else:
         scores = (f"{score_prefix}_0", f"{score_prefix}_1") if score_prefix else ()
         if rows:
             check_columns(names, (*PICK_A_PIC_COLUMNS, *scores), str(path))
-        records = [r for where, row in rows if (r := _pick_a_pic(row, where, ties, scores))]
+        records = parse_rows(
+            rows, lambda r: _pick_a_pic(r[1], r[0], ties, scores), on_bad_sample, path, "preference pairs"
+        )
     check_rewards_all_or_none(records)
+    _warn_duplicates(records, path)
     return records
+
+
+def _warn_duplicates(records: list[PairRecord], source: Path) -> None:
+    """Count pairs that repeat an earlier one (prompt, images and label): kept, since Pick-a-Pic's
+    repeated pairs are separate votes, but a copy-paste error in a user's data shows here."""
+    seen: set[tuple] = set()
+    repeats = 0
+    for r in records:
+        key = (r.prompt, r.chosen, r.rejected, r.mask, r.label)
+        repeats += key in seen
+        seen.add(key)
+    if repeats:
+        warnings.warn(
+            f"{source}: {repeats} of {len(records)} pairs repeat an earlier pair (kept: each row is a vote)",
+            stacklevel=3,
+        )
 
 
 def _pick_a_pic(row: dict, where: str, ties: str, scores: tuple[str, ...]) -> PairRecord | None:
@@ -152,11 +180,16 @@ def _pair_row(
     )
 
 
-def _scored_groups(rows: list[tuple[str, dict]]) -> list[list[tuple[str, dict]]]:
-    """The rows of each group, groups in order of first appearance, each checked: the scored
-    columns present, a finite score, a string or integer group, the group's mask and prompt."""
+def _scored_groups(
+    rows: list[tuple[str, dict]], folder: Path, on_bad_sample: Literal["error", "skip"], source: Path
+) -> tuple[list[list[tuple[str, dict]]], int]:
+    """The rows of each group, groups in order of first appearance, and the malformed rows
+    skipped. A row is malformed without the scored columns, a finite score, an image reference or
+    a string or integer group, or with a mask or prompt other than its group's first row's."""
     groups: dict[object, list[tuple[str, dict]]] = {}
-    for where, row in rows:
+
+    def join(entry: tuple[str, dict]) -> None:
+        where, row = entry
         for key in SCORED_COLUMNS:
             if key not in row:
                 raise ValueError(f"{where}: missing key '{key}' (scored images need image, score, group)")
@@ -165,21 +198,30 @@ def _scored_groups(rows: list[tuple[str, dict]]) -> list[list[tuple[str, dict]]]
             raise ValueError(f"{where}: 'score' must be a finite number, got {score!r}")
         if isinstance(group, bool) or not isinstance(group, (str, int)):
             raise ValueError(f"{where}: 'group' must be a string or an integer, got {group!r}")
+        for key in ("image", *(("mask",) if row.get("mask") else ())):
+            _image_ref(row, key, folder, where)
         members = groups.setdefault(group, [])
         for key in ("mask", "prompt"):
             if members and row.get(key) != members[0][1].get(key):
                 raise ValueError(
                     f"{where}: '{key}' differs from that of {members[0][0]} in the same group {group!r}"
                 )
-        members.append((where, row))
-    return list(groups.values())
+        members.append(entry)
+
+    skipped = parse_rows(rows, join, on_bad_sample, source, "scored images").skipped
+    return [members for members in groups.values() if members], skipped
 
 
-def _scored_pairs(rows: list[tuple[str, dict]], folder: Path, ties: str) -> list[PairRecord]:
+def _scored_pairs(
+    rows: list[tuple[str, dict]], folder: Path, ties: str, on_bad_sample: Literal["error", "skip"],
+    source: Path,
+) -> Parsed[PairRecord]:  # fmt: skip
     """Every two rows of a group (in file order) as a pair, the higher score chosen; equal
     scores a tie (label 0.5; dropped unless ``ties="half"``), the earlier row first."""
-    records = []
-    for members in _scored_groups(rows):
+    groups, skipped = _scored_groups(rows, folder, on_bad_sample, source)
+    records: Parsed[PairRecord] = Parsed()
+    records.skipped = skipped
+    for members in groups:
         for first, second in itertools.combinations(members, 2):
             (where_a, a), (where_b, b) = first, second
             tie = a["score"] == b["score"]

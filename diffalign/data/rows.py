@@ -10,6 +10,9 @@
 
 ``columns`` (optional) names the columns to read; a missing one is an error naming the source.
 
+``parse_rows`` turns rows into records, one place for what a reader does with a malformed row
+(``on_bad_sample``: raise naming it, or drop it and count it in one warning).
+
 A pair's optional label and reward scores are read here too (``pair_label``, ``pair_rewards``),
 so that image and text pairs take the same fields.
 """
@@ -18,18 +21,24 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 __all__ = [
     "REWARD_FIELDS",
+    "Parsed",
     "check_columns",
     "check_rewards_all_or_none",
     "pair_label",
     "pair_rewards",
+    "parse_rows",
     "read_rows",
 ]
+
+E = TypeVar("E")
+R = TypeVar("R")
 
 # (chosen, rejected) reward fields of a pair row, tried in turn: diffalign's and TRL's names, then
 # UltraFeedback's (which is also what `scripts/score_dataset.py column_prefix=score` writes)
@@ -76,6 +85,56 @@ def pair_rewards(
         wanted = " or ".join(f"'{a}' and '{b}'" for a, b in fields)
         raise ValueError(f"{where}: missing reward scores (needs {wanted})")
     return None
+
+
+class Parsed(list[R]):
+    """A reader's records, with ``skipped``: the malformed rows dropped under ``on_bad_sample=skip``."""
+
+    skipped: int = 0
+
+
+def parse_rows(
+    entries: Iterable[E],
+    parse: Callable[[E], R | None],
+    on_bad_sample: Literal["error", "skip"],
+    source: str | Path,
+    what: str,
+) -> Parsed[R]:
+    """The records ``parse`` makes of ``entries`` (None: a row dropped by rule, such as a tie), with
+    the number of malformed rows skipped (``skipped``).
+
+    A ``ValueError`` from ``parse`` (which names the row) propagates (``on_bad_sample="error"``), or
+    the row is dropped, the drops counted in one warning naming ``source`` and the first (``"skip"``).
+
+    Raises:
+        ValueError: a malformed row (``"error"``); ``on_bad_sample`` not "error" or "skip"; every
+            row malformed (``"skip"``: naming ``source`` and the first failure).
+    """
+    if on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+    records: Parsed[R] = Parsed()
+    failures, seen = [], 0
+    for entry in entries:
+        seen += 1
+        try:
+            record = parse(entry)
+        except ValueError as err:
+            if on_bad_sample == "error":
+                raise
+            failures.append(err)
+            continue
+        if record is not None:
+            records.append(record)
+    if failures and len(failures) == seen:
+        raise ValueError(f"{source}: every row of the {what} is malformed; the first: {failures[0]}")
+    if failures:
+        warnings.warn(
+            f"{source}: skipped {len(failures)} malformed rows of {seen} (on_bad_sample=skip); "
+            f"the first: {failures[0]}",
+            stacklevel=3,
+        )
+    records.skipped = len(failures)
+    return records
 
 
 def check_rewards_all_or_none(records: Sequence[Any]) -> None:

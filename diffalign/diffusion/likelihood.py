@@ -26,8 +26,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diffalign import rng
 from diffalign.diffusion.policy import Conditioning, DiffusionPolicy, InpaintInputs
 from diffalign.diffusion.schedule import require_finite
+from diffalign.rng import Generators
 
 __all__ = ["DenoisingLogp", "denoising_logp", "denoising_logp_at", "denoising_target"]
 
@@ -85,7 +87,7 @@ def denoising_logp(
     with_reference: bool = True,
     timesteps: Tensor | None = None,
     noise: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     weighting: Literal["constant", "min_snr"] = "constant",
     snr_gamma: float = 5.0,
     inpaint: InpaintInputs | None = None,
@@ -94,7 +96,8 @@ def denoising_logp(
 
     ``latents``: (B, K, C, h, w) scaled VAE latents; ``cond``: B rows (one per prompt);
     ``inpaint``: B rows. ``timesteps`` (B,) and ``noise`` (B, C, h, w) are drawn from
-    ``generator`` when not given (uniform over the training timesteps, standard normal).
+    ``generator`` when not given (uniform over the training timesteps, standard normal; one
+    generator, one per prompt, or None: torch's global one).
     ``x_t = add_noise(x_0, noise, t)`` and the target of the prediction type are scored by
     :func:`denoising_logp_at`. Raises ``ValueError`` on shapes that do not fit, or without a
     reference when ``with_reference``.
@@ -105,13 +108,9 @@ def denoising_logp(
     b, k = latents.shape[:2]
     device = latents.device
     if timesteps is None:
-        timesteps = torch.randint(
-            0, policy.scheduler.config.num_train_timesteps, (b,), generator=generator
-        ).to(device)
+        timesteps = rng.randint(policy.scheduler.config.num_train_timesteps, b, generator, device)
     if noise is None:
-        noise = torch.randn(latents[:, 0].shape, generator=generator, dtype=torch.float32).to(
-            device, latents.dtype
-        )
+        noise = rng.randn(latents[:, 0].shape, generator, device, latents.dtype)
     if timesteps.shape != (b,) or noise.shape != latents[:, 0].shape:
         raise ValueError(
             f"timesteps must be ({b},) and noise {tuple(latents[:, 0].shape)}, got "

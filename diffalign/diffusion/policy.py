@@ -29,7 +29,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diffalign import rng
 from diffalign.images import masked_for_inpainting
+from diffalign.rng import Generators
 
 __all__ = [
     "UNET_ATTENTION_PROJECTIONS",
@@ -43,13 +45,13 @@ UNET_ATTENTION_PROJECTIONS = ("to_k", "to_q", "to_v", "to_out.0")
 """The UNet modules diffusers' LoRA training scripts adapt: each attention's projections."""
 
 
-def drop_captions(prompts: list[str], dropout: float, generator: torch.Generator | None = None) -> list[str]:
+def drop_captions(prompts: list[str], dropout: float, generator: Generators = None) -> list[str]:
     """Each prompt replaced by "" with probability ``dropout`` (caption dropout, as the official
     Diffusion-DPO and Diffusion-DRO scripts train); one uniform draw per prompt from ``generator``
-    (torch's global one when None), none at all when ``dropout`` is 0."""
+    (one, one per prompt, or None: torch's global one), none at all when ``dropout`` is 0."""
     if dropout <= 0:
         return prompts
-    drop = torch.rand(len(prompts), generator=generator) < dropout
+    drop = rng.rand(len(prompts), generator) < dropout
     return ["" if d else p for p, d in zip(prompts, drop.tolist(), strict=True)]
 
 
@@ -405,7 +407,7 @@ class DiffusionPolicy:
         prompts: list[str],
         *,
         dropout: float = 0.0,
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         image_size: tuple[int, int] | None = None,
         grad: bool = False,
     ) -> Conditioning:
@@ -466,10 +468,9 @@ class DiffusionPolicy:
 
     # -- images and latents ----------------------------------------------------------------
 
-    def encode_images(
-        self, images: Tensor, generator: torch.Generator | None = None, sample: bool = True
-    ) -> Tensor:
-        """Images in [0, 1] (N, 3, H, W) to scaled latents; ``sample=False`` takes the posterior mode."""
+    def encode_images(self, images: Tensor, generator: Generators = None, sample: bool = True) -> Tensor:
+        """Images in [0, 1] (N, 3, H, W) to scaled latents; ``sample=False`` takes the posterior mode.
+        ``generator``: of the posterior sample (one, one per image, or None)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
         x = images.to(self.device, self.vae.dtype if self.vae is not None else self.dtype) * 2 - 1
@@ -488,9 +489,7 @@ class DiffusionPolicy:
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
         return (self.vae.decode(z, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
 
-    def prepare_inpaint(
-        self, images: Tensor, masks: Tensor, generator: torch.Generator | None = None
-    ) -> InpaintInputs:
+    def prepare_inpaint(self, images: Tensor, masks: Tensor, generator: Generators = None) -> InpaintInputs:
         """Mask and masked-image latents for an inpainting UNet, as diffusers' inpaint pipeline makes
         them: mask binarised at 0.5 and resized (nearest) to latent size; the masked image keeps
         the pixels where the mask is 0, is grey elsewhere (:func:`~diffalign.images.masked_for_inpainting`)

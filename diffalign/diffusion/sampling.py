@@ -28,6 +28,7 @@ from torch import Tensor
 
 from diffalign.diffusion.policy import Conditioning, DiffusionPolicy, InpaintInputs
 from diffalign.diffusion.schedule import predicted_x0_eps, require_finite, require_sampleable
+from diffalign.rng import Generators
 
 __all__ = [
     "Trajectory",
@@ -278,7 +279,7 @@ def sample_with_trajectory(
     guidance_scale: float = 7.5,
     sampler: SamplerName = "ddim",
     eta: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     latents: Tensor | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -291,7 +292,8 @@ def sample_with_trajectory(
 
     The random draws happen in the pipeline's order (initial latents, then the masked image's
     VAE posterior sample for inpainting, then each stochastic step's noise), so the same
-    ``generator`` seed gives the same images as the pipeline with the same scheduler class.
+    ``generator`` seed gives the same images as the pipeline with the same scheduler class;
+    ``generator`` may be a list with one per sample, as the pipelines take it.
     ``log_probs`` are recorded for DDIM with ``eta > 0`` and DDPM (0 for a deterministic step: DDPM's
     last, DDIM's from t = 0 without ``set_alpha_to_one``); DPM-Solver++ records none. ``latents``: x_T
     (N, C, h, w), drawn when not given; ``image`` (N, 3, H, W) in [0, 1] and ``mask`` (N, 1, H, W),
@@ -426,7 +428,7 @@ def _set_schedule(scheduler, schedule: list[int], device: torch.device) -> None:
 
 
 def _inpaint_inputs(
-    policy: DiffusionPolicy, image: Tensor | None, mask: Tensor | None, generator: torch.Generator | None
+    policy: DiffusionPolicy, image: Tensor | None, mask: Tensor | None, generator: Generators
 ) -> InpaintInputs | None:
     """The inpainting inputs (their VAE sample drawn from ``generator``), None for a text-to-image UNet."""
     if image is not None or mask is not None:
@@ -455,7 +457,7 @@ def _initial_latents(
     n: int,
     size: tuple[int, int],
     latents: Tensor | None,
-    generator: torch.Generator | None,
+    generator: Generators,
 ) -> Tensor:
     """x_T as the pipelines draw it (``randn_tensor``), scaled by ``init_noise_sigma``."""
     from diffusers.utils.torch_utils import randn_tensor
@@ -475,7 +477,7 @@ def _run_steps(
     latents: Tensor,
     guide: tuple[Conditioning, Conditioning | None, float, InpaintInputs | None],
     eta: float,
-    generator: torch.Generator | None,
+    generator: Generators,
     per_row: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Denoise x_T (N, C, h, w) through the T timesteps of the groups' schedulers. ``guide``: the

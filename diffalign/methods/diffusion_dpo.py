@@ -46,8 +46,9 @@ from diffalign.objectives import (
     check_ties,
     soft_preference_probs,
 )
+from diffalign.rng import Generators
 from diffalign.training.config import TrainConfig
-from diffalign.training.loop import Stateful
+from diffalign.training.loop import Stateful, row_generators
 
 
 @dataclass
@@ -113,12 +114,15 @@ class DiffusionDPO(UNetMethod):
         """The pairs to train on, with their scores when the data has them.
 
         Raises:
-            ValueError: no pairs (naming ``data.path``), or a bad row (naming it).
+            ValueError: no pairs (naming ``data.path``), or a bad row (naming it; with
+                ``data.on_bad_sample=skip`` such rows are dropped and counted in ``dropped_samples``).
         """
         d = self.cfg.data
         records = read_preference_pairs(
-            d.path, ties=d.ties, split=d.split, score_prefix=self.options.score_prefix
-        )
+            d.path, ties=d.ties, split=d.split, score_prefix=self.options.score_prefix,
+            on_bad_sample=d.on_bad_sample,
+        )  # fmt: skip
+        self.skipped_rows = records.skipped
         if not records:
             raise ValueError(f"{d.path}: no preference pairs to train on (data.ties={d.ties})")
         return records
@@ -149,7 +153,7 @@ class DiffusionDPO(UNetMethod):
         return self._dataset, collate_pairs
 
     def dropped_samples(self) -> int:
-        return self._dataset.skipped if self._dataset is not None else 0
+        return self.skipped_rows + (self._dataset.skipped if self._dataset is not None else 0)
 
     def state(self) -> dict[str, Stateful]:
         """A stateful objective's state (KLDO's running denominator), kept by checkpoints."""
@@ -157,16 +161,19 @@ class DiffusionDPO(UNetMethod):
 
     def step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         policy = self.policy
+        streams = row_generators(batch, len(batch["prompts"]))
         images = torch.cat([batch["chosen"], batch["rejected"]])
         with torch.no_grad():
             latents = torch.stack(
-                policy.encode_images(images).chunk(2), dim=1
+                policy.encode_images(images, streams and streams + streams).chunk(2), dim=1
             )  # (B, 2, C, h, w): chosen first
         size = tuple(images.shape[-2:])
-        cond = policy.encode_prompts(batch["prompts"], dropout=self.cfg.data.caption_dropout, image_size=size)
+        cond = policy.encode_prompts(
+            batch["prompts"], dropout=self.cfg.data.caption_dropout, generator=streams, image_size=size
+        )
         if self.options.sft:
-            return self._sft_step(latents, cond, batch["labels"].to(latents.device))
-        out = self.denoising_logps(latents, cond, batch)
+            return self._sft_step(latents, cond, batch["labels"].to(latents.device), streams)
+        out = self.denoising_logps(latents, cond, batch, streams)
         result = self.objective(**self._objective_inputs(out.policy, out.reference, batch))
         metrics = dict(result.metrics)
         mse = out.policy_mse.detach()
@@ -178,14 +185,18 @@ class DiffusionDPO(UNetMethod):
             metrics["mse/reference_rejected"] = float(out.reference_mse[:, 1].mean())
         return result.loss, metrics
 
-    def denoising_logps(self, latents: torch.Tensor, cond: Conditioning, batch: dict) -> DenoisingLogp:
+    def denoising_logps(
+        self, latents: torch.Tensor, cond: Conditioning, batch: dict, streams: Generators = None
+    ) -> DenoisingLogp:
         """Policy and reference log-likelihood proxies of the pairs' latents (B, 2, C, h, w) (``batch``:
-        the images they encode): one forward-noised timestep and noise per pair (the paper's Eq. 14)."""
+        the images they encode): one forward-noised timestep and noise per pair (the paper's Eq. 14),
+        drawn from ``streams`` (the pairs' own generators, or None: torch's global one)."""
         return denoising_logp(
             self.policy,
             latents,
             cond,
             with_reference=self.objective.uses_reference,
+            generator=streams,
             weighting=self.options.timestep_weighting,
         )
 
@@ -207,13 +218,13 @@ class DiffusionDPO(UNetMethod):
         }
 
     def _sft_step(
-        self, latents: torch.Tensor, cond: Conditioning, labels: torch.Tensor
+        self, latents: torch.Tensor, cond: Conditioning, labels: torch.Tensor, streams: Generators
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The denoising loss on the preferred image; with ties kept, on both images weighted by
         the label (p, 1 - p), so that a tie teaches both halves equally."""
         keep = 2 if self.cfg.data.ties == "half" else 1
         out = denoising_logp(
-            self.policy, latents[:, :keep], cond, with_reference=False,
+            self.policy, latents[:, :keep], cond, with_reference=False, generator=streams,
             weighting=self.options.timestep_weighting,
         )  # fmt: skip
         weights = torch.stack([labels, 1 - labels], dim=1)[:, :keep]

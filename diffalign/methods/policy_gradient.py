@@ -45,8 +45,9 @@ from diffalign.diffusion.sampling import (
 )
 from diffalign.methods.unet_method import UNetMethod
 from diffalign.objectives.advantages import PerPromptStatTracker, batch_advantages, group_advantages
+from diffalign.rng import Generators
 from diffalign.training.config import TrainConfig
-from diffalign.training.loop import Stateful
+from diffalign.training.loop import Stateful, row_generators
 
 __all__ = [
     "PolicyGradientMethod",
@@ -263,21 +264,26 @@ class PolicyGradientMethod(UNetMethod):
     def micro_batches(self, batch: Any, step: int) -> Any:
         """Steps 1-3 on the loader batch, then step 4's micro-batches."""
         o = self.options
-        rollout = self.rollout(batch)
+        streams = row_generators(batch, len(self.rollout_inputs(batch)[0]), o.samples_per_prompt)
+        rollout = self.rollout(batch, streams)
         n = len(rollout.advantages)
         chunk = o.train_batch_size or n
         steps_per_sample = o.train_timesteps or len(self.stochastic_steps)
+        available = len(self.stochastic_steps)
         for _ in range(o.inner_epochs):
             order = torch.randperm(n)
-            picks = torch.stack([torch.randperm(len(self.stochastic_steps)) for _ in range(n)])
+            picks = torch.stack(
+                [torch.randperm(available, generator=g) for g in streams or [None] * n]
+            )  # each sample's trained steps from its own stream
             steps = self.stochastic_steps[picks[:, :steps_per_sample]]  # (N, S) step indices
             for rows in order.split(chunk):
                 for k in range(steps_per_sample):
                     yield {"rollout": rollout, "rows": rows, "steps": steps[rows, k : k + 1]}
 
     @torch.no_grad()
-    def rollout(self, batch: Any) -> Rollout:
-        """Steps 1-3: sample, score and standardise."""
+    def rollout(self, batch: Any, streams: Generators = None) -> Rollout:
+        """Steps 1-3: sample, score and standardise; ``streams``: the generators of the samples
+        (loader rows x ``samples_per_prompt``, row-major), or None (torch's global one)."""
         o = self.options
         prompts, images, masks = self.rollout_inputs(batch)
         k = o.samples_per_prompt
@@ -288,7 +294,7 @@ class PolicyGradientMethod(UNetMethod):
         sampler = self.policy if self.lagged is None else self.lagged.policy
         trajectory = sample_with_trajectory(
             sampler, prompts, num_inference_steps=o.rollout_steps, guidance_scale=o.rollout_guidance,
-            sampler="ddim", eta=o.eta, height=size, width=size, image=images, mask=masks,
+            sampler="ddim", eta=o.eta, height=size, width=size, image=images, mask=masks, generator=streams,
         )  # fmt: skip
         rewards, weights = self.score_rollout(trajectory.images, prompts, images, masks)
         advantages = self._advantages(rewards.to(self.policy.device), prompts)

@@ -41,6 +41,7 @@ from diffalign.diffusion.inversion import renoise_invert
 from diffalign.diffusion.likelihood import DenoisingLogp, denoising_logp_at, denoising_target
 from diffalign.diffusion.policy import Conditioning
 from diffalign.methods.diffusion_dpo import DiffusionDPO, DiffusionDPOOptions
+from diffalign.rng import Generators
 from diffalign.training.config import TrainConfig
 
 __all__ = ["SmPO", "SmPOOptions"]
@@ -171,10 +172,13 @@ class SmPO(DiffusionDPO):
             scored.append(dataclasses.replace(r, rewards=(float(scores[0]), float(scores[1]))))
         return scored
 
-    def denoising_logps(self, latents: torch.Tensor, cond: Conditioning, batch: dict) -> DenoisingLogp:
-        """Policy and reference log-likelihood proxies at the pairs' inverted latents (steps 3-4)."""
+    def denoising_logps(
+        self, latents: torch.Tensor, cond: Conditioning, batch: dict, streams: Generators = None
+    ) -> DenoisingLogp:
+        """Policy and reference log-likelihood proxies at the pairs' inverted latents (steps 3-4);
+        one timestep for the batch, from torch's generator, as the official code draws it."""
         if self.options.inversion_steps == 0:
-            return super().denoising_logps(latents, cond, batch)
+            return super().denoising_logps(latents, cond, batch, streams)
         policy, (b, k) = self.policy, latents.shape[:2]
         t = torch.randint(0, policy.scheduler.config.num_train_timesteps, (), device=latents.device)
         # candidate-major, as the official [winners; losers]

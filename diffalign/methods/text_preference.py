@@ -89,7 +89,8 @@ class TextPreference(Method):
             raise ConfigError(
                 "model.reference: 'adapters' needs model.lora (the reference is the model without them)"
             )
-        records = read_text_preferences(cfg.data.path, cfg.data.split, cfg.data.ties)
+        records = read_text_preferences(cfg.data.path, cfg.data.split, cfg.data.ties, cfg.data.on_bad_sample)
+        self.skipped_rows = records.skipped
         self._check_objective(records)
         model, self.tokenizer = load_causal_lm(
             cfg.model.pretrained, cfg.model.adapter, cfg.model.trust_remote_code
@@ -252,6 +253,9 @@ class TextPreference(Method):
         save_file({"logps": logps}, str(tmp))
         tmp.replace(path)
         return logps
+
+    def dropped_samples(self) -> int:
+        return self.skipped_rows
 
     def state(self) -> dict[str, Stateful]:
         """A stateful objective's state (KLDO's running denominator, each rank's own average)."""

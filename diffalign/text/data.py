@@ -11,10 +11,11 @@ Accepted rows (JSONL, parquet, a ``save_to_disk`` folder or a hub id; see ``diff
 - K candidates: ``prompt``, ``completions`` (a list), ``rewards`` (a list of scalars of the same
   length), for ``nca`` / ``infonca`` (or any pairwise objective, on the best and worst).
 
-A record keeps its candidates in a fixed order (pairs: chosen first). Bad rows raise an error
-naming the source and row: a missing column, an empty completion (whose log-probability would be
-a sum over nothing), rewards of the wrong count, on one side of a pair only, or not finite, and a
-row without rewards among rows with them.
+A record keeps its candidates in a fixed order (pairs: chosen first). A bad row raises an error
+naming the source and row, or with ``on_bad_sample="skip"`` is dropped and counted: a missing
+column, an empty completion (whose log-probability would be a sum over nothing), rewards of the
+wrong count, on one side of a pair only, or not finite. A row without rewards among rows with
+them is an error either way.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from diffalign.data.rows import check_rewards_all_or_none, pair_label, pair_rewards, read_rows
+from diffalign.data.rows import (
+    Parsed,
+    check_rewards_all_or_none,
+    pair_label,
+    pair_rewards,
+    parse_rows,
+    read_rows,
+)
 
 __all__ = ["TextRecord", "read_text_preferences"]
 
@@ -42,10 +50,25 @@ class TextRecord:
 
 
 def read_text_preferences(
-    path: str | Path, split: str = "train", ties: Literal["drop", "half"] = "drop"
-) -> list[TextRecord]:
+    path: str | Path,
+    split: str = "train",
+    ties: Literal["drop", "half"] = "drop",
+    on_bad_sample: Literal["error", "skip"] = "error",
+) -> Parsed[TextRecord]:
+    """The rows of ``path`` as records. A malformed row raises naming it (``on_bad_sample="error"``)
+    or is dropped and counted in the result's ``skipped`` and a warning (``"skip"``).
+
+    Raises:
+        ValueError: a malformed row (``"error"``), no rows (or only ties, with ``ties="drop"``),
+            every row malformed, rows with and without rewards, or pairs mixed with K candidates.
+    """
+
+    def record(entry: tuple[str, dict]) -> TextRecord | None:
+        r = _record(entry[1], entry[0])
+        return r if r.label == 1.0 or ties == "half" else None
+
     rows = read_rows(path, split, what="text preference data")
-    records = [r for where, row in rows if (r := _record(row, where)).label == 1.0 or ties == "half"]
+    records = parse_rows(rows, record, on_bad_sample, path, "text preference data")
     if not records:
         raise ValueError(f"{path}: no rows" + (" (every row is a tie, and ties='drop')" if rows else ""))
     check_rewards_all_or_none(records)

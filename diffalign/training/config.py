@@ -109,7 +109,9 @@ class DataConfig:
     )
     on_bad_sample: Literal["error", "skip"] = field(
         default="error",
-        metadata={"help": "a corrupt/missing image stops training, or is skipped and counted"},
+        metadata={
+            "help": "a malformed row or corrupt/missing image stops training, or is skipped and counted"
+        },
     )
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
 

@@ -24,14 +24,20 @@ buffers, lagged copies, stat trackers) need no loop of their own:
   and loads its own (a replay buffer, or KLDO's running average, differs by rank; accelerate's
   ``register_for_checkpointing`` keeps the main process's only).
 
-Resuming is exact because every random draw is a function of (seed, loader batch, micro-batch,
-rank), whatever ran before (the loader batch counts over all epochs, so two rollouts never share
-their draws, even when one of them yields nothing), and because checkpoints are taken only where
-training can restart: at the end of a loader batch, with no accumulation window open (after every
-step, for one micro-batch per loader batch). A checkpoint that falls due elsewhere is written at
-the next such point, under the step reached then. The last one is written at ``max_steps``
-wherever it falls; a run resumed from it with a larger ``max_steps`` goes on from the next
-loader batch.
+A loader batch that is a dict reaches ``micro_batches`` with ``sample_seeds``: one seed per row
+of a full batch (a short last batch uses the first ones), a function of the run's seed and the
+row's place in the global data stream alone (:mod:`diffalign.rng`). A method that draws each row's
+randomness from its own stream (Diffusion-DPO, the RL core) trains the same on one process as on
+two with the same global batch.
+
+Resuming is exact because every random draw is a function of the row's stream, or of (seed,
+loader batch, micro-batch, rank), whatever ran before (the loader batch counts over all epochs,
+so two rollouts never share their draws, even when one of them yields nothing), and because
+checkpoints are taken only where training can restart: at the end of a loader batch, with no
+accumulation window open (after every step, for one micro-batch per loader batch). A checkpoint
+that falls due elsewhere is written at the next such point, under the step reached then. The last
+one is written at ``max_steps`` wherever it falls; a run resumed from it with a larger
+``max_steps`` goes on from the next loader batch.
 
 A run without ``resume_from`` refuses an ``output_dir`` that holds an earlier run (checkpoints or
 ``metrics.jsonl``): it would rotate that run's checkpoints away and mix the two runs' metrics. A
@@ -58,10 +64,19 @@ from tqdm.auto import tqdm
 
 from diffalign.config import ConfigError, build, to_dict
 from diffalign.images import save_grid
+from diffalign.rng import child_seeds, generators, stream_seeds
 from diffalign.training.config import OptimConfig, TrainConfig, with_method_defaults
 from diffalign.training.state_files import load_state, save_state
 
-__all__ = ["Callback", "Method", "NonFiniteError", "Stateful", "TrainResult", "run_training"]
+__all__ = [
+    "Callback",
+    "Method",
+    "NonFiniteError",
+    "Stateful",
+    "TrainResult",
+    "row_generators",
+    "run_training",
+]
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 Callback = Callable[[int, dict[str, float]], None]
@@ -141,9 +156,10 @@ class Method(ABC):
         """The micro-batches :meth:`step` trains on, made from one loader batch; ``step`` is the
         number of optimiser steps done when the loader batch arrives.
 
-        Each one is an accumulation micro-step (see the module docstring). The loop seeds torch
-        from (seed, loader batch, micro-batch, rank) before asking for each, so a generator's
-        rollout is reproducible on resume; it must yield as many on every rank, and at least one
+        Each one is an accumulation micro-step (see the module docstring). A dict ``batch`` has
+        ``sample_seeds`` (see the module docstring), and the loop seeds torch from (seed, loader
+        batch, micro-batch, rank) before asking for each, so a generator's rollout is
+        reproducible on resume; it must yield as many on every rank, and at least one
         in every epoch (it may yield none for a loader batch: a replay buffer warming up).
         Default: the batch itself.
         """
@@ -332,8 +348,10 @@ def _accelerator(cfg: TrainConfig) -> tuple[Any, list[str]]:
             num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False
         ),
         mixed_precision=cfg.mixed_precision,
-        # data order from (seed, epoch) alone: a resumed run sees the batches the interrupted one would have
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # data order from (seed, epoch) alone: a resumed run sees the batches the interrupted one
+        # would have, and every rank shards one permutation (without data_seed, each rank's
+        # sampler took its seed from torch's, which set_seed makes rank-specific below)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         log_with=trackers or None,
         project_config=ProjectConfiguration(
             project_dir=str(cfg.output_dir), logging_dir=str(cfg.output_dir / "logs")
@@ -547,12 +565,16 @@ def _train(run: _Run) -> None:
 def _train_on(run: _Run, batch: Any) -> None:
     """Every micro-batch the method makes of one loader batch, until ``max_steps``."""
     cfg, accelerator = run.cfg, run.accelerator
+    if isinstance(batch, dict):  # the rows' own random streams, by their place in the global stream
+        world, rank = accelerator.num_processes, accelerator.process_index
+        first = ((run.loader_batches - 1) * world + rank) * cfg.batch_size
+        batch = {**batch, "sample_seeds": stream_seeds(cfg.seed, first, cfg.batch_size)}
     micro_batches = iter(run.method.micro_batches(batch, run.step))
     for index in itertools.count():
         if run.step >= cfg.max_steps:
             return
-        # the method's random draws (rollouts, noise, timesteps, caption dropout) are a function
-        # of (seed, loader batch, micro-batch, rank): resuming reproduces them whatever ran before
+        # draws not made from the rows' streams are a function of (seed, loader batch, micro-batch,
+        # rank): resuming reproduces them whatever ran before
         torch.manual_seed(_draw_seed(cfg.seed, run.loader_batches, index, accelerator.process_index))
         micro_batch = next(micro_batches, _END)
         if micro_batch is _END:
@@ -643,6 +665,17 @@ def _log(run: _Run) -> None:
         for callback in run.callbacks:
             callback(run.step, dict(run.last))
     accelerator.log(run.last, step=run.step)
+
+
+def row_generators(batch: Any, n: int, per_row: int = 1) -> list[torch.Generator] | None:
+    """Generators of a loader batch's ``n`` rows, ``per_row`` each (row-major), from the
+    ``sample_seeds`` the loop gave it; None for a batch without them (a method called directly),
+    whose draws then come from torch's global generator."""
+    seeds = batch.get("sample_seeds") if isinstance(batch, dict) else None
+    if seeds is None:
+        return None
+    seeds = seeds[:n]
+    return generators(seeds if per_row == 1 else child_seeds(seeds, per_row))
 
 
 def _draw_seed(seed: int, loader_batch: int, micro: int, rank: int) -> int:
