@@ -1,5 +1,6 @@
 """What the method benchmarks share: a tiny or SD1.5-sized pipeline, pairs to train on, a method
-built on them, wall-clock timing with the device synchronised, and the summary of timed steps."""
+built on them, wall-clock timing with the device synchronised, the summary of timed steps, and
+``interleaved``: the comparison of several sides that a noisy, shared machine cannot fool."""
 
 from __future__ import annotations
 
@@ -94,18 +95,25 @@ def pairs(folder: Path, n: int, size: int) -> Path:
     return path
 
 
-def method(name: str, pipeline: Path, data: Path, args: argparse.Namespace, **options: Any) -> Any:
-    """The method ``name`` on ``pipeline`` and ``data``, set up on ``args.device`` in float32."""
+def method(
+    name: str, pipeline: Path, data: Path, args: argparse.Namespace, model: dict | None = None,
+    weight_dtype: torch.dtype = torch.float32, **options: Any,
+) -> Any:  # fmt: skip
+    """The method ``name`` on ``pipeline`` and ``data`` (``model``: more ``model.*`` settings), set
+    up on ``args.device`` with its frozen parts in ``weight_dtype``, forwards through the trained
+    UNet as the loop runs them (``use_prepared``: compiled under ``model.compile``)."""
+    from diffalign.config import build
     from diffalign.methods import get_method
     from diffalign.training.config import DataConfig, ModelConfig, TrainConfig
 
     cfg = TrainConfig(
-        method=name, model=ModelConfig(pretrained=str(pipeline)),
+        method=name, model=build(ModelConfig, {"pretrained": str(pipeline), **(model or {})}),
         data=DataConfig(path=data, resolution=args.resolution, caption_dropout=0.0, hflip=False),
         method_options=options, output_dir=data.parent / "out", report_to=[], batch_size=args.batch,
     )  # fmt: skip
     built = get_method(name)(cfg)
-    built.setup(torch.device(args.device), torch.float32)
+    built.setup(torch.device(args.device), weight_dtype)
+    built.use_prepared(built.trainable_module())
     return built
 
 
@@ -138,3 +146,51 @@ def summary(times: list[float], warmup: int) -> dict[str, float]:
         "first_step": times[0], "median": statistics.median(timed), "min": min(timed), "max": max(timed),
         "mean": statistics.fmean(timed),
     }  # fmt: skip
+
+
+def interleaved(
+    sides: dict[str, Callable[[], Any]],
+    units_per_step: dict[str, float],
+    device: str,
+    repeats: int = 5,
+    min_seconds: float = 10.0,
+    min_steps: int = 50,
+    warmup: int = 2,
+) -> dict[str, dict[str, Any]]:
+    """Throughput of each side (a callable running one step), measured in ``repeats`` rounds; in each
+    round every side runs in turn (A B C A B C ...) for a window of at least ``min_seconds`` and
+    ``min_steps`` steps, after ``warmup`` untimed steps in the first round. A load that drifts
+    during the run then touches every side alike.
+
+    Returns, per side, ``units_per_second`` (the windows' median, min, max and all of them) in the
+    side's ``units_per_step`` (pairs, tokens, images).
+    """
+    for step in sides.values():
+        for _ in range(warmup):
+            seconds(step, device)
+    windows: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, step in sides.items():
+            elapsed, steps = 0.0, 0
+            while elapsed < min_seconds or steps < min_steps:
+                elapsed += seconds(step, device)[0]
+                steps += 1
+            windows[name].append(steps * units_per_step[name] / elapsed)
+    return {name: {"units_per_second": _spread(w), "windows": w} for name, w in windows.items()}
+
+
+def ratio(results: dict[str, dict[str, Any]], side: str, baseline: str) -> dict[str, Any]:
+    """``side``'s throughput over ``baseline``'s, round by round (median, min, max), and whether it
+    is a speed-up (``faster``) or a slow-down (``slower``) that the two sides' ranges do not
+    blur: only where ``side``'s slowest window beats ``baseline``'s fastest (or the reverse)."""
+    a, b = results[side]["windows"], results[baseline]["windows"]
+    per_round = [x / y for x, y in zip(a, b, strict=True)]
+    return {
+        **_spread(per_round),
+        "faster": min(a) > max(b),
+        "slower": max(a) < min(b),
+    }
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}

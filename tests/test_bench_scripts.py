@@ -45,3 +45,18 @@ def test_bench_dro_writes_its_report(tmp_path: Path) -> None:
     assert report["dro_step_median"] == parts
     assert 0 < report["rollout_share_of_dro_step"] < 1
     assert report["dro_step_ratio_to_diffusion_dpo"] == parts / report["seconds"]["diffusion_dpo"]["median"]
+
+
+def test_bench_dpo_smoke_writes_its_report(tmp_path: Path) -> None:
+    report = run_bench("bench_dpo.py", tmp_path / "bench.json", "--smoke")
+    sides = report["sides"]
+    assert set(sides) == {"official_full", "diffusers_lora", "diffalign_full", "diffalign_lora"}
+    for side in sides.values():
+        rate = side["units_per_second"]
+        assert len(side["windows"]) == report["repeats"] and rate["min"] <= rate["median"] <= rate["max"]
+        assert side["flops_per_step"] > 0 and 0 < side["mfu"] < 1
+    # the same work on both sides of each comparison: full fine-tuning counts the same FLOPs
+    assert sides["official_full"]["flops_per_step"] == sides["diffalign_full"]["flops_per_step"]
+    assert sides["diffusers_lora"]["flops_per_step"] < sides["official_full"]["flops_per_step"]
+    ratio = report["full_over_official"]
+    assert ratio["min"] <= ratio["median"] <= ratio["max"] and not (ratio["faster"] and ratio["slower"])

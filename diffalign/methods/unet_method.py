@@ -62,7 +62,8 @@ class UNetMethod(Method):
     def load_policy(self, reference: bool, inpainting: bool = False) -> DiffusionPolicy:
         """The pipeline of ``model.pretrained`` with LoRA adapters when ``model.lora`` is set, a
         reference when ``reference`` (``model.reference``: a frozen copy, or the adapters turned
-        off; auto picks adapters under LoRA), the attention backend and gradient checkpointing.
+        off; auto picks adapters under LoRA), the attention backend, gradient checkpointing and
+        the memory format (``model.channels_last``).
         ``inpainting``: the recipe trains an inpainting UNet (else a text-to-image one).
 
         Raises:
@@ -99,13 +100,18 @@ class UNetMethod(Method):
             policy.make_reference(("adapters" if cfg.model.lora else "copy") if mode == "auto" else mode)
         if cfg.model.gradient_checkpointing:
             policy.enable_gradient_checkpointing()
+        if cfg.model.channels_last:
+            for unet in (policy.unet, policy.reference_unet):
+                if unet is not None:
+                    unet.to(memory_format=torch.channels_last)
         return policy
 
     def trainable_module(self) -> torch.nn.Module:
         return self.policy.unet
 
     def use_prepared(self, module: torch.nn.Module) -> None:
-        self.policy.train_unet = module
+        """Forwards through ``module`` (DDP's wrapper), compiled with ``model.compile``."""
+        self.policy.train_unet = torch.compile(module) if self.cfg.model.compile else module
 
     def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:
         """The trained UNet to ``device``; the frozen parts (VAE, text encoders, reference, the

@@ -84,6 +84,12 @@ class ModelConfig:
     attention: Literal["sdpa", "xformers", "classic"] = field(
         default="sdpa", metadata={"help": "attention backend"}
     )
+    channels_last: bool = field(
+        default=False, metadata={"help": "UNets in channels-last memory format (convolutions on GPUs)"}
+    )
+    compile: bool = field(
+        default=False, metadata={"help": "torch.compile the trained UNet (compiles on the first steps)"}
+    )
 
 
 @dataclass
