@@ -97,18 +97,22 @@ def pairs(folder: Path, n: int, size: int) -> Path:
 
 def method(
     name: str, pipeline: Path, data: Path, args: argparse.Namespace, model: dict | None = None,
-    weight_dtype: torch.dtype = torch.float32, **options: Any,
+    weight_dtype: torch.dtype = torch.float32, data_options: dict | None = None, **options: Any,
 ) -> Any:  # fmt: skip
-    """The method ``name`` on ``pipeline`` and ``data`` (``model``: more ``model.*`` settings), set
-    up on ``args.device`` with its frozen parts in ``weight_dtype``, forwards through the trained
-    UNet as the loop runs them (``use_prepared``: compiled under ``model.compile``)."""
+    """The method ``name`` on ``pipeline`` and ``data`` (``model``, ``data_options``: more
+    ``model.*`` and ``data.*`` settings; the latter default to no caption dropout and no flips),
+    set up on ``args.device`` with its frozen parts in ``weight_dtype``, forwards through the
+    trained UNet as the loop runs them (``use_prepared``: compiled under ``model.compile``)."""
     from diffalign.config import build
     from diffalign.methods import get_method
     from diffalign.training.config import DataConfig, ModelConfig, TrainConfig
 
     cfg = TrainConfig(
         method=name, model=build(ModelConfig, {"pretrained": str(pipeline), **(model or {})}),
-        data=DataConfig(path=data, resolution=args.resolution, caption_dropout=0.0, hflip=False),
+        data=build(DataConfig, {
+            "path": str(data), "resolution": args.resolution,
+            **({"caption_dropout": 0.0, "hflip": False} if data_options is None else data_options),
+        }),
         method_options=options, output_dir=data.parent / "out", report_to=[], batch_size=args.batch,
     )  # fmt: skip
     built = get_method(name)(cfg)

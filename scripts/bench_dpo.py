@@ -11,6 +11,12 @@ rejected in one batch, reference forward, DPO loss at beta 5000, backward, optim
 - ``diffalign_full`` / ``diffalign_lora``: ``DiffusionDPO.step`` with the config's speed options
   (``--channels-last``, ``--compile``) and the loop's optimiser (``make_optimizer``).
 
+``--methods`` adds one optimiser step of SmPO (ReNoise inversion with the policy, 5 steps),
+Diffusion-DRO (the lagged policy's rollout of as many samples as experts, then training) and the
+RL core (DDPO: a rollout of ``--pairs`` prompts x 2 samples, 10 DDIM steps, then every
+micro-batch of it), each relative to diffalign's Diffusion-DPO step on as many pairs (images per
+second for DDPO).
+
 The sides run interleaved (``bench_common.interleaved``: A B C D A B C D ..., ``--repeats``
 rounds, each window at least ``--min-seconds`` and ``--min-steps``); the report gives, per side,
 pairs/s (median, min, max), FLOPs per step (``torch.utils.flop_counter``), MFU against a matmul
@@ -193,6 +199,62 @@ def build_sides(args: argparse.Namespace, pipe: Path, data: Path) -> tuple[dict[
     return sides, bench.first_batch(full, args.pairs)
 
 
+def method_steps(args: argparse.Namespace, pipe: Path, data: Path) -> dict[str, Callable[[], None]]:
+    """One optimiser step of SmPO, Diffusion-DRO and DDPO (``--methods``), on the CPU in fp32 or
+    the GPU under bf16 autocast, as ``diffalign_full`` runs."""
+    from diffalign.training.loop import make_optimizer
+
+    cuda = args.device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    prompts = data.parent / "prompts.txt"
+    prompts.write_text("".join(f"a red square number {i}\n" for i in range(args.pairs)))
+    built = {
+        "smpo": bench.method("smpo", pipe, data, args, weight_dtype=dtype, inversion_steps=5),
+        "dro": bench.method(
+            "dro", pipe, data, args, weight_dtype=dtype, buffer_size=args.pairs, rollout_steps=10
+        ),
+        "ddpo": bench.method(
+            "ddpo", pipe, prompts, args, weight_dtype=dtype, data_options={}, reward="jpeg_compressibility",
+            samples_per_prompt=2, rollout_steps=10, train_timesteps=2,
+        ),
+    }  # fmt: skip
+
+    def stepper(name: str) -> Callable[[], None]:
+        method = built[name]
+        params = [p for p in method.trainable_module().parameters() if p.requires_grad]
+        optimizer, batch = (
+            make_optimizer(method.cfg.optim, params, 1e-8),
+            bench.first_batch(method, args.pairs),
+        )
+
+        def step() -> None:
+            with autocast():
+                for micro in method.micro_batches(batch, 0):
+                    loss, _ = method.step(micro)
+                    loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    return {name: stepper(name) for name in built}
+
+
+def method_comparison(
+    args: argparse.Namespace, pipe: Path, data: Path, dpo: Step, batch: dict
+) -> dict[str, Any]:
+    """Each method's optimiser steps per second over Diffusion-DPO's, in interleaved windows."""
+    sides = {"diffusion_dpo": lambda: dpo(batch), **method_steps(args, pipe, data)}
+    rates = bench.interleaved(
+        sides, dict.fromkeys(sides, 1.0), args.device, args.repeats, args.min_seconds, args.min_steps
+    )
+    return {
+        "unit": "optimiser steps per second", "steps_per_second": rates,
+        **{name: bench.ratio(rates, name, "diffusion_dpo") for name in sides if name != "diffusion_dpo"},
+    }  # fmt: skip
+
+
 def resized(batch: dict, n: int) -> dict:
     """``batch`` with ``n`` pairs: its rows repeated (tensors and lists alike) and cut to ``n``."""
 
@@ -241,11 +303,13 @@ def main() -> None:
     parser.add_argument("--min-steps", type=int, default=50)
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--methods", action="store_true", help="SmPO, DRO and DDPO steps next to DPO's")
     parser.add_argument("--smoke", action="store_true", help="tiny UNet, a few steps: checks the JSON only")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     if args.smoke:
         args.model, args.repeats, args.min_seconds, args.min_steps, args.pairs = "tiny", 2, 0.0, 2, 2
+        args.methods = True
     args.model = args.model or ("sd15" if args.device == "cuda" else "medium")
     args.output = args.output or Path(f"benchmarks/results/bench_dpo_{args.model}_{args.device}.json")
     args.batch, args.resolution = args.pairs, {"tiny": 32, "medium": 32, "sd15": 128}[args.model]
@@ -271,6 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dict.fromkeys(sides, args.pairs), args.device, args.repeats, args.min_seconds, args.min_steps,
         )  # fmt: skip
         fits = {name: largest_pairs(step, batch) for name, step in sides.items()} if cuda else {}
+        others = method_comparison(args, pipe, data, sides["diffalign_full"], batch) if args.methods else {}
     ceiling = matmul_ceiling(args.device, torch.bfloat16 if cuda else torch.float32)
     for name, result in results.items():
         rate = result["units_per_second"]["median"]
@@ -285,6 +350,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sides": results,
         "full_over_official": bench.ratio(results, "diffalign_full", "official_full"),
         "lora_over_diffusers": bench.ratio(results, "diffalign_lora", "diffusers_lora"),
+        "methods_over_diffusion_dpo": others,
     }  # fmt: skip
 
 

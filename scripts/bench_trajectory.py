@@ -1,10 +1,11 @@
 """Benchmark: the cost of recording a trajectory, and of DDIM vs ReNoise inversion.
 
 Writes JSON (stdout and ``--output``):
-- ``sampling``: seconds of a plain ``StableDiffusionPipeline`` call and of
-  ``sample_with_trajectory`` at the same steps, sampler (DDIM, eta 1), guidance and seed, both
-  medians of ``--repeats`` runs in the same process, and ``overhead = traj / pipeline - 1``
-  (target <= 0.05);
+- ``sampling``: images/s of a plain ``StableDiffusionPipeline`` call and of
+  ``sample_with_trajectory`` at the same steps, sampler (DDIM, eta 1), guidance and seed,
+  interleaved in ``--repeats`` rounds of windows of at least ``--min-seconds`` and
+  ``--min-steps`` calls (``bench_common.interleaved``), and ``overhead`` = pipeline's rate over
+  the trajectory's - 1, round by round (median, min, max; target: median <= 0.05);
 - ``inversion``: seconds, UNet calls and reconstruction error of DDIM inversion and ReNoise
   (K = 1) at the same number of steps, and of DDIM inversion at the same number of UNet calls.
 
@@ -24,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_common as bench
 import torch
 
 
@@ -46,6 +48,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-seconds", type=float, default=10.0)
+    parser.add_argument("--min-steps", type=int, default=50, help="sampling calls per window at least")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
@@ -82,12 +86,12 @@ def main() -> None:
             policy, prompts, eta=1.0, generator=torch.Generator(device).manual_seed(0), **common
         )
 
-    # interleave so that drift in machine load hits both alike
-    pipe_times, traj_times = [], []
-    for _ in range(args.repeats):
-        pipe_times.append(timed(run_pipeline, 1, sync))
-        traj_times.append(timed(run_trajectory, 1, sync))
-    t_pipe, t_traj = statistics.median(pipe_times), statistics.median(traj_times)
+    rates = bench.interleaved(
+        {"pipeline": run_pipeline, "sample_with_trajectory": run_trajectory},
+        dict.fromkeys(("pipeline", "sample_with_trajectory"), args.batch),
+        device.type, args.repeats, args.min_seconds, args.min_steps, warmup=1,
+    )  # fmt: skip
+    slowdown = bench.ratio(rates, "pipeline", "sample_with_trajectory")
 
     traj = sample_with_trajectory(
         policy,
@@ -132,9 +136,8 @@ def main() -> None:
         "batch": args.batch,
         "steps": args.steps,
         "sampling": {
-            "pipeline_seconds": t_pipe,
-            "trajectory_seconds": t_traj,
-            "overhead": t_traj / t_pipe - 1,
+            "images_per_second": rates,
+            "overhead": {k: slowdown[k] - 1 for k in ("median", "min", "max")},
             "target_overhead": 0.05,
         },
         "inversion": inversion,

@@ -18,10 +18,13 @@ def run_bench(script: str, out: Path, *args: str) -> dict:
 
 
 def test_bench_trajectory_writes_its_report(tmp_path: Path) -> None:
-    report = run_bench(
-        "bench_trajectory.py", tmp_path / "bench.json", "--steps", "2", "--batch", "1", "--repeats", "1"
-    )
-    assert report["sampling"]["pipeline_seconds"] > 0 and report["sampling"]["trajectory_seconds"] > 0
+    args = ("--steps", "2", "--batch", "1", "--repeats", "2", "--min-seconds", "0", "--min-steps", "2")
+    report = run_bench("bench_trajectory.py", tmp_path / "bench.json", *args)
+    rates = report["sampling"]["images_per_second"]
+    assert set(rates) == {"pipeline", "sample_with_trajectory"}
+    assert all(len(r["windows"]) == 2 and r["units_per_second"]["min"] > 0 for r in rates.values())
+    overhead = report["sampling"]["overhead"]
+    assert overhead["min"] <= overhead["median"] <= overhead["max"]
     assert set(report["inversion"]) == {"ddim_same_steps", "renoise_k1_same_steps", "ddim_same_unet_calls"}
     assert (
         report["inversion"]["renoise_k1_same_steps"]["unet_calls"]
@@ -60,3 +63,6 @@ def test_bench_dpo_smoke_writes_its_report(tmp_path: Path) -> None:
     assert sides["diffusers_lora"]["flops_per_step"] < sides["official_full"]["flops_per_step"]
     ratio = report["full_over_official"]
     assert ratio["min"] <= ratio["median"] <= ratio["max"] and not (ratio["faster"] and ratio["slower"])
+    others = report["methods_over_diffusion_dpo"]
+    assert set(others["steps_per_second"]) == {"diffusion_dpo", "smpo", "dro", "ddpo"}
+    assert all(others[name]["min"] > 0 for name in ("smpo", "dro", "ddpo"))

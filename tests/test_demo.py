@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,33 @@ def test_demo_command_line_composes_method_and_objective(
     with pytest.raises(ConfigError, match="objective: unknown objective ''"):
         run_demo(demo_run.DemoConfig(output_dir=tmp_path / "out", objective=""))
     assert not (tmp_path / "cache").exists()
+
+
+def test_publish_leaves_complete_caches_when_two_demos_race(tmp_path: Path) -> None:
+    """Two demos (seeds 0 and 1) pretrain the same base at once: the second to finish keeps the
+    first's folder instead of failing, a file is replaced whole, and a failed write leaves nothing."""
+    from diffalign.demo.pretrain import publish
+
+    def folder_with(text: str) -> Callable[[Path], None]:
+        def write(path: Path) -> None:
+            path.mkdir()
+            (path / "model_index.json").write_text(text)
+
+        return write
+
+    target = tmp_path / "base-key"
+    publish(target, folder_with("first"))
+    publish(target, folder_with("second"))
+    assert (target / "model_index.json").read_text() == "first"
+    file = tmp_path / "classifier.safetensors"
+    publish(file, lambda p: p.write_text("one"))
+    publish(file, lambda p: p.write_text("two"))
+    assert file.read_text() == "two"
+
+    def broken(path: Path) -> None:
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        publish(tmp_path / "other", broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base-key", "classifier.safetensors"]

@@ -126,10 +126,31 @@ def pretrained_base(cfg: PretrainConfig, progress: bool = True) -> Path:
         return folder
     pipe = _build_pipeline(cfg.seed, cfg.inpainting)
     _pretrain(pipe, cfg, _inpainting_batch if cfg.inpainting else _text_to_image_batch, progress)
-    tmp = folder.with_name(folder.name + ".tmp")
-    pipe.save_pretrained(tmp)
-    tmp.replace(folder)  # a cached model is complete or absent
+    publish(folder, pipe.save_pretrained)
     return folder
+
+
+def publish(target: Path, write: Callable[[Path], None]) -> None:
+    """``write(path)`` into a temporary path of this process's own beside ``target``, then renamed
+    to ``target``: a cached file or folder is complete or absent, and demos run at once (several
+    seeds) never write into one another's. When another process published ``target`` first, its
+    copy (the same model: the cache key names every setting) is kept and ours dropped."""
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{target.name}.tmp-"))
+    path = tmp / target.name
+    try:
+        write(path)
+        if target.exists() and path.is_dir():
+            return  # published meanwhile by another process
+        path.replace(target)  # a file replaces atomically; a folder lands only where none is
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # a training batch: images (N, 3, 16, 16) in [0, 1], their prompts, and the masks (N, 1, 16, 16)
@@ -235,6 +256,5 @@ def trained_classifier(
         optimizer.step()
         schedule.step()
     model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), str(path))
+    publish(path, lambda tmp: save_file(model.state_dict(), str(tmp)))
     return model, model.accuracy(held_out, held_prompts)
