@@ -1,133 +1,168 @@
-"""Tokens per second of a DPO step on the tiny causal LM: diffalign's text_preference next to TRL's
-DPOTrainer, same model, data, batch, learning rate and precision, measured in one run.
+"""Tokens per second of a DPO optimiser step on a causal LM: diffalign's text_preference next to
+TRL's DPOTrainer, same model, rows, batch, learning rate and precision, measured in one run.
 
-    PYTHONPATH=<folder with trl> python scripts/bench_text_dpo.py [--out outputs/bench_text_dpo.json]
+    PYTHONPATH=<folder with trl> python scripts/bench_text_dpo.py [--smoke] [--output FILE.json]
 
 TRL is not a dependency: install it for this measurement only (for example
 ``pip install --no-deps --target /tmp/trl trl`` and ``PYTHONPATH=/tmp/trl``); without it the
-script measures diffalign alone and says so. Both sides run ``--steps`` optimiser steps with a
-frozen reference copy; the first ``--warmup`` steps are not timed. Tokens are the prompt and
-completion tokens (no padding) of the chosen and rejected sequences, counted once per step.
+script measures diffalign alone and says so. A step is the method's forward of chosen and
+rejected with a frozen reference copy, the DPO loss (beta 0.1), backward and AdamW: diffalign's
+``step`` with the loop's optimiser, TRL's ``training_step`` with the trainer's. The sides run
+interleaved (``bench_common.interleaved``: ``--repeats`` rounds of windows of at least
+``--min-seconds`` and ``--min-steps``), on a model where compute dominates the step (by default
+4 layers of width 512, every sequence 256 tokens: a 64-token prompt and 192-token completions).
+Tokens are the prompt and completion tokens of both sequences, as the tokenizer counts them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import random
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import bench_common as bench
 import torch
 
-from diffalign.text.tiny import build_tiny_causal_lm, synthetic_preferences
+from diffalign.text.tiny import NO, TOPICS, YES, build_tiny_causal_lm
 
 
-def _tokens_per_pair(model_path: Path, data: Path) -> float:
-    from transformers import AutoTokenizer
+def long_rows(path: Path, rows: int, prompt_words: int, answer_words: int) -> Path:
+    """Pairs whose every prompt and completion has a fixed number of words (one token each)."""
+    rng = random.Random(0)
+    vocab = [*TOPICS, *YES, *NO]
+    lines = []
+    for _ in range(rows):
+        prompt, chosen, rejected = (
+            " ".join(rng.choices(vocab, k=n)) for n in (prompt_words, answer_words, answer_words)
+        )
+        # completions open with a space: TRL joins prompt and completion as they are
+        lines.append(json.dumps({"prompt": prompt, "chosen": f" {chosen}", "rejected": f" {rejected}"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
-    from diffalign.text.data import read_text_preferences
-    from diffalign.text.logps import Tokenization, encode_candidates
 
-    tok = AutoTokenizer.from_pretrained(model_path)
-    records = read_text_preferences(data)
-    total = sum(
-        len(ids)
-        for r in records
-        for ids, _ in encode_candidates(tok, r.prompt, r.completions, Tokenization())
-    )
-    return total / len(records)
-
-
-def bench_diffalign(model_path: Path, data: Path, out: Path, args: argparse.Namespace) -> float:
-    """Seconds per timed step, from the loop's own cumulative pairs/s at the warmup and last steps."""
-    from diffalign.api import train
+def diffalign_side(model: Path, data: Path, args: argparse.Namespace) -> Callable[[], None]:
     from diffalign.config import load_config
+    from diffalign.methods import get_method
     from diffalign.training.config import TrainConfig
+    from diffalign.training.loop import make_optimizer
 
     config = Path(__file__).resolve().parents[1] / "configs" / "text" / "dpo.yaml"
-    steps = args.warmup + args.steps
     cfg = load_config(TrainConfig, config, [
-        f"model.pretrained={model_path}", f"data.path={data}", f"output_dir={out}", f"max_steps={steps}",
-        f"batch_size={args.batch}", "log_every=1", f"checkpoint_every={steps}", "report_to=[]",
-        f"optim.lr={args.lr}", "optim.max_grad_norm=1.0",
+        f"model.pretrained={model}", f"data.path={data}", f"output_dir={data.parent / 'ours'}",
+        f"batch_size={args.batch}", "report_to=[]", f"optim.lr={args.lr}",
     ])  # fmt: skip
-    train(cfg)
-    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rate = {m["step"]: m["samples_per_second"] for m in log}
-    pairs = {s: s * args.batch for s in rate}
-    elapsed = pairs[steps] / rate[steps] - pairs[args.warmup] / rate[args.warmup]
-    return elapsed / args.steps
+    method = get_method(cfg.method)(cfg)
+    method.setup(torch.device("cpu"), torch.float32)
+    module = method.trainable_module()
+    method.use_prepared(module)
+    module.train()
+    optimizer = make_optimizer(cfg.optim, [p for p in module.parameters() if p.requires_grad], args.lr)
+    dataset, collate = method.dataset()
+    batch = collate([dataset[i] for i in range(args.batch)])
+
+    def step() -> None:
+        loss, _ = method.step(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
-def bench_trl(model_path: Path, data: Path, out: Path, args: argparse.Namespace) -> float:
+def trl_side(model: Path, data: Path, args: argparse.Namespace) -> Callable[[], None]:
     import datasets
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
-
-    stamps: list[float] = []
-
-    class Stamp(TrainerCallback):
-        def on_step_end(self, *_args: object, **_kwargs: object) -> None:
-            stamps.append(time.perf_counter())
 
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     config = DPOConfig(
-        output_dir=str(out), per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, beta=0.1, max_length=1024,
-        logging_steps=args.warmup + args.steps, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-        max_grad_norm=1.0, dataloader_drop_last=True,
+        output_dir=str(data.parent / "trl"), per_device_train_batch_size=args.batch, learning_rate=args.lr,
+        beta=0.1, max_length=1024, save_strategy="no", report_to=[], use_cpu=True, seed=0,
     )  # fmt: skip
     trainer = DPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_path),
-        ref_model=AutoModelForCausalLM.from_pretrained(model_path),
+        model=AutoModelForCausalLM.from_pretrained(model),
+        ref_model=AutoModelForCausalLM.from_pretrained(model),
         args=config,
         train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=AutoTokenizer.from_pretrained(model_path),
-        callbacks=[Stamp()],
+        processing_class=AutoTokenizer.from_pretrained(model),
     )
-    trainer.train()
-    return (stamps[-1] - stamps[args.warmup - 1]) / args.steps
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # what Trainer's own loop sets before stepping
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+
+    def step() -> None:
+        trainer.training_step(trainer.model, batch)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+
+    return step
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench_text_dpo.json"), help="result JSON")
-    parser.add_argument("--steps", type=int, default=40, help="timed optimiser steps")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed first steps")
-    parser.add_argument("--batch", type=int, default=8, help="pairs per step")
-    parser.add_argument("--hidden", type=int, default=32, help="hidden size of the tiny Llama")
-    parser.add_argument("--lr", type=float, default=1e-4, help="learning rate (both sides)")
-    args = parser.parse_args(argv)
+def tokens_per_step(model: Path, data: Path, batch: int) -> float:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    rows = [json.loads(line) for line in data.read_text().splitlines()][:batch]
+    count = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    return float(sum(2 * count(r["prompt"]) + count(r["chosen"]) + count(r["rejected"]) for r in rows))
+
+
+def main() -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/bench_text_dpo_cpu.json"))
+    parser.add_argument("--batch", type=int, default=4, help="pairs per step")
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--completion-tokens", type=int, default=192)
+    parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-seconds", type=float, default=10.0)
+    parser.add_argument("--min-steps", type=int, default=50)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and a few steps: the JSON only")
+    args = parser.parse_args()
+    if args.smoke:
+        args.hidden, args.layers, args.prompt_tokens, args.completion_tokens = 32, 2, 8, 8
+        args.repeats, args.min_seconds, args.min_steps = 2, 0.0, 2
+    length = args.prompt_tokens + args.completion_tokens
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model_path = build_tiny_causal_lm(root / "lm", hidden=args.hidden)
-        data = synthetic_preferences(root / "pairs.jsonl", rows=(args.warmup + args.steps) * args.batch)
-        tokens_per_step = _tokens_per_pair(model_path, data) * args.batch
-        result: dict = {
-            "model": f"tiny Llama, 2 layers, hidden {args.hidden}",
-            "batch_pairs": args.batch, "timed_steps": args.steps, "warmup_steps": args.warmup,
-            "tokens_per_step": tokens_per_step, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "machine": platform.machine(),
-        }  # fmt: skip
-        ours = bench_diffalign(model_path, data, root / "ours", args)
-        result["diffalign_tokens_per_second"] = tokens_per_step / ours
+        model = build_tiny_causal_lm(
+            root / "lm", hidden=args.hidden, layers=args.layers, max_positions=length + 8
+        )
+        data = long_rows(root / "pairs.jsonl", 4 * args.batch, args.prompt_tokens, args.completion_tokens)
+        sides = {"diffalign": diffalign_side(model, data, args)}
         try:
             import trl
         except ImportError:
-            result["trl"] = "not installed: diffalign measured alone"
+            trl = None
         else:
-            theirs = bench_trl(model_path, data, root / "trl", args)
-            result["trl"] = trl.__version__
-            result["trl_tokens_per_second"] = tokens_per_step / theirs
-            result["ratio_diffalign_over_trl"] = theirs / ours
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
-    return result
+            sides["trl"] = trl_side(model, data, args)
+        tokens = tokens_per_step(model, data, args.batch)
+        results = bench.interleaved(
+            sides, dict.fromkeys(sides, tokens), "cpu", args.repeats, args.min_seconds, args.min_steps
+        )
+    report: dict[str, Any] = {
+        "unit": "tokens per second", "model": f"Llama, {args.layers} layers, hidden {args.hidden}",
+        "sequence_tokens": length, "batch_pairs": args.batch, "tokens_per_step": tokens,
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": args.repeats,
+        "min_seconds": args.min_seconds, "min_steps": args.min_steps, "sides": results,
+    }  # fmt: skip
+    if trl is None:
+        report["trl"] = "not installed: diffalign measured alone"
+    else:
+        report["trl"] = trl.__version__
+        report["diffalign_over_trl"] = bench.ratio(results, "diffalign", "trl")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -66,3 +66,14 @@ def test_bench_dpo_smoke_writes_its_report(tmp_path: Path) -> None:
     others = report["methods_over_diffusion_dpo"]
     assert set(others["steps_per_second"]) == {"diffusion_dpo", "smpo", "dro", "ddpo"}
     assert all(others[name]["min"] > 0 for name in ("smpo", "dro", "ddpo"))
+
+
+def test_bench_text_dpo_smoke_writes_its_report(tmp_path: Path) -> None:
+    report = run_bench("bench_text_dpo.py", tmp_path / "bench.json", "--smoke")
+    ours = report["sides"]["diffalign"]
+    assert len(ours["windows"]) == 2 and ours["units_per_second"]["min"] > 0
+    assert report["tokens_per_step"] == 4 * 4 * 8  # 4 pairs x (2 prompts + 2 completions) x 8 tokens
+    if "trl" in report["sides"]:  # TRL present (it is not a dependency): the ratio is reported
+        assert report["diffalign_over_trl"]["min"] <= report["diffalign_over_trl"]["median"]
+    else:
+        assert report["trl"] == "not installed: diffalign measured alone"

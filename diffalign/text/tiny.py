@@ -28,9 +28,11 @@ CHAT_TEMPLATE = (
 
 
 def build_tiny_causal_lm(
-    path: str | Path, chat_template: bool = False, seed: int = 0, hidden: int = 32
-) -> Path:
-    """Save a tiny Llama and its tokenizer under ``path``; return ``path``."""
+    path: str | Path, chat_template: bool = False, seed: int = 0, hidden: int = 32, layers: int = 2,
+    max_positions: int = 256,
+) -> Path:  # fmt: skip
+    """Save a tiny Llama (``layers`` layers of width ``hidden``, sequences up to ``max_positions``
+    tokens) and its tokenizer under ``path``; return ``path``."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -44,8 +46,8 @@ def build_tiny_causal_lm(
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     config = LlamaConfig(
-        vocab_size=len(words), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=len(words), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(seed)
