@@ -314,11 +314,11 @@ def main() -> None:
     args.output = args.output or Path(f"benchmarks/results/bench_dpo_{args.model}_{args.device}.json")
     args.batch, args.resolution = args.pairs, {"tiny": 32, "medium": 32, "sd15": 128}[args.model]
     args.steps = args.min_steps  # the report's timed_steps: the least a window runs
-    report = run(args)
-    bench.write_report(args, report)
+    run(args)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The four sides' report, written as soon as it is measured, then again with ``--methods``."""
     from diffalign.diffusion.tiny import SD15_UNET_CONFIG, build_tiny_pipeline
 
     unet = {"tiny": None, "medium": MEDIUM_UNET, "sd15": dict(SD15_UNET_CONFIG, sample_size=64)}[args.model]
@@ -335,23 +335,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dict.fromkeys(sides, args.pairs), args.device, args.repeats, args.min_seconds, args.min_steps,
         )  # fmt: skip
         fits = {name: largest_pairs(step, batch) for name, step in sides.items()} if cuda else {}
-        others = method_comparison(args, pipe, data, sides["diffalign_full"], batch) if args.methods else {}
-    ceiling = matmul_ceiling(args.device, torch.bfloat16 if cuda else torch.float32)
-    for name, result in results.items():
-        rate = result["units_per_second"]["median"]
-        result.update(flops_per_step=flops[name], mfu=flops[name] * rate / args.pairs / ceiling)
-        result["memory"] = memory.get(name, "not measured on the CPU")
-        result["largest_pairs_per_step"] = fits.get(name, "not measured on the CPU")
-    return {
-        "unit": "pairs per second", "precision": "bf16 autocast" if cuda else "fp32",
-        "matmul_ceiling_flops": ceiling, "repeats": args.repeats, "min_seconds": args.min_seconds,
-        "min_steps": args.min_steps,
-        "options": {"channels_last": args.channels_last, "compile": args.compile},
-        "sides": results,
-        "full_over_official": bench.ratio(results, "diffalign_full", "official_full"),
-        "lora_over_diffusers": bench.ratio(results, "diffalign_lora", "diffusers_lora"),
-        "methods_over_diffusion_dpo": others,
-    }  # fmt: skip
+        ceiling = matmul_ceiling(args.device, torch.bfloat16 if cuda else torch.float32)
+        for name, result in results.items():
+            rate = result["units_per_second"]["median"]
+            result.update(flops_per_step=flops[name], mfu=flops[name] * rate / args.pairs / ceiling)
+            result["memory"] = memory.get(name, "not measured on the CPU")
+            result["largest_pairs_per_step"] = fits.get(name, "not measured on the CPU")
+        report = {
+            "unit": "pairs per second", "precision": "bf16 autocast" if cuda else "fp32",
+            "matmul_ceiling_flops": ceiling, "repeats": args.repeats, "min_seconds": args.min_seconds,
+            "min_steps": args.min_steps,
+            "options": {"channels_last": args.channels_last, "compile": args.compile},
+            "sides": results,
+            "full_over_official": bench.ratio(results, "diffalign_full", "official_full"),
+            "lora_over_diffusers": bench.ratio(results, "diffalign_lora", "diffusers_lora"),
+        }  # fmt: skip
+        bench.write_report(args, report)  # the methods' windows are long: keep what is measured
+        if args.methods:
+            report["methods_over_diffusion_dpo"] = method_comparison(
+                args, pipe, data, sides["diffalign_full"], batch
+            )
+            bench.write_report(args, report)
+    return report
 
 
 if __name__ == "__main__":
