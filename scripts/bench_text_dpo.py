@@ -5,7 +5,10 @@ TRL's DPOTrainer, same model, rows, batch, learning rate and precision, measured
 
 TRL is not a dependency: install it for this measurement only (for example
 ``pip install --no-deps --target /tmp/trl trl`` and ``PYTHONPATH=/tmp/trl``); without it the
-script measures diffalign alone and says so. A step is the method's forward of chosen and
+script measures diffalign alone and says so. TRL is measured twice: as its ``DPOConfig`` comes
+(``gradient_checkpointing=True`` by default in TRL 1.16, which recomputes the forward in the
+backward) and with ``gradient_checkpointing=False``, the same work as diffalign's step (whose
+``model.gradient_checkpointing`` is off by default). A step is the method's forward of chosen and
 rejected with a frozen reference copy, the DPO loss (beta 0.1), backward and AdamW: diffalign's
 ``step`` with the loop's optimiser, TRL's ``training_step`` with the trainer's. The sides run
 interleaved (``bench_common.interleaved``: ``--repeats`` rounds of windows of at least
@@ -74,7 +77,9 @@ def diffalign_side(model: Path, data: Path, args: argparse.Namespace) -> Callabl
     return step
 
 
-def trl_side(model: Path, data: Path, args: argparse.Namespace) -> Callable[[], None]:
+def trl_side(
+    model: Path, data: Path, args: argparse.Namespace, gradient_checkpointing: bool
+) -> Callable[[], None]:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -83,6 +88,7 @@ def trl_side(model: Path, data: Path, args: argparse.Namespace) -> Callable[[], 
     config = DPOConfig(
         output_dir=str(data.parent / "trl"), per_device_train_batch_size=args.batch, learning_rate=args.lr,
         beta=0.1, max_length=1024, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+        gradient_checkpointing=gradient_checkpointing,
     )  # fmt: skip
     trainer = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model),
@@ -143,7 +149,8 @@ def main() -> dict[str, Any]:
         except ImportError:
             trl = None
         else:
-            sides["trl"] = trl_side(model, data, args)
+            sides["trl"] = trl_side(model, data, args, gradient_checkpointing=True)
+            sides["trl_no_checkpointing"] = trl_side(model, data, args, gradient_checkpointing=False)
         tokens = tokens_per_step(model, data, args.batch)
         results = bench.interleaved(
             sides, dict.fromkeys(sides, tokens), "cpu", args.repeats, args.min_seconds, args.min_steps
@@ -159,6 +166,9 @@ def main() -> dict[str, Any]:
     else:
         report["trl"] = trl.__version__
         report["diffalign_over_trl"] = bench.ratio(results, "diffalign", "trl")
+        report["diffalign_over_trl_no_checkpointing"] = bench.ratio(
+            results, "diffalign", "trl_no_checkpointing"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
