@@ -7,6 +7,9 @@ registered objective and fails when one of them does not align it.
 ``diffalign train --config FILE [key=value ...]`` trains a method (as ``scripts/train.py``).
 ``diffalign demo [--method M] [--objective O] [key=value ...]`` pretrains (or loads) the demo
 world's base model, aligns it and writes a report (as ``scripts/demo.py``).
+``diffalign label [--config FILE] [key=value ...]`` samples a pipeline on a prompt set, scores the
+samples with registry rewards and writes preference pairs as Pick-a-Pic parquet shards (as
+``scripts/make_pairs.py``).
 """
 
 from __future__ import annotations
@@ -63,6 +66,16 @@ def _demo(args: argparse.Namespace) -> int:
     )
     print(json.dumps({k: report[k] for k in keys}, indent=2))
     print(f"report: {report['config']['output_dir']}/report.json")
+    return 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    import json
+
+    from diffalign.labeling import LabelConfig, label_prompts
+
+    report = label_prompts(config_from_args(LabelConfig, args, "diffalign label"))
+    print(json.dumps({k: str(v) if k == "output_dir" else v for k, v in dataclasses.asdict(report).items()}))
     return 0
 
 
@@ -127,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--method", default=None, help="method to align with (default: diffusion_dpo)")
     p.add_argument("--objective", default=None, help="objective (as objective=...; default: the config's)")
     p.set_defaults(func=_demo)
+    from diffalign.labeling import LabelConfig
+
+    p = sub.add_parser("label", help="sample, score and pair: preference data from a prompt set")
+    add_config_arguments(p, LabelConfig)
+    p.set_defaults(func=_label)
     p = sub.add_parser("objectives", help="list the registered objectives and their defaults")
     p.set_defaults(func=_objectives)
     p = sub.add_parser("methods", help="list the methods and their defaults for unset config keys")

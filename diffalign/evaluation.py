@@ -45,14 +45,17 @@ def sample_images(
     desc: str = "sampling",
     images: Tensor | None = None,
     masks: Tensor | None = None,
+    first: int = 0,
 ) -> Tensor:
     """DDIM (eta 0) samples (N, 3, H, W) in [0, 1], one per prompt; with ``images`` (N, 3, H, W) in
     [0, 1] and ``masks`` (N, 1, H, W) (1 = repaint), an inpainting policy's inpaintings of them.
 
     The randomness of image ``i`` (its initial noise, then, for a latent inpainting model, the VAE
-    posterior sample of its masked image) comes from a generator seeded by ``(seed, i)`` alone,
-    whatever the batch size or the prompts after it, so two models given the same inputs and seed
-    start from the same noise: their samples are comparable image by image.
+    posterior sample of its masked image) comes from a generator seeded by ``(seed, first + i)``
+    alone, whatever the batch size or the prompts after it, so two models given the same inputs and
+    seed start from the same noise: their samples are comparable image by image. ``first``: the
+    place of ``prompts[0]`` in a longer list sampled in parts (a resumed labelling run draws what
+    one uninterrupted run would).
 
     Raises:
         ValueError: no prompt; only one of ``images`` and ``masks``, or not one per prompt; inputs
@@ -72,7 +75,9 @@ def sample_images(
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
         rows = slice(start, min(start + batch_size, len(prompts)))
-        generators = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(rows.start, rows.stop)]
+        generators = [
+            torch.Generator().manual_seed(seed * 100_003 + first + i) for i in range(rows.start, rows.stop)
+        ]
         noise = [torch.randn(policy.latent_channels, side, side, generator=g) for g in generators]
         trajectory = sample_with_trajectory(
             policy,

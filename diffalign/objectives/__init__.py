@@ -45,7 +45,7 @@ from diffalign.objectives.pairwise import PairwiseObjective
 from diffalign.objectives.policy_gradient import PPOClip
 from diffalign.objectives.reference_free import CPO, ORPO, SimPO
 from diffalign.objectives.reward_weighted import MADPO, MaPPO, SmoothedDPO
-from diffalign.objectives.sampling import rso_rejection_sample
+from diffalign.objectives.sampling import PairRule, pairs_from_scores, rso_rejection_sample
 
 __all__ = [
     "APO",
@@ -73,6 +73,7 @@ __all__ = [
     "ObjectiveInputError",
     "ObjectiveOutput",
     "PPOClip",
+    "PairRule",
     "PairwiseObjective",
     "RobustDPO",
     "SimPO",
@@ -83,6 +84,7 @@ __all__ = [
     "list_objectives",
     "objective_class",
     "objective_spec",
+    "pairs_from_scores",
     "register_objective",
     "rso_rejection_sample",
     "soft_preference_probs",

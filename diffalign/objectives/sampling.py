@@ -6,14 +6,23 @@ candidates in order and accept each with probability ``exp((r - r_max) / beta)``
 the highest remaining reward (so each pass accepts at least the best one), until
 ``num_samples`` are accepted. Small ``beta`` approaches best-of-K; large ``beta`` approaches
 uniform sampling from the SFT policy. The paper's default is beta 0.5.
+
+:func:`pairs_from_scores` turns one prompt's scored candidates into preference pairs by one of
+three rules: best against worst, every pair apart by a margin, or RSO's accepted candidates taken
+two by two (the paper pairs the accepted samples in order).
 """
 
 from __future__ import annotations
 
+from itertools import combinations
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-__all__ = ["rso_rejection_sample"]
+__all__ = ["PairRule", "pairs_from_scores", "rso_rejection_sample"]
+
+PairRule = Literal["best_worst", "margin", "rso"]
 
 
 def rso_rejection_sample(
@@ -48,3 +57,52 @@ def rso_rejection_sample(
                         break
         out[b] = torch.tensor(accepted)
     return out.reshape(*rewards.shape[:-1], num_samples).to(rewards.device)
+
+
+def pairs_from_scores(
+    scores: Tensor,
+    rule: PairRule,
+    margin: float = 0.0,
+    num_accepted: int = 2,
+    beta: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> list[tuple[int, int]]:
+    """Preference pairs ``(chosen, rejected)`` (indices into ``scores`` (K,)) of one prompt's
+    candidates: ``"best_worst"`` the highest against the lowest score; ``"margin"`` every two
+    candidates, in index order; ``"rso"`` the ``num_accepted`` candidates
+    :func:`rso_rejection_sample` accepts (at ``beta``), taken two by two in order of acceptance.
+    Under every rule a pair whose scores differ by less than ``margin``, or not at all, is left
+    out (a tie carries no preference), and the higher score is chosen.
+
+    Raises:
+        ValueError: ``scores`` is not (K,) with K >= 2 or holds NaN/inf, an unknown ``rule``, a
+            negative ``margin``, or (``"rso"``) ``num_accepted`` odd or outside [2, K].
+    """
+    if scores.dim() != 1 or len(scores) < 2:
+        raise ValueError(f"scores must be (K,) with K >= 2 candidates, got shape {tuple(scores.shape)}")
+    if not bool(scores.isfinite().all()):
+        raise ValueError("scores contain NaN or inf: a pair cannot be ordered")
+    if not margin >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    values = scores.detach().double().cpu().tolist()
+    if rule == "best_worst":
+        candidates = [
+            (max(range(len(values)), key=values.__getitem__), min(range(len(values)), key=values.__getitem__))
+        ]
+    elif rule == "margin":
+        candidates = list(combinations(range(len(values)), 2))
+    elif rule == "rso":
+        if num_accepted < 2 or num_accepted % 2 or num_accepted > len(values):
+            raise ValueError(
+                f"num_accepted must be even, >= 2 and <= the {len(values)} candidates, got {num_accepted}"
+            )
+        accepted = rso_rejection_sample(scores, num_accepted, beta, generator).tolist()
+        candidates = list(zip(accepted[0::2], accepted[1::2], strict=True))
+    else:
+        raise ValueError(f"unknown pairing rule {rule!r} (best_worst, margin, rso)")
+    pairs = []
+    for a, b in candidates:
+        gap = values[a] - values[b]
+        if gap != 0 and abs(gap) >= margin:
+            pairs.append((a, b) if gap > 0 else (b, a))
+    return pairs

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from diffalign.objectives import rso_rejection_sample
+from diffalign.objectives import pairs_from_scores
 from diffalign.text.logps import Tokenization, render_prompt
 
 __all__ = ["TextReward", "load_text_reward", "rso_pairs"]
@@ -68,11 +68,9 @@ def rso_pairs(
         if len(texts) < num_accepted:
             continue
         scores = torch.tensor([float(s) for s in reward([prompt] * len(texts), texts)], dtype=torch.float64)
-        accepted = rso_rejection_sample(scores, num_accepted, beta, generator).tolist()
-        for a, b in zip(accepted[0::2], accepted[1::2], strict=True):
-            if scores[a] == scores[b]:
-                continue  # a tie carries no preference
-            w, lo = (a, b) if scores[a] > scores[b] else (b, a)
+        for w, lo in pairs_from_scores(
+            scores, "rso", num_accepted=num_accepted, beta=beta, generator=generator
+        ):
             rows.append({
                 "prompt": prompt, "chosen": texts[w], "rejected": texts[lo],
                 "chosen_reward": float(scores[w]), "rejected_reward": float(scores[lo]),
