@@ -10,6 +10,8 @@ world's base model, aligns it and writes a report (as ``scripts/demo.py``).
 ``diffalign label [--config FILE] [key=value ...]`` samples a pipeline on a prompt set, scores the
 samples with registry rewards and writes preference pairs as Pick-a-Pic parquet shards (as
 ``scripts/make_pairs.py``).
+``diffalign eval [--config FILE] [key=value ...]`` samples one or more models on a prompt set with
+the same seeds and writes the score / win-rate table, plots and image grids.
 """
 
 from __future__ import annotations
@@ -79,6 +81,15 @@ def _label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from diffalign.eval_report import EvalConfig, markdown_table, run_eval
+
+    results = run_eval(config_from_args(EvalConfig, args, "diffalign eval"))
+    print(markdown_table(results))
+    print(f"report: {results['output_dir']}/results.json")
+    return 0
+
+
 def _objectives(args: argparse.Namespace) -> int:
     from diffalign.objectives import list_objectives, objective_class
 
@@ -145,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("label", help="sample, score and pair: preference data from a prompt set")
     add_config_arguments(p, LabelConfig)
     p.set_defaults(func=_label)
+    from diffalign.eval_report import EvalConfig
+
+    p = sub.add_parser("eval", help="score models on a prompt set: the win-rate table, plots and grids")
+    add_config_arguments(p, EvalConfig)
+    p.set_defaults(func=_eval)
     p = sub.add_parser("objectives", help="list the registered objectives and their defaults")
     p.set_defaults(func=_objectives)
     p = sub.add_parser("methods", help="list the methods and their defaults for unset config keys")

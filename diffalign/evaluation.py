@@ -26,13 +26,20 @@ __all__ = [
     "compare",
     "diversity",
     "evaluate",
+    "image_seed",
     "input_groups",
     "ranking_agreement",
     "sample_images",
     "wilson_interval",
+    "win_rate",
 ]
 
 Fidelity = Callable[[Tensor, list[str]], float]
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of the noise of image ``index`` of an evaluation run seeded ``seed``."""
+    return seed * 100_003 + index
 
 
 def sample_images(
@@ -76,7 +83,7 @@ def sample_images(
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
         rows = slice(start, min(start + batch_size, len(prompts)))
         generators = [
-            torch.Generator().manual_seed(seed * 100_003 + first + i) for i in range(rows.start, rows.stop)
+            torch.Generator().manual_seed(image_seed(seed, first + i)) for i in range(rows.start, rows.stop)
         ]
         noise = [torch.randn(policy.latent_channels, side, side, generator=g) for g in generators]
         trajectory = sample_with_trajectory(
@@ -114,7 +121,26 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     p, n = float(successes) / int(n), int(n)
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval holds p exactly: at p = 0 or 1 its end can miss p by a rounding error
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
+
+
+def win_rate(scores: Tensor, reference: Tensor) -> dict[str, Any]:
+    """How often ``scores`` (N,) beat ``reference`` (N,) image by image (a tie counts half), with its
+    95% Wilson interval: ``{"win_rate": float in [0, 1], "win_rate_95ci": [low, high]}``.
+
+    Raises:
+        ValueError: not two (N,) vectors with N >= 1, or a score that is not finite.
+    """
+    if scores.shape != reference.shape or scores.dim() != 1 or len(scores) == 0:
+        raise ValueError(
+            f"win_rate needs two (N,) score vectors, N >= 1; got {tuple(scores.shape)} and "
+            f"{tuple(reference.shape)}"
+        )
+    if not bool(scores.isfinite().all() and reference.isfinite().all()):
+        raise ValueError("win_rate: a score is NaN or infinite (a win cannot be decided)")
+    wins = float((scores > reference).sum() + 0.5 * (scores == reference).sum())
+    return {"win_rate": wins / len(scores), "win_rate_95ci": list(wilson_interval(wins, len(scores)))}
 
 
 def diversity(images: Tensor, groups: Sequence[Hashable]) -> float:
@@ -248,16 +274,12 @@ def compare(base: ModelEvaluation, other: ModelEvaluation) -> dict[str, Any]:
         )
     if not base.prompts:
         raise ValueError("compare needs evaluations of at least one prompt")
-    if not bool(base.scores.isfinite().all() and other.scores.isfinite().all()):
-        raise ValueError("compare: a score is NaN or infinite (a win cannot be decided)")
-    wins = float((other.scores > base.scores).sum() + 0.5 * (other.scores == base.scores).sum())
-    n = len(base.prompts)
+    wins = win_rate(other.scores, base.scores)
     drop = None
     if base.fidelity is not None and other.fidelity is not None:
         drop = 100 * (base.fidelity - other.fidelity)
     return {
-        "win_rate": wins / n,
-        "win_rate_95ci": list(wilson_interval(wins, n)),
+        **wins,
         "fidelity_drop_points": drop,
         # None where undefined: a prompt sampled once, or a base without any diversity
         "diversity_ratio": other.diversity / base.diversity

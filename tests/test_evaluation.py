@@ -22,6 +22,11 @@ def test_wilson_interval_matches_the_formula_and_its_edges() -> None:
     # the formula's rounding gave -2.8e-17 at 0 of 10: a proportion's bounds stay in [0, 1]
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
     assert all(0.0 <= b <= 1.0 for k in range(31) for b in wilson_interval(k / 2, 15))
+    # ... and hold the proportion itself: at 6 of 6 the upper end came out 1 - 1e-16 (below p = 1)
+    for n in range(1, 200):
+        for k in (0, n):
+            low, high = wilson_interval(k, n)
+            assert low <= k / n <= high, (k, n)
     for successes, n in [(3, 0), (1, 2.5), (3, float("inf")), (1, True), (-0.5, 4), (5, 4)]:
         with pytest.raises(ValueError, match="0 <= successes <= n"):
             wilson_interval(successes, n)
