@@ -3,7 +3,10 @@
 
 For every prompt of a prompt set (:func:`~diffalign.data.prompts.read_prompt_set`),
 ``samples_per_prompt`` seeded samples of a local pipeline (SD, SDXL; a LoRA by ``adapter``) are
-scored under one or more registry rewards; their weighted sum orders the samples, and
+scored under one or more registry rewards; for an inpainting pipeline, ``examples`` (image, mask,
+prompt: :func:`~diffalign.data.inpainting.read_inpainting_examples`) take the prompts' place, each
+example inpainted ``samples_per_prompt`` times, and rewards that need masks (PrefPaint's) get the
+mask and the masked input; their weighted sum orders the samples, and
 :func:`~diffalign.objectives.pairs_from_scores` pairs them (best against worst, every pair apart by
 a margin, or RSO's accepted samples). The pairs are written as Pick-a-Pic-format parquet shards,
 which the training methods read as they are (``data.path`` = the output folder):
@@ -14,7 +17,9 @@ which the training methods read as they are (``data.path`` = the output folder):
 - ``<reward>_0``, ``<reward>_1`` for each reward (its score of that side's image; ``reward`` the
   registry name with any character outside ``[A-Za-z0-9_]`` replaced by ``_``), and ``score_0``,
   ``score_1``, the weighted sum that ordered the pair (SmPO: ``data.score_prefix=score``);
-- ``prompt_index`` and ``category`` (the prompt set's, "" if none).
+- ``prompt_index`` and ``category`` (the prompt set's, "" if none); for inpainting, ``mask`` (PNG
+  bytes, white = repainted), which :func:`~diffalign.data.preference.read_preference_pairs` gives
+  as the pair's mask.
 
 Kills and restarts: prompts go in shards of ``prompts_per_shard``; a shard is written whole
 (a temporary file, then a rename) and a restarted run skips the shards on disk. Sample ``j`` of
@@ -50,8 +55,13 @@ _RUN_ONLY = ("output_dir", "batch_size", "device")  # how the run goes, not what
 @dataclass
 class LabelConfig:
     pipeline: str = field(metadata={"help": "a diffusers pipeline folder (or a hub id, with a network)"})
-    prompts: Path = field(metadata={"help": "prompt set: .txt, .tsv (PartiPrompts), .csv, .json, ..."})
     output_dir: Path = field(metadata={"help": "folder of parquet shards (and label.json)"})
+    prompts: Path | None = field(
+        default=None, metadata={"help": "prompt set: .txt, .tsv (PartiPrompts), .csv, .json, ..."}
+    )
+    examples: Path | None = field(
+        default=None, metadata={"help": "inpainting examples (image, mask, prompt) instead of prompts"}
+    )
     rewards: dict[str, float] = field(
         default_factory=dict, metadata={"help": "reward name -> weight in the score that orders samples"}
     )
@@ -80,6 +90,8 @@ class LabelConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if (self.prompts is None) == (self.examples is None):
+            raise ConfigError("give prompts (text-to-image) or examples (inpainting), not both or neither")
         if not self.rewards:
             raise ConfigError("rewards: give at least one reward, e.g. rewards='{pickscore: 1.0}'")
         unknown = sorted(set(self.reward_kwargs) - set(self.rewards))
@@ -110,28 +122,30 @@ def label_prompts(cfg: LabelConfig) -> LabelReport:
     """Run the module's pipeline for ``cfg``; returns what was written.
 
     Raises:
-        FileNotFoundError: a missing pipeline or prompt file.
-        ValueError: a prompt file it cannot read (named), an inpainting model or a reward that
-            needs masks (this labeller samples text-to-image), a reward score that is not finite.
+        FileNotFoundError: a missing pipeline, prompt or examples file.
+        ValueError: a prompt or examples file it cannot read (named); prompts for an inpainting
+            pipeline or examples for a text-to-image one; a reward that needs masks without
+            examples; a reward score that is not finite.
         ConfigError: ``output_dir`` holds shards labelled with other settings.
     """
-    from diffalign.data.prompts import read_prompt_set
     from diffalign.diffusion.policy import DiffusionPolicy
     from diffalign.rewards import load_reward
 
-    items = read_prompt_set(cfg.prompts)[: cfg.max_prompts]
-    _claim_output(cfg)
+    items, records = _inputs(cfg)
     rewards = {name: load_reward(name, **cfg.reward_kwargs.get(name, {})) for name in cfg.rewards}
     masked = [name for name, reward in rewards.items() if reward.needs_masks]
-    if masked:
+    if masked and records is None:
         raise ValueError(
-            f"reward '{masked[0]}' scores inpaintings (it needs masks); label samples text-to-image "
-            "pipelines: choose a reward that scores images and prompts"
+            f"reward '{masked[0]}' scores inpaintings (it needs masks): give inpainting examples and an "
+            "inpainting pipeline, or a reward that scores images and prompts"
         )
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     policy = DiffusionPolicy.from_pretrained(cfg.pipeline, device=device, adapter=cfg.adapter)
-    if policy.is_inpainting:
-        raise ValueError(f"{cfg.pipeline}: an inpainting pipeline; label samples text-to-image pipelines")
+    if policy.is_inpainting != (records is not None):
+        kind = "an inpainting" if policy.is_inpainting else "a text-to-image"
+        needs = "examples (image, mask, prompt)" if policy.is_inpainting else "prompts"
+        raise ValueError(f"{cfg.pipeline}: {kind} pipeline samples from {needs}")
+    _claim_output(cfg)  # only once the run can start: a refused run leaves no settings behind
     starts = range(0, len(items), cfg.prompts_per_shard)
     found = written = 0
     for shard, start in enumerate(tqdm(starts, desc="labelling", unit="shard")):
@@ -139,11 +153,25 @@ def label_prompts(cfg: LabelConfig) -> LabelReport:
         if path.is_file():
             found += 1
             continue
-        rows = _label_shard(cfg, policy, rewards, items[start : start + cfg.prompts_per_shard], start)
-        _write_shard(rows, path, list(rewards))
+        part = slice(start, start + cfg.prompts_per_shard)
+        rows = _label_shard(
+            cfg, policy, rewards, items[part], None if records is None else records[part], start
+        )
+        _write_shard(rows, path, list(rewards), inpainting=records is not None)
         written += 1
     pairs = sum(_count_rows(p) for p in sorted(cfg.output_dir.glob("pairs-*.parquet")))
     return LabelReport(cfg.output_dir, len(items), pairs, written, found)
+
+
+def _inputs(cfg: LabelConfig) -> tuple[list[Any], list[Any] | None]:
+    """The prompts (``PromptItem``s) and, for inpainting, the example records (not yet decoded)."""
+    from diffalign.data.inpainting import read_inpainting_examples
+    from diffalign.data.prompts import PromptItem, read_prompt_set
+
+    if cfg.prompts is not None:
+        return read_prompt_set(cfg.prompts)[: cfg.max_prompts], None
+    records = read_inpainting_examples(cfg.examples)[: cfg.max_prompts]
+    return [PromptItem(r.prompt, "") for r in records], records
 
 
 def _claim_output(cfg: LabelConfig) -> None:
@@ -167,13 +195,20 @@ def _claim_output(cfg: LabelConfig) -> None:
 
 
 def _label_shard(
-    cfg: LabelConfig, policy: Any, rewards: dict[str, Any], items: list[Any], first_prompt: int
+    cfg: LabelConfig,
+    policy: Any,
+    rewards: dict[str, Any],
+    items: list[Any],
+    records: list[Any] | None,
+    first: int,
 ) -> list[dict[str, Any]]:
+    """Sample, score and pair the prompts (or examples) ``first``, ``first + 1``, ...: Pick-a-Pic rows."""
     from diffalign.evaluation import sample_images
     from diffalign.rng import stream_seeds
 
     k = cfg.samples_per_prompt
     prompts = [item.prompt for item in items for _ in range(k)]
+    inpaint = _decoded(records, policy, k)
     sampled = sample_images(
         policy,
         prompts,
@@ -182,32 +217,51 @@ def _label_shard(
         cfg.guidance_scale,
         cfg.batch_size,
         "sampling",
-        first=first_prompt * k,
+        first=first * k,
+        **inpaint,
     )
     images = _as_stored(sampled)
-    scores = {
-        name: _scores(reward, images, prompts, cfg.batch_size, name) for name, reward in rewards.items()
-    }
+    scores = {name: _scores(r, name, images, prompts, inpaint, cfg.batch_size) for name, r in rewards.items()}
     total = sum(cfg.rewards[name] * s for name, s in scores.items())
     rows = []
     for i, item in enumerate(items):
-        p = first_prompt + i
-        generator = torch.Generator().manual_seed(stream_seeds(cfg.seed, p, 1)[0])
-        block = slice(i * k, (i + 1) * k)
+        generator = torch.Generator().manual_seed(stream_seeds(cfg.seed, first + i, 1)[0])
+        block = range(i * k, (i + 1) * k)
         pairs = pairs_from_scores(
-            total[block], cfg.pairing, cfg.margin, cfg.rso_accepted, cfg.rso_beta, generator
+            total[block.start : block.stop],
+            cfg.pairing,
+            cfg.margin,
+            cfg.rso_accepted,
+            cfg.rso_beta,
+            generator,
         )
         for chosen, rejected in pairs:
             sides = (chosen, rejected) if torch.rand((), generator=generator) < 0.5 else (rejected, chosen)
-            row = {"caption": item.prompt, "prompt_index": p, "category": item.category}
+            row = {"caption": item.prompt, "prompt_index": first + i, "category": item.category}
+            if inpaint:
+                row["mask"] = _png(inpaint["masks"][block.start].expand(3, -1, -1))
             for side, j in enumerate(sides):
-                row[f"jpg_{side}"] = _png(images[block][j])
-                row[f"label_{side}"] = 1.0 if j == chosen else 0.0
-                row[f"score_{side}"] = float(total[block][j])
-                for name, s in scores.items():
-                    row[f"{score_column(name)}_{side}"] = float(s[block][j])
+                n = block[j]
+                row.update({f"jpg_{side}": _png(images[n]), f"label_{side}": float(j == chosen)})
+                row[f"score_{side}"] = float(total[n])
+                row.update({f"{score_column(name)}_{side}": float(s[n]) for name, s in scores.items()})
             rows.append(row)
     return rows
+
+
+def _decoded(records: list[Any] | None, policy: Any, k: int) -> dict[str, Tensor]:
+    """Inpainting inputs for ``sample_images``: each example's image and mask, ``k`` times each."""
+    from diffalign.data.inpainting import InpaintingDataset, collate_inpainting
+
+    if records is None:
+        return {}
+    side = policy.unet.config.sample_size * policy.vae_scale_factor
+    dataset = InpaintingDataset(records, resolution=side)
+    batch = collate_inpainting([dataset[i] for i in range(len(records))])
+    return {
+        "images": batch["images"].repeat_interleave(k, 0),
+        "masks": batch["masks"].repeat_interleave(k, 0),
+    }
 
 
 def _as_stored(images: Tensor) -> Tensor:
@@ -215,11 +269,22 @@ def _as_stored(images: Tensor) -> Tensor:
     return (images.float().clamp(0, 1) * 255).round() / 255
 
 
-def _scores(reward: Any, images: Tensor, prompts: list[str], batch_size: int, name: str) -> Tensor:
+def _scores(
+    reward: Any, name: str, images: Tensor, prompts: list[str], inpaint: dict[str, Tensor], batch_size: int
+) -> Tensor:
+    """``reward``'s scores (N,) of ``images`` in batches; an inpainting reward gets the masks and
+    the masked inputs."""
+    from diffalign.images import masked_for_reward
+
     out = []
     for start in range(0, len(images), batch_size):
         part = slice(start, start + batch_size)
-        out.append(reward(images[part], prompts[part] if reward.needs_prompts else None).double().cpu())
+        context = {}
+        if reward.needs_masks:
+            masks = inpaint["masks"][part]
+            context = {"masks": masks, "masked_images": masked_for_reward(inpaint["images"][part], masks)}
+        texts = prompts[part] if reward.needs_prompts else None
+        out.append(reward(images[part], texts, **context).double().cpu())
     scores = torch.cat(out)
     bad = (~scores.isfinite()).nonzero().flatten().tolist()
     if bad:
@@ -237,7 +302,7 @@ def _png(image: Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _write_shard(rows: list[dict[str, Any]], path: Path, rewards: list[str]) -> None:
+def _write_shard(rows: list[dict[str, Any]], path: Path, rewards: list[str], inpainting: bool) -> None:
     """Write the shard under a temporary name, then rename it: a shard on disk is whole."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -246,7 +311,7 @@ def _write_shard(rows: list[dict[str, Any]], path: Path, rewards: list[str]) -> 
         "caption": pa.string(), "jpg_0": pa.binary(), "jpg_1": pa.binary(), "label_0": pa.float64(),
         "label_1": pa.float64(), "score_0": pa.float64(), "score_1": pa.float64(),
         **{f"{score_column(r)}_{s}": pa.float64() for r in rewards for s in (0, 1)},
-        "prompt_index": pa.int64(), "category": pa.string(),
+        "prompt_index": pa.int64(), "category": pa.string(), **({"mask": pa.binary()} if inpainting else {}),
     }  # fmt: skip
     schema = pa.schema(list(columns.items()))
     table = pa.Table.from_pylist(rows, schema=schema)

@@ -129,11 +129,11 @@ def test_a_killed_run_restarted_writes_what_an_uninterrupted_run_writes(
     )
     real_write, written = labeling._write_shard, []
 
-    def write_then_die(rows, path, rewards):  # type: ignore[no-untyped-def]
+    def write_then_die(rows, path, rewards, inpainting):  # type: ignore[no-untyped-def]
         if len(written) == 2:  # killed while labelling the third shard, its file half-written
             path.with_name(f".{path.name}.999.tmp").write_bytes(b"half a shard")
             raise KeyboardInterrupt
-        real_write(rows, path, rewards)
+        real_write(rows, path, rewards, inpainting)
         written.append(path)
 
     cut = tmp_path / "cut"
@@ -164,7 +164,7 @@ def test_a_restart_with_other_settings_is_refused(tiny_pipelines, prompt_file: P
         ("empty", ValueError, "no prompts"),
         ("format", ValueError, "unknown prompt file format '.yaml'"),
         ("masks", ValueError, "reward 'rl_rewards:HoleFeatures' scores inpaintings"),
-        ("inpainting", ValueError, "an inpainting pipeline"),
+        ("inpainting", ValueError, "an inpainting pipeline samples from examples"),
     ],
 )
 def test_bad_input_is_named(
@@ -193,6 +193,8 @@ def test_config_errors(prompt_file: Path, tmp_path: Path) -> None:
         config("p", prompt_file, tmp_path, pairing="rso", rso_accepted=4)
     with pytest.raises(ConfigError, match="not among the rewards"):
         config("p", prompt_file, tmp_path, reward_kwargs={"pickscore": {}})
+    with pytest.raises(ConfigError, match="not both or neither"):
+        config("p", prompt_file, tmp_path, examples=prompt_file)
 
 
 def test_the_label_command(tiny_pipelines, prompt_file: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -210,3 +212,38 @@ def test_the_label_command(tiny_pipelines, prompt_file: Path, tmp_path: Path, ca
         main(["label", f"pipeline={tiny_pipelines['sd']}", f"prompts={prompt_file}", f"output_dir={out}"])
         == 2
     )
+
+
+def test_inpainting_pairs_carry_their_mask_and_the_inpainting_reward_scores_them(
+    tiny_pipelines, tmp_path: Path
+) -> None:
+    from diffalign.data.inpainting import write_inpainting_examples
+    from diffalign.data.preference import load_image, read_preference_pairs
+    from diffalign.images import masked_for_reward
+    from diffalign.rewards import load_reward
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 32, 32, generator=g)
+    masks = torch.zeros(3, 1, 32, 32)
+    masks[:, :, 8:24, 4:20] = 1
+    examples = write_inpainting_examples(tmp_path / "ex", images, masks, ["a cat", "a dog", "a tree"])
+    out = tmp_path / "pairs"
+    cfg = LabelConfig(
+        pipeline=tiny_pipelines["inpaint"], examples=examples, output_dir=out,
+        rewards={"rl_rewards:HoleFeatures": 1.0}, samples_per_prompt=3, steps=2, guidance_scale=2.0,
+    )  # fmt: skip
+    report = label_prompts(cfg)
+    assert report.prompts == 3 and report.pairs > 0
+    records = read_preference_pairs(out)
+    assert len(records) == report.pairs and all(r.mask is not None for r in records)
+    reward = load_reward("rl_rewards:HoleFeatures")
+    for row in (r for t in shard_tables(out) for r in t.to_pylist()):
+        mask = load_image(row["mask"], "mask", grey=True)
+        assert torch.equal(mask, masks[row["prompt_index"]])  # the example's mask, as stored
+        both = torch.stack([decode(row["jpg_0"]), decode(row["jpg_1"])])
+        m = mask.expand(2, 1, -1, -1)
+        source = images[row["prompt_index"]].expand(2, -1, -1, -1)
+        scores = reward(both, masks=m, masked_images=masked_for_reward(source, m)).double()
+        torch.testing.assert_close(
+            scores, torch.tensor([row["score_0"], row["score_1"]], dtype=torch.float64)
+        )

@@ -3,7 +3,8 @@
 Sources, one record type:
 
 - a Pick-a-Pic-style parquet file or folder of shards (columns ``caption``, ``jpg_0``, ``jpg_1``
-  (encoded image bytes), ``label_0``, ``label_1``): the image with label 1 is the chosen one; a
+  (encoded image bytes), ``label_0``, ``label_1``, optional ``mask`` (encoded bytes, white =
+  repainted: inpainting pairs)): the image with label 1 is the chosen one; a
   0.5/0.5 row is a tie, dropped by default (``ties="drop"``, as the official Diffusion-DPO code
   does) or kept with label 0.5 (``ties="half"``);
 - a Hugging Face dataset with those columns: a folder written by ``save_to_disk`` or, where a
@@ -156,7 +157,10 @@ def _pick_a_pic(row: dict, where: str, ties: str, scores: tuple[str, ...]) -> Pa
     rewards = pair_rewards(row, where, (scores,), required=True) if scores else None
     if rewards is not None and not first_wins:
         rewards = rewards[::-1]
-    return PairRecord(str(row["caption"] or ""), chosen, rejected, win or 0.5, where, rewards=rewards)
+    mask = row.get("mask")  # inpainting pairs (``diffalign label`` on examples): encoded bytes
+    if mask is not None and not isinstance(mask, bytes):
+        raise ValueError(f"{where}: 'mask' must hold encoded image bytes, got {type(mask).__name__}")
+    return PairRecord(str(row["caption"] or ""), chosen, rejected, win or 0.5, where, mask, rewards)
 
 
 def _pair_row(
