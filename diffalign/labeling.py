@@ -223,6 +223,12 @@ def _label_shard(
     images = _as_stored(sampled)
     scores = {name: _scores(r, name, images, prompts, inpaint, cfg.batch_size) for name, r in rewards.items()}
     total = sum(cfg.rewards[name] * s for name, s in scores.items())
+    columns = {"score": total, **{score_column(name): s for name, s in scores.items()}}
+    encoded: dict[int, bytes] = {}  # a sample in several pairs is encoded once
+
+    def png(n: int) -> bytes:
+        return encoded[n] if n in encoded else encoded.setdefault(n, _png(images[n]))
+
     rows = []
     for i, item in enumerate(items):
         generator = torch.Generator().manual_seed(stream_seeds(cfg.seed, first + i, 1)[0])
@@ -236,15 +242,15 @@ def _label_shard(
             generator,
         )
         for chosen, rejected in pairs:
-            sides = (chosen, rejected) if torch.rand((), generator=generator) < 0.5 else (rejected, chosen)
+            # the chosen image's side is drawn, so that a model trained on the file cannot learn a side
+            swap = bool(torch.rand((), generator=generator) >= 0.5)
+            sides = (block[rejected], block[chosen]) if swap else (block[chosen], block[rejected])
             row = {"caption": item.prompt, "prompt_index": first + i, "category": item.category}
             if inpaint:
                 row["mask"] = _png(inpaint["masks"][block.start].expand(3, -1, -1))
-            for side, j in enumerate(sides):
-                n = block[j]
-                row.update({f"jpg_{side}": _png(images[n]), f"label_{side}": float(j == chosen)})
-                row[f"score_{side}"] = float(total[n])
-                row.update({f"{score_column(name)}_{side}": float(s[n]) for name, s in scores.items()})
+            for side, n in enumerate(sides):
+                row.update({f"jpg_{side}": png(n), f"label_{side}": float(n == block[chosen])})
+                row.update({f"{name}_{side}": float(values[n]) for name, values in columns.items()})
             rows.append(row)
     return rows
 
