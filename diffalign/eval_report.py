@@ -72,6 +72,9 @@ class EvalConfig:
         check_ranges(self)
         if not self.models:
             raise ConfigError("models: give at least one model, e.g. models='{base: {pipeline: PATH}}'")
+        folders = [_safe(name) for name in self.models]
+        if len(set(folders)) < len(folders):
+            raise ConfigError(f"models: two names share an image folder name ({', '.join(folders)})")
         if not self.rewards:
             raise ConfigError("rewards: give at least one reward, e.g. rewards=[pickscore]")
         unknown = sorted(set(self.reward_kwargs) - set(self.rewards))
@@ -191,12 +194,7 @@ def _score_all(
     """Load ``reward_name`` once and score every model's stored images with it."""
     from diffalign.rewards import load_reward
 
-    reward = load_reward(reward_name, **cfg.reward_kwargs.get(reward_name, {}))
-    if reward.needs_masks:
-        raise ValueError(
-            f"reward '{reward_name}' scores inpaintings (it needs masks); eval scores text-to-image samples"
-        )
-    reward = reward.to(device)
+    reward = load_reward(reward_name, **cfg.reward_kwargs.get(reward_name, {})).to(device)
     out = {}
     for name in cfg.models:
         folder, scores = cfg.output_dir / "images" / _safe(name), []

@@ -145,6 +145,9 @@ def test_bad_input_is_named(tiny_pipelines, parti: Path, tmp_path: Path, case: s
 def test_config_errors(parti: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="at least one model"):
         EvalConfig(models={}, prompts=parti, output_dir=tmp_path, rewards=["x"])
+    with pytest.raises(ConfigError, match="share an image folder name"):
+        spec = ModelSpec(pipeline="p")
+        EvalConfig(models={"a/b": spec, "a_b": spec}, prompts=parti, output_dir=tmp_path, rewards=["x"])
     with pytest.raises(ConfigError, match="at least one reward"):
         EvalConfig(models={"m": ModelSpec(pipeline="p")}, prompts=parti, output_dir=tmp_path)
 
