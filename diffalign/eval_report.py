@@ -35,6 +35,8 @@ __all__ = ["EvalConfig", "ModelSpec", "markdown_table", "run_eval"]
 
 @dataclass
 class ModelSpec:
+    """One evaluated model: a pipeline, optionally with a LoRA fused in or its UNet replaced."""
+
     pipeline: str = field(metadata={"help": "a diffusers pipeline folder (or hub id)"})
     adapter: str | None = field(default=None, metadata={"help": "a LoRA fused into its UNet"})
     unet: str | None = field(
@@ -45,6 +47,13 @@ class ModelSpec:
 
 @dataclass
 class EvalConfig:
+    """What ``diffalign eval`` samples and scores (every key in ``diffalign eval --help``).
+
+    Raises:
+        ConfigError: no model or reward; two model names that map to one image folder; options
+            for a reward not listed; a value out of its range.
+    """
+
     models: dict[str, ModelSpec] = field(
         metadata={"help": "name -> {pipeline, adapter, unet}; the first is the one others are compared with"}
     )

@@ -54,6 +54,14 @@ _RUN_ONLY = ("output_dir", "batch_size", "device")  # how the run goes, not what
 
 @dataclass
 class LabelConfig:
+    """What ``diffalign label`` samples, scores and pairs (every key in ``diffalign label --help``).
+
+    Raises:
+        ConfigError: neither or both of ``prompts`` and ``examples``; no reward; options for a
+            reward not listed; ``rso_accepted`` odd or above ``samples_per_prompt``; a value out
+            of its range.
+    """
+
     pipeline: str = field(metadata={"help": "a diffusers pipeline folder (or a hub id, with a network)"})
     output_dir: Path = field(metadata={"help": "folder of parquet shards (and label.json)"})
     prompts: Path | None = field(
@@ -106,6 +114,8 @@ class LabelConfig:
 
 @dataclass
 class LabelReport:
+    """What a ``label_prompts`` run wrote."""
+
     output_dir: Path
     prompts: int
     pairs: int  # in all shards, those of earlier runs included
