@@ -219,12 +219,9 @@ def _score_all(
 
 
 def _read(path: Path) -> Tensor:
-    from PIL import Image
+    from diffalign.data.preference import load_image
 
-    from diffalign.images import from_pil
-
-    with Image.open(path) as image:
-        return from_pil(image)
+    return load_image(path, str(path))
 
 
 def _safe(name: str) -> str:
