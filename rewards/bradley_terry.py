@@ -3,7 +3,24 @@
 The model scores an image (and, for inpainting, the masked input next to it) with a small MLP
 on L2-normalised CLIP image embeddings; training fits ``P(chosen > rejected) = sigma(s_w - s_l)``
 to preference pairs by binary cross-entropy (ties, when kept, are targets of 0.5) with the
-CLIP tower frozen, so each image is embedded once. The trained model is a folder:
+CLIP tower frozen, so each image is embedded once. Options on top (all in ``model.*``, saved
+with the model):
+
+- ``ensemble_size`` M: M heads, each from its own seed (``seed + m``; member 0 trains exactly
+  as a single head does), on the same pairs; the reward scores with their mean and
+  :meth:`BradleyTerryReward.member_scores` gives each member's, whose pair probabilities feed
+  BALD (:func:`diffalign.acquisition.binary_bald`; BAL-PM, Melo et al. 2024, trains its
+  ensemble the same way: heads on frozen features, parsing/active_learning_parser.py:57-61).
+- ``link``: ``logistic`` (Bradley-Terry / Luce) or ``thurstone``, ``P = Phi((s_w - s_l) /
+  sqrt(2))`` (Thurstone case V with unit noise per item; Dumoulin et al. 2024, section 8 of
+  SEED-METHODS.md). The noise scale is fixed at 1, not learned: the head's last layer scales
+  the scores freely, so a learned scale would only trade off against it.
+
+When the pairs name their annotators (Pick-a-Pic ``user_id``, a JSONL ``annotator``), the
+metrics also hold a misspecification report (:func:`misspecification_report`): held-out
+log-likelihood of the single model against an annotator-conditioned one.
+
+The trained model is a folder:
 ``bradley_terry.json`` (how to rebuild it) and ``head.safetensors``;
 ``load_reward("bradley_terry", path=FOLDER)`` reads it.
 
@@ -19,10 +36,11 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +54,26 @@ from diffalign_rewards._weights import load_state_dict
 from diffalign_rewards.clip_rewards import ClipImageEmbedder
 from diffalign_rewards.prefpaint import PrefPaintTrainSpec
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
 __all__ = [
+    "AnnotatorConditioned",
     "BradleyTerryReward",
+    "HeadEnsemble",
     "ModelSpec",
     "PairImage",
     "PairSplit",
     "TrainRewardConfig",
     "embed_pair_images",
+    "fit_heads",
     "index_pair_images",
+    "load_heads",
     "load_pair_images",
+    "misspecification_report",
+    "pair_log_likelihood",
+    "pair_nll",
+    "preference_probability",
     "split_usable_pairs",
     "train_bradley_terry",
 ]
@@ -70,10 +99,97 @@ class ModelSpec:
         default=False, metadata={"help": "also embed the masked input (pairs with a mask, as PrefPaint's)"}
     )
     hidden_dim: int = field(default=256, metadata={"help": "width of the MLP head"})
+    ensemble_size: int = field(
+        default=1,
+        metadata={
+            "help": "heads trained from seeds seed..seed+M-1; the reward is their mean (BALD needs M >= 2)"
+        },
+    )
+    link: Literal["logistic", "thurstone"] = field(
+        default="logistic",
+        metadata={"help": "P(w > l): logistic sigma(s_w - s_l) (Bradley-Terry) or Phi((s_w - s_l)/sqrt(2))"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.ensemble_size < 1:
+            raise ValueError(f"model.ensemble_size must be >= 1, got {self.ensemble_size}")
 
 
 def _head(in_dim: int, hidden: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(in_dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 1))
+
+
+def pair_log_likelihood(margin: Tensor, labels: Tensor, link: str) -> Tensor:
+    """(P,) ``y log F(m) + (1 - y) log F(-m)`` of pairs with score margins ``m = s_w - s_l``
+    (P,) and targets ``y`` (P,) in [0, 1]; ``F`` is sigma (``link="logistic"``) or
+    ``Phi(m / sqrt(2))`` (``"thurstone"``), computed in log space."""
+    if link == "logistic":
+        return -F.binary_cross_entropy_with_logits(margin, labels, reduction="none")
+    if link == "thurstone":
+        z = margin / math.sqrt(2.0)
+        return labels * torch.special.log_ndtr(z) + (1 - labels) * torch.special.log_ndtr(-z)
+    raise ValueError(f"link must be 'logistic' or 'thurstone', got {link!r}")
+
+
+def pair_nll(margin: Tensor, labels: Tensor, link: str) -> Tensor:
+    """Mean of ``-pair_log_likelihood``; for ``logistic`` torch's BCE-with-logits with mean
+    reduction, so that a logistic model trains bit for bit as it did before links existed."""
+    if link == "logistic":
+        return F.binary_cross_entropy_with_logits(margin, labels)
+    return -pair_log_likelihood(margin, labels, link).mean()
+
+
+def preference_probability(margin: Tensor, link: str) -> Tensor:
+    """P(first preferred) of score margins ``margin`` (any shape) under ``link``."""
+    return pair_log_likelihood(margin, torch.ones_like(margin), link).exp()
+
+
+class HeadEnsemble(torch.nn.Module):
+    """M heads on the same features: ``forward`` (B, E) -> (B,) their mean score,
+    :meth:`member_scores` (B, E) -> (M, B)."""
+
+    def __init__(self, members: list[torch.nn.Module]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def member_scores(self, emb: Tensor) -> Tensor:
+        return torch.stack([head(emb).squeeze(-1) for head in self.members])
+
+    def forward(self, emb: Tensor) -> Tensor:
+        return self.member_scores(emb).mean(0)
+
+    def file_state(self) -> dict[str, Tensor]:
+        """What ``head.safetensors`` holds: one head's keys as they always were, or
+        ``{m}.{key}`` for an ensemble."""
+        module = self.members[0] if len(self.members) == 1 else self.members
+        return {k: v.contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def _read_spec(folder: Path) -> ModelSpec:
+    if not (folder / SPEC_FILE).is_file():
+        raise FileNotFoundError(
+            f"{folder}: no {SPEC_FILE}; pass the output folder of scripts/train_reward.py"
+        )
+    return build(ModelSpec, json.loads((folder / SPEC_FILE).read_text()), source=str(folder / SPEC_FILE))
+
+
+def load_heads(folder: Path, in_dim: int) -> tuple[ModelSpec, HeadEnsemble]:
+    """The spec and the heads of a trained model folder, for features of width ``in_dim``
+    (without its CLIP tower: ``scripts/select_pairs.py`` on a features file).
+
+    Raises:
+        FileNotFoundError: no ``bradley_terry.json`` in ``folder``.
+        RuntimeError: the heads do not match ``in_dim`` or the spec.
+    """
+    spec = _read_spec(Path(folder))
+    return spec, _load_heads(Path(folder), spec, in_dim)
+
+
+def _load_heads(folder: Path, spec: ModelSpec, in_dim: int) -> HeadEnsemble:
+    heads = HeadEnsemble([_head(in_dim, spec.hidden_dim) for _ in range(spec.ensemble_size)])
+    target = heads.members[0] if spec.ensemble_size == 1 else heads.members
+    target.load_state_dict(load_state_dict(folder / HEAD_FILE))
+    return heads.eval()
 
 
 class BradleyTerryReward(RewardModel):
@@ -91,22 +207,27 @@ class BradleyTerryReward(RewardModel):
     def __init__(self, path: str | Path, device: str | torch.device | None = None) -> None:
         super().__init__()
         folder = Path(path)
-        if not (folder / SPEC_FILE).is_file():
-            raise FileNotFoundError(
-                f"{folder}: no {SPEC_FILE}; pass the output folder of scripts/train_reward.py"
-            )
-        self.spec = build(
-            ModelSpec, json.loads((folder / SPEC_FILE).read_text()), source=str(folder / SPEC_FILE)
-        )
-        self.needs_masks = self.spec.inpainting
-        self.embed = ClipImageEmbedder(
-            self.spec.backbone_path, self.spec.backbone, self.spec.backbone_weights
-        )
-        width = self.embed.dim * (2 if self.spec.inpainting else 1)
-        self.head = _head(width, self.spec.hidden_dim)
-        self.head.load_state_dict(load_state_dict(folder / HEAD_FILE))
-        self.head.eval()
+        spec = _read_spec(folder)
+        self.needs_masks = spec.inpainting
+        self.embed = ClipImageEmbedder(spec.backbone_path, spec.backbone, spec.backbone_weights)
+        self.spec, self.head = spec, _load_heads(folder, spec, self.embed.dim * (2 if spec.inpainting else 1))
         self.to(device)
+
+    def features(
+        self, images: Tensor, masks: Tensor | None = None, masked_images: Tensor | None = None
+    ) -> Tensor:
+        """(B, E) what the heads read: CLIP embeddings (beside the masked input's, inpainting)."""
+        emb = self.embed(images)
+        if self.spec.inpainting:
+            masked = masked_images if masked_images is not None else masked_for_reward(images, masks)
+            emb = torch.cat([emb, self.embed(masked)], dim=-1)
+        return emb
+
+    def member_scores(
+        self, images: Tensor, masks: Tensor | None = None, masked_images: Tensor | None = None
+    ) -> Tensor:
+        """(M, B) each ensemble member's score (``score`` is their mean)."""
+        return self.head.member_scores(self.features(images, masks, masked_images))
 
     def score(
         self,
@@ -115,11 +236,7 @@ class BradleyTerryReward(RewardModel):
         masks: Tensor | None = None,
         masked_images: Tensor | None = None,
     ) -> Tensor:
-        emb = self.embed(images)
-        if self.spec.inpainting:
-            masked = masked_images if masked_images is not None else masked_for_reward(images, masks)
-            emb = torch.cat([emb, self.embed(masked)], dim=-1)
-        return self.head(emb).squeeze(-1)
+        return self.head(self.features(images, masks, masked_images))
 
 
 @dataclass
@@ -163,6 +280,13 @@ class TrainRewardConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     embed_batch_size: int = field(default=32, metadata={"help": "images per backbone forward when embedding"})
     seed: int = field(default=0, metadata={"help": "split and initialisation seed"})
+    annotator_min_pairs: int = field(
+        default=20,
+        metadata={
+            "help": "misspecification report (pairs with annotator ids): annotators with at least this "
+            "many training pairs get their own reward direction"
+        },
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.validation_fraction < 1:
@@ -275,10 +399,11 @@ class PairSplit:
     train: Tensor  # indices into pairs
     val: Tensor
     skipped: int  # pairs left out for an unreadable image
+    annotators: list[str | None] = field(default_factory=list)  # (P,) who labelled each pair, if known
 
-    def metrics(self, margin: Tensor) -> dict[str, float]:
+    def metrics(self, margin: Tensor, link: str = "logistic") -> dict[str, float]:
         """Pair counts, accuracy on decided pairs (``margin = s_w - s_l > 0``) and held-out
-        BCE loss, from ``margin`` (P,) of every usable pair."""
+        loss (negative log-likelihood under ``link``), from ``margin`` (P,) of every usable pair."""
         margin, decided = margin.detach().float().cpu(), self.labels == 1.0
 
         def accuracy(part: Tensor) -> float:
@@ -292,9 +417,7 @@ class PairSplit:
             "validation_pairs": float(len(self.val)),
             "validation_accuracy": accuracy(self.val),
             "train_accuracy": accuracy(self.train),
-            "validation_loss": float(
-                F.binary_cross_entropy_with_logits(margin[self.val], self.labels[self.val])
-            ),
+            "validation_loss": float(pair_nll(margin[self.val], self.labels[self.val], link)),
         }
 
 
@@ -339,7 +462,8 @@ def split_usable_pairs(
             f"{cfg.data}: {n} usable pairs are too few to hold out {cfg.validation_fraction:.0%}"
         )
     labels = torch.tensor([records[i].label for i in kept.tolist()])
-    return PairSplit(index[kept], labels, order[n_val:], order[:n_val], len(records) - n)
+    annotators = [records[i].annotator for i in kept.tolist()]
+    return PairSplit(index[kept], labels, order[n_val:], order[:n_val], len(records) - n, annotators)
 
 
 def _shared_image_components(pairs: Tensor) -> Tensor:
@@ -360,8 +484,134 @@ def _shared_image_components(pairs: Tensor) -> Tensor:
     return torch.tensor([ids[r] for r in roots])
 
 
+def _fit(
+    model: torch.nn.Module,
+    margin: Callable[[torch.nn.Module, Tensor], Tensor],
+    labels: Tensor,
+    train: Tensor,
+    cfg: TrainRewardConfig,
+    link: str,
+    accelerator: Accelerator | None,
+) -> torch.nn.Module:
+    """Fit ``model`` by AdamW on the negative log-likelihood under ``link`` of the pairs
+    ``train`` (indices, CPU), ``margin(model, idx)`` giving the (B,) score margins of pairs
+    ``idx``; ``cfg.epochs`` passes of batches of ``cfg.batch_size``. Returns it unwrapped, in
+    eval mode."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = torch.utils.data.DataLoader(train, batch_size=cfg.batch_size, shuffle=True)
+    if accelerator is not None:
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    for _ in range(cfg.epochs):
+        for idx in loader:
+            idx = idx.to(labels.device)
+            loss = pair_nll(margin(model, idx), labels[idx], link)
+            optimizer.zero_grad()
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
+            optimizer.step()
+    return (accelerator.unwrap_model(model) if accelerator is not None else model).eval()
+
+
+def fit_heads(
+    emb: Tensor,
+    pairs: Tensor,
+    labels: Tensor,
+    train: Tensor,
+    spec: ModelSpec,
+    cfg: TrainRewardConfig,
+    accelerator: Accelerator | None = None,
+) -> HeadEnsemble:
+    """``spec.ensemble_size`` heads of width ``spec.hidden_dim`` on frozen features ``emb``
+    (U, E), each fitted to the pairs ``train`` (indices into ``pairs`` (P, 2) long, rows of
+    ``emb`` of (chosen, rejected); ``labels`` (P,) P(chosen preferred)) under ``spec.link``;
+    member m initialised and shuffled from seed ``cfg.seed + m``."""
+
+    def margin(head: torch.nn.Module, idx: Tensor) -> Tensor:
+        ids = pairs[idx]
+        return (head(emb[ids[:, 0]]) - head(emb[ids[:, 1]])).squeeze(-1)
+
+    members = []
+    for m in range(spec.ensemble_size):
+        torch.manual_seed(cfg.seed + m)
+        head = _head(emb.shape[1], spec.hidden_dim).to(emb.device)
+        members.append(_fit(head, margin, labels, train, cfg, spec.link, accelerator))
+    return HeadEnsemble(members)
+
+
+ANNOTATOR_RANK = 4  # per-annotator parameters: few, so that an annotator with 20 pairs cannot memorise them
+
+
+class AnnotatorConditioned(torch.nn.Module):
+    """``r(x, a) = r(x) + u_a . g(x)``: a shared head ``r``, and for each modelled annotator a
+    vector ``u_a`` (``ANNOTATOR_RANK``) read against shared features ``g(x) = W x``. Index 0
+    stands for every other annotator (``u_0 = 0``: the shared reward). An additive offset per
+    annotator would cancel in ``r(x_w, a) - r(x_l, a)``, hence a direction."""
+
+    def __init__(self, in_dim: int, hidden: int, annotators: int) -> None:
+        super().__init__()
+        self.shared = _head(in_dim, hidden)
+        self.project = torch.nn.Linear(in_dim, ANNOTATOR_RANK, bias=False)
+        self.taste = torch.nn.Embedding(annotators + 1, ANNOTATOR_RANK, padding_idx=0)
+        torch.nn.init.zeros_(self.taste.weight)  # start at the shared model
+
+    def forward(self, emb: Tensor, who: Tensor) -> Tensor:
+        return self.shared(emb).squeeze(-1) + (self.taste(who) * self.project(emb)).sum(-1)
+
+
+def misspecification_report(
+    emb: Tensor, split: PairSplit, single: torch.nn.Module, spec: ModelSpec, cfg: TrainRewardConfig
+) -> dict[str, float]:
+    """Is one reward enough for these annotators? Held-out mean log-likelihood (nats per pair,
+    under ``spec.link``) of ``single`` ((B, E) -> (B,) scores, trained on ``split.train``)
+    against :class:`AnnotatorConditioned` trained the same way (``cfg``), where annotators
+    with at least ``cfg.annotator_min_pairs`` training pairs get their own direction
+    (Dumoulin et al. 2024: a mixture of annotators is not one Bradley-Terry model). ``gain``
+    is the conditioned minus the single log-likelihood, with its standard error over the
+    held-out pairs: a gain of a few standard errors says the single model is misspecified.
+
+    Raises:
+        ValueError: ``split.annotators`` does not give one entry per pair.
+    """
+    if len(split.annotators) != len(split.pairs):
+        raise ValueError(f"split.annotators: {len(split.annotators)} entries for {len(split.pairs)} pairs")
+    counts = Counter(split.annotators[i] for i in split.train.tolist())
+    counts.pop(None, None)
+    modelled = sorted(a for a, n in counts.items() if n >= cfg.annotator_min_pairs)
+    number = {a: i + 1 for i, a in enumerate(modelled)}
+    who = torch.tensor([number.get(a, 0) for a in split.annotators], device=emb.device)
+    pairs, labels = split.pairs.to(emb.device), split.labels.to(emb.device)
+
+    def margin(model: torch.nn.Module, idx: Tensor) -> Tensor:
+        ids = pairs[idx]
+        return model(emb[ids[:, 0]], who[idx]) - model(emb[ids[:, 1]], who[idx])
+
+    torch.manual_seed(cfg.seed)
+    init = AnnotatorConditioned(emb.shape[1], spec.hidden_dim, len(modelled)).to(emb.device)
+    conditioned = _fit(init, margin, labels, split.train, cfg, spec.link, None)
+    val = split.val.to(emb.device)
+    with torch.no_grad():
+        single_ll = pair_log_likelihood(
+            single(emb[pairs[val, 0]]) - single(emb[pairs[val, 1]]), labels[val], spec.link
+        )
+        gain = pair_log_likelihood(margin(conditioned, val), labels[val], spec.link) - single_ll
+    return {
+        "annotators": float(len({a for a in split.annotators if a is not None})),
+        "annotators_modelled": float(len(modelled)),
+        "validation_loglik_single": float(single_ll.mean()),
+        "validation_loglik_annotator": float((single_ll + gain).mean()),
+        "validation_loglik_gain": float(gain.mean()),
+        "validation_loglik_gain_stderr": float(gain.std() / math.sqrt(len(gain)))
+        if len(gain) > 1
+        else math.nan,
+    }
+
+
 def train_bradley_terry(cfg: TrainRewardConfig) -> dict[str, float]:
-    """Train the head on frozen CLIP features; save the model; return held-out metrics."""
+    """Train the head (or ensemble, ``model.ensemble_size``) on frozen CLIP features; save the
+    model; return held-out metrics, with :func:`misspecification_report`'s when the pairs name
+    their annotators (its single model: member 0)."""
     from accelerate import Accelerator
     from safetensors.torch import save_file
 
@@ -380,30 +630,15 @@ def train_bradley_terry(cfg: TrainRewardConfig) -> dict[str, float]:
     emb = emb.flatten(1)  # inpainting: image and masked input side by side
     split = split_usable_pairs(records, index, usable, cfg)
     pairs, labels = split.pairs.to(accelerator.device), split.labels.to(accelerator.device)
-
-    head = _head(emb.shape[1], spec.hidden_dim)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = torch.utils.data.DataLoader(split.train, batch_size=cfg.batch_size, shuffle=True)
-    head, optimizer, loader = accelerator.prepare(head, optimizer, loader)
-    for _ in range(cfg.epochs):
-        for idx in loader:
-            idx = idx.to(accelerator.device)
-            ids = pairs[idx]
-            margin = (head(emb[ids[:, 0]]) - head(emb[ids[:, 1]])).squeeze(-1)
-            loss = F.binary_cross_entropy_with_logits(margin, labels[idx])
-            optimizer.zero_grad()
-            accelerator.backward(loss)
-            optimizer.step()
-
-    model = accelerator.unwrap_model(head).eval()
+    heads = fit_heads(emb, pairs, labels, split.train, spec, cfg, accelerator)
     with torch.no_grad():
-        margin = (model(emb[pairs[:, 0]]) - model(emb[pairs[:, 1]])).squeeze(-1)
-    metrics = split.metrics(margin)
+        margin = heads(emb[pairs[:, 0]]) - heads(emb[pairs[:, 1]])
+    metrics = split.metrics(margin, spec.link)
+    if any(a is not None for a in split.annotators):
+        metrics |= misspecification_report(emb, split, HeadEnsemble([heads.members[0]]), spec, cfg)
     if accelerator.is_main_process:
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         (cfg.output_dir / SPEC_FILE).write_text(json.dumps(asdict(spec), indent=2))
-        save_file(
-            {k: v.contiguous().cpu() for k, v in model.state_dict().items()}, str(cfg.output_dir / HEAD_FILE)
-        )
+        save_file(heads.file_state(), str(cfg.output_dir / HEAD_FILE))
         (cfg.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

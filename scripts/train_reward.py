@@ -5,9 +5,15 @@ architecture (``architecture=prefpaint``) with its trust matrix ``V^-1``.
     accelerate launch scripts/train_reward.py --config configs/rewards/prefpaint.yaml [key=value ...]
     python scripts/train_reward.py data=pairs.jsonl output_dir=outputs/bt model.backbone_path=DIR
 
+    python scripts/train_reward.py data=pairs.jsonl output_dir=outputs/bt_ensemble \
+        model.backbone_path=DIR model.ensemble_size=5 model.link=thurstone
+
 Prints the held-out metrics as JSON and writes the model folder that
 ``load_reward("bradley_terry", path=output_dir)`` or ``load_reward("prefpaint",
-weights=output_dir)`` reads.
+weights=output_dir)`` reads. ``model.ensemble_size`` >= 2 trains the ensemble whose disagreement
+``scripts/select_pairs.py`` uses (BAL-PM); ``model.link`` chooses the logistic (Bradley-Terry) or
+Thurstone (probit) likelihood; pairs that name their annotators (``user_id`` / ``annotator``) add
+a misspecification report to the metrics (``diffalign_rewards.bradley_terry.misspecification_report``).
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -231,3 +232,89 @@ def test_pairs_sharing_an_image_are_held_out_together(tmp_path: Path) -> None:
     assert train_images.isdisjoint(val_images)
     assert len(split.val) >= round(0.2 * len(index)) and len(split.val) + len(split.train) == len(index)
     assert 0 < len(split.val) < len(index)
+
+
+def test_link_log_likelihoods_match_their_formulas() -> None:
+    from diffalign_rewards.bradley_terry import pair_log_likelihood, pair_nll, preference_probability
+
+    margin = torch.tensor([-3.0, -0.4, 0.0, 0.7, 5.0], dtype=torch.float64)
+    labels = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.5], dtype=torch.float64)
+
+    def by_hand(link: str) -> list[float]:
+        out = []
+        for m, y in zip(margin.tolist(), labels.tolist(), strict=True):
+            # Thurstone case V: Phi(m / sqrt(2)) = (1 + erf(m / 2)) / 2
+            p = 1 / (1 + math.exp(-m)) if link == "logistic" else 0.5 * (1 + math.erf(m / 2))
+            out.append(y * math.log(p) + (1 - y) * math.log(1 - p))
+        return out
+
+    for link in ("logistic", "thurstone"):
+        got = pair_log_likelihood(margin, labels, link)
+        torch.testing.assert_close(got, torch.tensor(by_hand(link), dtype=torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(pair_nll(margin, labels, link), -got.mean(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            preference_probability(margin, link),
+            pair_log_likelihood(margin, torch.ones_like(margin), link).exp(),
+        )
+        m = margin.clone().requires_grad_()
+        assert torch.autograd.gradcheck(lambda x, link=link: pair_log_likelihood(x, labels, link), (m,))
+    far = torch.tensor([-60.0], dtype=torch.float64)  # log space: no log(0)
+    assert torch.isfinite(pair_log_likelihood(far, torch.ones(1, dtype=torch.float64), "thurstone")).all()
+    with pytest.raises(ValueError, match="link must be"):
+        pair_log_likelihood(margin, labels, "probit")
+
+
+def test_single_head_file_keeps_its_keys_and_members_differ(tmp_path: Path) -> None:
+    from diffalign_rewards.bradley_terry import ModelSpec, fit_heads
+
+    emb = torch.randn(30, 5, generator=torch.Generator().manual_seed(0))
+    pairs, labels = torch.arange(30).reshape(15, 2), torch.ones(15)
+    cfg = TrainRewardConfig(data=tmp_path, output_dir=tmp_path, epochs=2, batch_size=4)
+    one = fit_heads(emb, pairs, labels, torch.arange(15), ModelSpec(hidden_dim=4), cfg)
+    assert set(one.file_state()) == {"0.weight", "0.bias", "2.weight", "2.bias"}  # as before ensembles
+    three = fit_heads(emb, pairs, labels, torch.arange(15), ModelSpec(hidden_dim=4, ensemble_size=3), cfg)
+    assert set(three.file_state()) == {f"{m}.{k}" for m in range(3) for k in one.file_state()}
+    scores = three.member_scores(emb)
+    assert scores.shape == (3, 30) and not torch.allclose(scores[0], scores[1])
+    torch.testing.assert_close(three(emb), scores.mean(0))
+    # member 0 is seeded as a single head is: the same head
+    torch.testing.assert_close(scores[0], one(emb))
+    with pytest.raises(ValueError, match="ensemble_size"):
+        ModelSpec(ensemble_size=0)
+
+
+def test_ensemble_thurstone_and_annotator_report(tmp_path: Path, reward_assets) -> None:
+    data = write_jsonl(tmp_path / "data", n_images=40, n_pairs=120)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_text("\n".join(json.dumps(r | {"annotator": f"u{i % 3}"}) for i, r in enumerate(rows)))
+    spec = _spec(reward_assets["clip"])
+    spec.ensemble_size, spec.link = 3, "thurstone"
+    out = tmp_path / "bt"
+    metrics = train_bradley_terry(
+        TrainRewardConfig(data=data, output_dir=out, model=spec, epochs=3, annotator_min_pairs=5)
+    )
+    assert metrics["annotators"] == 3 and metrics["annotators_modelled"] == 3
+    assert math.isfinite(metrics["validation_loglik_gain"])
+    saved = json.loads((out / "bradley_terry.json").read_text())
+    assert saved["link"] == "thurstone" and saved["ensemble_size"] == 3
+    reward = load_reward("bradley_terry", path=out)
+    images = torch.stack(synthetic_images(4, seed=7))
+    members = reward.member_scores(images)
+    assert members.shape == (3, 4)
+    torch.testing.assert_close(reward(images), members.mean(0))
+
+
+def test_annotator_ids_are_read(tmp_path: Path) -> None:
+    images = [png(im) for im in synthetic_images(3, seed=8)]
+    table = pa.table({
+        "caption": ["a", "b"], "jpg_0": images[:2], "jpg_1": images[1:],
+        "label_0": [1.0, 0.0], "label_1": [0.0, 1.0], "user_id": [7, 9],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "pairs.parquet")
+    assert [r.annotator for r in read_preference_pairs(tmp_path / "pairs.parquet")] == ["7", "9"]
+    rows = [
+        {"prompt": "x", "chosen": "a.png", "rejected": "b.png", "annotator": "ann"},
+        {"prompt": "y", "chosen": "a.png", "rejected": "b.png"},
+    ]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert [r.annotator for r in read_preference_pairs(tmp_path / "pairs.jsonl")] == ["ann", None]

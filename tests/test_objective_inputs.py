@@ -175,6 +175,7 @@ def full_inputs(kind: str) -> dict[str, torch.Tensor]:
             "policy_logps": -torch.rand(3, 4),
             "reference_logps": -torch.rand(3, 4),
             "rewards": torch.rand(3, 4),
+            "lengths": torch.full((3, 4), 3.0),
         }
     return {"policy_logps": torch.zeros(4), "old_policy_logps": torch.zeros(4), "advantages": torch.randn(4)}
 

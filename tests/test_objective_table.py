@@ -58,7 +58,21 @@ TABLE: dict[str, tuple[dict[str, Any], str | Refused, str | Refused]] = {
     "mappo": ({"name": "mappo"}, SCORES, SCORES),
     "madpo": ({"name": "madpo"}, SCORES, SCORES),
     "smoothed_dpo": ({"name": "smoothed_dpo"}, SCORES, SCORES),
+    "pearson_calibration": ({"name": "pearson_calibration"}, Refused(
+        r"diffusion_dpo: objective 'pearson_calibration' requires `chosen_lengths`; diffusion_dpo has no "
+        "candidate lengths",
+        "refused: no lengths (its NLL term is per token; `denoising_logp` has none)",
+    ), SCORES),
     "ppo_clip": ({"name": "ppo_clip"}, POLICY_GRADIENT, POLICY_GRADIENT),
+    "vpo": ({"name": "vpo"}, PAIRS, PAIRS),
+    **{name: ({"name": name}, PAIRS, PAIRS) for name in (  # TRL's loss types (trl_losses.py)
+        "exo_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "discopop", "sft", "combined",
+    )},
+    "dpo_norm": ({"name": "dpo_norm"}, Refused(
+        r"diffusion_dpo: objective 'dpo_norm' requires `chosen_lengths`; diffusion_dpo has no "
+        "candidate lengths",
+        "refused: no lengths (`denoising_logp` is a per-element mean already; use `dpo`)",
+    ), PAIRS),
 }  # fmt: skip
 METHODS = ("diffusion_dpo", "text_preference")
 SCORES_NAMED = {

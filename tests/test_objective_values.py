@@ -35,6 +35,12 @@ def avg(r: dict[str, float], side: str) -> float:
     return r[f"policy_{side}_logps"] / r[f"{side}_lengths"]
 
 
+def mappo_gap(r: dict[str, float]) -> float:
+    """MaPPO's default prior: the paper's logistic map of raw scores, sigma(s_w) - sigma(s_l), in [0, 1]."""
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    return min(max(sig(r["chosen_rewards"]) - sig(r["rejected_rewards"]), 0.0), 1.0)
+
+
 EXPECTED = {
     "dpo": ({"beta": 0.1}, lambda r: -logsig(0.1 * h(r))),
     "dpo_beta5000": ({"beta": 5000.0}, lambda r: -logsig(5000.0 * h(r))),
@@ -109,43 +115,31 @@ EXPECTED = {
     ),
     "mappo": (
         {"beta": 0.1},
+        lambda r: -logsig(0.1 * rho(r, "chosen") - mappo_gap(r) * 0.1 * rho(r, "rejected")),
+    ),
+    "mappo_min_max": (
+        {"beta": 0.1, "reward_mapping": "min_max", "reward_min": -1.0, "reward_max": 1.5},
         lambda r: (
             -logsig(
                 0.1 * rho(r, "chosen")
-                - min(max(r["chosen_rewards"] - r["rejected_rewards"], 0.0), 1.0) * 0.1 * rho(r, "rejected")
+                - min(max((r["chosen_rewards"] - r["rejected_rewards"]) / 2.5, 0.0), 1.0)
+                * 0.1
+                * rho(r, "rejected")
             )
         ),
     ),
     "mappo_ipo": (
         {"base": "ipo", "beta": 0.1},
-        lambda r: (
-            (
-                rho(r, "chosen")
-                - min(max(r["chosen_rewards"] - r["rejected_rewards"], 0.0), 1.0) * rho(r, "rejected")
-                - 1 / (2 * 0.1)
-            )
-            ** 2
-        ),
+        lambda r: (rho(r, "chosen") - mappo_gap(r) * rho(r, "rejected") - 1 / (2 * 0.1)) ** 2,
     ),
     "mappo_simpo": (
         {"base": "simpo", "beta": 2.0},
-        lambda r: (
-            -logsig(
-                2.0 * avg(r, "chosen")
-                - min(max(r["chosen_rewards"] - r["rejected_rewards"], 0.0), 1.0) * 2.0 * avg(r, "rejected")
-                - 0.5
-            )
-        ),
+        lambda r: -logsig(2.0 * avg(r, "chosen") - mappo_gap(r) * 2.0 * avg(r, "rejected") - 0.5),
     ),
     "mappo_cpo": (
         {"base": "cpo", "beta": 0.1},
         lambda r: (
-            -logsig(
-                0.1 * r["policy_chosen_logps"]
-                - min(max(r["chosen_rewards"] - r["rejected_rewards"], 0.0), 1.0)
-                * 0.1
-                * r["policy_rejected_logps"]
-            )
+            -logsig(0.1 * r["policy_chosen_logps"] - mappo_gap(r) * 0.1 * r["policy_rejected_logps"])
             - avg(r, "chosen")
         ),
     ),

@@ -223,7 +223,8 @@ def test_smoothed_dpo_learns_nothing_from_equal_scores(tiny_pipelines, tmp_path:
 
 @pytest.mark.parametrize(
     "objective",
-    [{"name": "mappo", "reward_min": -2.0, "reward_max": 0.0}, {"name": "madpo"},
+    [{"name": "mappo", "reward_mapping": "min_max", "reward_min": -2.0, "reward_max": 0.0},
+     {"name": "madpo"},
      {"name": "smoothed_dpo", "reward_min": -2.0, "reward_max": 0.0}],
     ids=["mappo", "madpo", "smoothed_dpo"],
 )  # fmt: skip

@@ -75,6 +75,13 @@ class PairRecord:
     where: str  # "file:row", for error messages
     mask: ImageRef | None = None
     rewards: tuple[float, float] | None = None  # reward scores of (chosen, rejected)
+    annotator: str | None = None  # who labelled it: Pick-a-Pic ``user_id``, a JSONL ``annotator``
+
+
+def _annotator(row: dict) -> str | None:
+    """The row's annotator id (``annotator``, or Pick-a-Pic's ``user_id``) as text; None if absent."""
+    value = row.get("annotator", row.get("user_id"))
+    return None if value is None else str(value)
 
 
 def _tie_or_win(label_0: float, where: str) -> float | None:
@@ -160,7 +167,9 @@ def _pick_a_pic(row: dict, where: str, ties: str, scores: tuple[str, ...]) -> Pa
     mask = row.get("mask")  # inpainting pairs (``diffalign label`` on examples): encoded bytes
     if mask is not None and not isinstance(mask, bytes):
         raise ValueError(f"{where}: 'mask' must hold encoded image bytes, got {type(mask).__name__}")
-    return PairRecord(str(row["caption"] or ""), chosen, rejected, win or 0.5, where, mask, rewards)
+    return PairRecord(
+        str(row["caption"] or ""), chosen, rejected, win or 0.5, where, mask, rewards, _annotator(row)
+    )
 
 
 def _pair_row(
@@ -181,6 +190,7 @@ def _pair_row(
         where,
         mask,
         pair_rewards(row, where, fields, required=scored),
+        _annotator(row),
     )
 
 

@@ -15,6 +15,7 @@ METHODS = {
     "dro": "diffalign.methods.dro:DiffusionDRO",
     "ddpo": "diffalign.methods.ddpo:DDPO",
     "prefpaint": "diffalign.methods.prefpaint:PrefPaint",
+    "ift": "diffalign.methods.ift:IFT",
 }
 
 

@@ -26,6 +26,7 @@ from diffalign.objectives.base import (
     register_objective,
     soft_preference_probs,
 )
+from diffalign.objectives.calibration import PearsonCalibration
 from diffalign.objectives.kldo import KLDO
 from diffalign.objectives.listwise import NCA, InfoNCA, ListwiseObjective
 from diffalign.objectives.log_ratio import (
@@ -46,8 +47,21 @@ from diffalign.objectives.policy_gradient import PPOClip
 from diffalign.objectives.reference_free import CPO, ORPO, SimPO
 from diffalign.objectives.reward_weighted import MADPO, MaPPO, SmoothedDPO
 from diffalign.objectives.sampling import PairRule, pairs_from_scores, rso_rejection_sample
+from diffalign.objectives.trl_losses import (
+    AOT,
+    SFT,
+    AOTUnpaired,
+    BCOPair,
+    Combined,
+    DiscoPOP,
+    DPONorm,
+    EXOPair,
+    SPPOHard,
+)
+from diffalign.objectives.value_regularised import VPO
 
 __all__ = [
+    "AOT",
     "APO",
     "CDPO",
     "CPO",
@@ -62,9 +76,17 @@ __all__ = [
     "PAIRWISE_INPUTS",
     "POLICY_GRADIENT_INPUTS",
     "RSO",
+    "SFT",
+    "VPO",
+    "AOTUnpaired",
     "APODown",
     "APOZero",
+    "BCOPair",
+    "Combined",
+    "DPONorm",
     "DROranking",
+    "DiscoPOP",
+    "EXOPair",
     "Hinge",
     "InfoNCA",
     "ListwiseObjective",
@@ -75,7 +97,9 @@ __all__ = [
     "PPOClip",
     "PairRule",
     "PairwiseObjective",
+    "PearsonCalibration",
     "RobustDPO",
+    "SPPOHard",
     "SimPO",
     "SmoothedDPO",
     "check_objective_inputs",

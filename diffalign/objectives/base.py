@@ -69,11 +69,11 @@ PAIRWISE_INPUTS = (
     "rejected_lengths",
     "weights",
 )
-LISTWISE_INPUTS = ("policy_logps", "reference_logps", "rewards", "weights")
+LISTWISE_INPUTS = ("policy_logps", "reference_logps", "rewards", "lengths", "weights")
 POLICY_GRADIENT_INPUTS = ("policy_logps", "old_policy_logps", "advantages", "trust_weights", "weights")
 
 # Inputs that must be strictly positive (lengths), non-negative (weights) or probabilities.
-_POSITIVE = ("chosen_lengths", "rejected_lengths")
+_POSITIVE = ("chosen_lengths", "rejected_lengths", "lengths")
 _NON_NEGATIVE = ("weights", "trust_weights")
 _PROBABILITY = ("preference_probs",)
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from diffalign.config import NON_NEGATIVE, Range
 from diffalign.objectives.base import (
+    PAIRWISE_INPUTS,
     Inputs,
     ObjectiveInputError,
     register_objective,
@@ -55,11 +56,32 @@ class CDPO(NoisyLabelObjective):
     """Conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences"; TRL's
     ``label_smoothing``): ``-(1 - e) log sigma(beta h) - e log sigma(-beta h)``.
 
-    The note gives no default for the flip rate ``e``; 0.1 matches ``robust``'s.
+    The note gives no default for the flip rate ``e``; 0.1 matches ``robust``'s. The input
+    ``label_smoothing_per_pair`` (B,), each in [0, 0.5), replaces ``e`` pair by pair: UPO's
+    per-pair smoothing (Wang et al. 2024, the loss ``L_upo``), e.g.
+    :func:`diffalign.text.upo.bald_label_smoothing`. UPO's printed ``a_j = 1/(P_j + 1)`` is not
+    offered: with ``P_j`` normalised over many pairs it is about 1 and flips every label.
+
+    Raises:
+        ObjectiveInputError: a ``label_smoothing_per_pair`` value outside [0, 0.5).
     """
 
+    # only cdpo takes it: an objective that ignored it would train every pair as unsmoothed
+    accepted_inputs = (*PAIRWISE_INPUTS, "label_smoothing_per_pair")
+
+    def validate(self, inputs: dict[str, Tensor | None]) -> Inputs:
+        x = super().validate(inputs)
+        e = x.label_smoothing_per_pair
+        if e is not None and not bool(((e >= 0) & (e < 0.5)).all()):
+            raise ObjectiveInputError("`label_smoothing_per_pair` must lie in [0, 0.5)")
+        return x
+
     def pair_losses(self, chosen: Tensor, rejected: Tensor, x: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
-        return sigmoid_loss(chosen - rejected, self.label_smoothing), {}
+        e = x.label_smoothing_per_pair
+        if e is None:
+            return sigmoid_loss(chosen - rejected, self.label_smoothing), {}
+        z = chosen - rejected
+        return (1 - e) * sigmoid_loss(z) + e * sigmoid_loss(-z), {}
 
 
 @register_objective("robust")

@@ -85,7 +85,7 @@ class PairwiseObjective(Objective):
         return ("policy_chosen_logps", "policy_rejected_logps")
 
     def check_shapes(self, tensors: dict[str, Tensor]) -> None:
-        same_shape(tensors, PAIRWISE_INPUTS, ndim=1)
+        same_shape(tensors, self.accepted_inputs, ndim=1)
 
     def implicit_rewards(self, x: Inputs) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

@@ -38,18 +38,25 @@ _REWARD_INPUTS = ("chosen_rewards", "rejected_rewards")
 @register_objective("mappo")
 @dataclass
 class MaPPO(PairwiseObjective):
-    """MaPPO (Lan et al. 2025): the base objective with its rejected term scaled by the prior
-    reward gap ``Delta_r = r_w - r_l`` in [0, 1]; for DPO ``-log sigma(beta rho_w - Delta_r beta rho_l)``.
+    """MaPPO (Lan et al. 2025, arXiv 2507.21183, Sec. 3.1): the base objective with its rejected
+    term scaled by the prior reward gap ``Delta_r = r_w - r_l`` in [0, 1]; for DPO
+    ``-log sigma(beta rho_w - Delta_r beta rho_l)``.
 
     Plug-in variants (``base``): ``dpo``, ``ipo`` (``(rho_w - Delta_r rho_l - 1/(2 beta))^2``),
     ``simpo`` (``-log sigma(beta lbar_w - Delta_r beta lbar_l - gamma)``), ``cpo``.
     ``Delta_r = 1`` gives the base objective back.
 
-    Rewards are mapped to [0, 1] by ``(r - reward_min) / (reward_max - reward_min)`` (the paper
-    assumes normalised rewards and does not say how; min-max with known bounds is our choice),
-    and the gap is clipped to [0, 1]: a pair the prior reward ranks the other way contributes
-    only its chosen term. ``beta`` (None: the base's default) and ``base_options`` configure
-    the base objective.
+    Raw reward-model scores ``s`` become priors in [0, 1] by ``reward_mapping``:
+
+    - ``"logistic"`` (default, the paper's: App. D.2.4 applies "a standard logistic function on
+      the absolute rewards"): ``Delta_r = sigma(s_w) - sigma(s_l)``. The scores' scale matters:
+      large-magnitude scores saturate sigma, and ``Delta_r`` tends to 0 or 1;
+    - ``"min_max"``: ``(s - reward_min) / (reward_max - reward_min)`` with known bounds (both
+      required, and refused with ``logistic``), so ``Delta_r = (s_w - s_l) / (reward_max - reward_min)``.
+
+    The gap is clipped to [0, 1]: a pair the prior reward ranks the other way contributes only
+    its chosen term. ``beta`` (None: the base's default) and ``base_options`` configure the base
+    objective.
     """
 
     soft_label_mode = None  # its prior weighting comes from the reward gap: a tie label contradicts it
@@ -58,14 +65,14 @@ class MaPPO(PairwiseObjective):
 
     base: Literal["dpo", "ipo", "simpo", "cpo"] = "dpo"
     beta: float | None = None
-    reward_min: float = 0.0
-    reward_max: float = 1.0
+    reward_mapping: Literal["logistic", "min_max"] = "logistic"
+    reward_min: float | None = None
+    reward_max: float | None = None
     base_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.reward_max > self.reward_min:
-            raise ValueError(f"reward_max ({self.reward_max}) must exceed reward_min ({self.reward_min})")
+        self._check_mapping()
         options = dict(self.base_options)
         if self.beta is not None:
             if options.get("beta", self.beta) != self.beta:
@@ -74,6 +81,27 @@ class MaPPO(PairwiseObjective):
                 )
             options["beta"] = self.beta
         self._base: PairwiseObjective = get_objective(self.base, **options)  # type: ignore[assignment]
+
+    def _check_mapping(self) -> None:
+        bounds = (self.reward_min, self.reward_max)
+        if self.reward_mapping == "logistic":
+            if bounds != (None, None):
+                raise ValueError(
+                    "mappo: reward_min / reward_max are the bounds of reward_mapping: min_max; the "
+                    "default logistic mapping takes none (set reward_mapping: min_max, or drop them)"
+                )
+        elif None in bounds:
+            raise ValueError("mappo: reward_mapping min_max needs both reward_min and reward_max")
+        elif not self.reward_max > self.reward_min:
+            raise ValueError(f"reward_max ({self.reward_max}) must exceed reward_min ({self.reward_min})")
+
+    def prior_gap(self, x: Inputs) -> Tensor:
+        """``Delta_r`` (B,) in [0, 1] from the reward inputs, by ``reward_mapping``."""
+        if self.reward_mapping == "logistic":
+            gap = torch.sigmoid(x.chosen_rewards) - torch.sigmoid(x.rejected_rewards)
+        else:
+            gap = reward_gap(x, self.reward_min, self.reward_max)
+        return gap.clamp(0, 1)
 
     def required_inputs(self) -> tuple[str, ...]:
         return (*self._base.required_inputs(), *_REWARD_INPUTS)
@@ -87,7 +115,7 @@ class MaPPO(PairwiseObjective):
         return self._base.implicit_rewards(x)
 
     def pair_losses(self, chosen: Tensor, rejected: Tensor, x: Inputs) -> tuple[Tensor, dict[str, Tensor]]:
-        gap = reward_gap(x, self.reward_min, self.reward_max).clamp(0, 1)
+        gap = self.prior_gap(x)
         losses, extra = self._base.pair_losses(chosen, gap * rejected, x)
         return losses, {**extra, "mappo/reward_gap": gap.mean()}
 

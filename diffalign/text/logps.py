@@ -10,7 +10,9 @@ completion token left is an error naming the row, never a log-probability of 0.
 
 ``completion_logps`` scores all candidates of a batch in one forward: sequences padded on either
 side (position ids follow the attention mask, so left padding changes nothing), prompt and
-padding tokens masked out, the sum and the count of completion-token log-probabilities returned.
+padding tokens masked out, the per-token completion log-probabilities returned (their sum and
+count as properties). From them: LD-DPO's length-desensitised sums (``desensitised_logps``) and
+WPO's sequence weights (``wpo_weights``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ __all__ = [
     "CompletionLogps",
     "Tokenization",
     "completion_logps",
+    "desensitised_logps",
     "encode_candidates",
+    "next_token_logps",
     "pad_sequences",
     "render_prompt",
+    "wpo_weights",
 ]
 
 
@@ -135,8 +140,21 @@ def pad_sequences(
 
 @dataclass
 class CompletionLogps:
-    summed: Tensor  # (N,) sum of completion-token log-probabilities
-    lengths: Tensor  # (N,) completion tokens scored
+    """Completion-token log-probabilities of N sequences of width L (``completion_logps``)."""
+
+    tokens: Tensor  # (N, L - 1) log-probability of each next token, 0 outside the completion
+    mask: Tensor  # (N, L - 1) bool, the completion tokens among them
+    log_sum_sq_probs: Tensor | None = None  # (N, L - 1) log sum_v p_v^2 per position, no gradient
+
+    @property
+    def summed(self) -> Tensor:
+        """(N,) sum of completion-token log-probabilities."""
+        return self.tokens.sum(-1)
+
+    @property
+    def lengths(self) -> Tensor:
+        """(N,) completion tokens scored."""
+        return self.mask.sum(-1).to(self.tokens.dtype)
 
     @property
     def mean(self) -> Tensor:
@@ -144,13 +162,61 @@ class CompletionLogps:
 
 
 def completion_logps(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    sum_sq_probs: bool = False,
 ) -> CompletionLogps:
+    """Score every completion token of a padded batch (N, L) in one forward (float32 whatever the
+    model's dtype). ``sum_sq_probs`` also returns ``log sum_v p_v^2`` of each next-token
+    distribution, without gradient (WPO's normaliser: :func:`wpo_weights`)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-    logits, labels, mask = logits[:, :-1], input_ids[:, 1:], completion_mask[:, 1:]
-    # log_softmax at the labels only, in float32 whatever the model's dtype
-    picked = logits.gather(-1, labels[..., None]).squeeze(-1).float()
-    token_logps = picked - torch.logsumexp(logits.float(), dim=-1)
-    token_logps = token_logps.masked_fill(~mask, 0.0)
-    return CompletionLogps(token_logps.sum(-1), mask.sum(-1).to(token_logps.dtype))
+    mask = completion_mask[:, 1:]
+    token_logps = next_token_logps(logits, input_ids).masked_fill(~mask, 0.0)
+    log_sum_sq = None
+    if sum_sq_probs:
+        with torch.no_grad():  # sum_v p_v^2 = sum_v exp(2 logit_v) / Z^2
+            logits = logits[:, :-1].float()
+            log_sum_sq = torch.logsumexp(2 * logits, dim=-1) - 2 * torch.logsumexp(logits, dim=-1)
+            log_sum_sq = log_sum_sq.masked_fill(~mask, 0.0)
+    return CompletionLogps(token_logps, mask, log_sum_sq)
+
+
+def next_token_logps(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """(N, L - 1) log-probabilities of each next token ``input_ids[:, 1:]`` under ``logits`` (N, L, V),
+    in float32 whatever the model's dtype: log-softmax evaluated at the labels only."""
+    logits = logits[:, :-1]
+    picked = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1).float()
+    return picked - torch.logsumexp(logits.float(), dim=-1)
+
+
+def desensitised_logps(scored: CompletionLogps, shared_lengths: Tensor, alpha: float) -> Tensor:
+    """LD-DPO's length-desensitised log-likelihoods (N,) (Liu et al. 2024, "Length Desensitization
+    in Direct Preference Optimization", paper not checked here; TRL 1.16
+    ``trl/trainer/dpo_trainer.py``, ``DPOTrainer._compute_loss`` with ``ld_alpha``): the sum over the
+    first ``shared_lengths`` (N,) completion tokens plus ``alpha`` times the sum over the rest.
+
+    For a pair both candidates get ``min(|y_w|, |y_l|)``; ``alpha = 1`` is the plain sum, ``0`` cuts
+    the longer candidate to the shorter one's length.
+    """
+    position = scored.mask.cumsum(-1)
+    shared = scored.mask & (position <= shared_lengths[:, None])
+    tail = scored.mask & ~shared
+    return (scored.tokens * shared).sum(-1) + alpha * (scored.tokens * tail).sum(-1)
+
+
+def wpo_weights(scored: CompletionLogps) -> Tensor:
+    """WPO's per-sequence weights (N,) (Zhou et al. 2024, arXiv 2406.11827, Eq. 2, as TRL 1.16
+    ``trl/trainer/dpo_trainer.py``, ``DPOTrainer._compute_loss`` with ``use_weighting`` computes
+    it): the geometric mean over completion tokens of ``p(y_t) / sum_v p_v^2`` (the token's
+    probability normalised by the distribution's own expected probability), without gradient.
+
+    Raises ``ValueError`` when ``scored`` was computed without ``sum_sq_probs=True``.
+    """
+    if scored.log_sum_sq_probs is None:
+        raise ValueError("wpo_weights needs completion_logps(..., sum_sq_probs=True)")
+    with torch.no_grad():
+        aligned = (scored.tokens - scored.log_sum_sq_probs) * scored.mask
+        return torch.exp(aligned.sum(-1) / scored.lengths.clamp(min=1))

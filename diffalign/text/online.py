@@ -1,0 +1,262 @@
+"""Online (iterative) preference optimisation of a causal LM: sample, score, pair, train, repeat.
+
+Each round ``i`` (``run_online``):
+
+1. sample: ``samples_per_prompt`` completions per prompt from the current policy ``pi^(i-1)``
+   (transformers ``generate``, seeded by ``seed + i``): :func:`sample_completions`;
+2. score them with a text reward ``(prompts, completions) -> scores``
+   (:data:`~diffalign.text.rso.TextReward`, given as ``module:function``);
+3. pair them with :func:`~diffalign.objectives.pairs_from_scores` (best against worst, every pair
+   apart by ``margin``, or RSO's rule): :func:`pair_rows`, TRL-style rows (prompt, chosen,
+   rejected, chosen_reward, rejected_reward);
+4. optionally filter them by uncertainty (UPO's self-evolution, :func:`diffalign.text.upo.upo_filter`);
+5. train one round of ``text_preference`` (``train``: any objective of the library) from
+   ``pi^(i-1)`` with ``pi^(i-1)`` as the reference; the next round starts from its export.
+
+This is the loop of online VPO (Cen et al. 2024, Algorithm 1, with ``objective: {name: vpo, mode:
+online, calibration: both}``: the pair's two samples are reference samples) and of UPO's
+self-evolution (Wang et al. 2024). Limits: one process (the sampling is not distributed); each
+round trains on that round's pairs only (VPO's Algorithm 1 accumulates the data of all rounds;
+UPO's code mixes in labeled data): concatenate earlier rounds' ``pairs.jsonl`` yourself for that.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from tqdm.auto import tqdm
+
+from diffalign.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, Range, build, check_ranges
+from diffalign.objectives import PairRule, pairs_from_scores
+from diffalign.text.logps import (
+    Tokenization,
+    completion_logps,
+    encode_candidates,
+    pad_sequences,
+    render_prompt,
+)
+from diffalign.text.rso import TextReward, load_text_reward
+from diffalign.text.upo import UPOSettings, upo_filter
+from diffalign.training.config import TrainConfig
+
+__all__ = [
+    "OnlineTextConfig",
+    "candidate_logps",
+    "implicit_reward_accuracy",
+    "pair_rows",
+    "read_prompts",
+    "run_online",
+    "sample_completions",
+    "train_round",
+    "write_rows",
+]
+
+
+@dataclass
+class OnlineTextConfig:
+    """What ``scripts/online_text.py`` runs (every key in its ``--help``)."""
+
+    train: dict[str, Any] = field(
+        metadata={"help": "a text_preference training config (as configs/text/dpo.yaml) for each round; "
+                  "model.pretrained is the starting policy, data.path and output_dir are set per round"}
+    )  # fmt: skip
+    prompts: Path = field(metadata={"help": "JSONL / parquet / dataset with a 'prompt' column"})
+    reward: str = field(metadata={"help": "module:function scoring (prompts, completions) -> scores"})
+    output_dir: Path = field(default=Path("outputs/online"), metadata={"help": "round-N folders"})
+    rounds: int = field(default=2, metadata={"help": "online rounds"})
+    samples_per_prompt: int = field(default=4, metadata={"help": "completions sampled per prompt"})
+    max_new_tokens: int = field(default=64, metadata={"help": "completion length limit"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    pair_rule: PairRule = field(default="best_worst", metadata={"help": "best_worst, margin or rso"})
+    margin: float = field(default=0.0, metadata={"help": "smallest reward gap of a pair"})
+    seed: int = field(default=0, metadata={"help": "round i samples with seed + i"})
+    upo: UPOSettings | None = field(default=None, metadata={"help": "UPO's uncertainty filter (none: off)"})
+
+    ranges: ClassVar[dict[str, Range]] = {
+        "rounds": AT_LEAST_ONE, "samples_per_prompt": Range(2), "max_new_tokens": AT_LEAST_ONE,
+        "temperature": POSITIVE, "margin": NON_NEGATIVE,
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if not isinstance(self.train.get("model"), dict) or not self.train["model"].get("pretrained"):
+            raise ConfigError("missing required key 'train.model.pretrained' (the starting policy)")
+        round_config(self.train, "<start>", Path("<rows>"), Path("<out>"))  # a bad train section fails now
+
+
+def round_config(train: dict[str, Any], model: str, rows: Path, output_dir: Path) -> TrainConfig:
+    """The ``train`` mapping as one round's TrainConfig: that round's model, rows and folder."""
+    data = {**train, "model": {**train.get("model", {}), "pretrained": model}}
+    data |= {"data": {**train.get("data", {}), "path": rows}, "output_dir": output_dir}
+    return build(TrainConfig, data, source="online config", prefix="train.")
+
+
+def sample_completions(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    tokenization: Tokenization | None = None,
+) -> list[list[str]]:
+    """``num_samples`` sampled completions of each prompt (stripped; empty ones dropped, so a
+    prompt may get fewer). Prompt ``j`` is sampled under the global torch seed ``(seed, j)``
+    (``generate`` draws from the global generator), so a run is fixed by ``seed``."""
+    cfg = tokenization or Tokenization()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    out = []
+    for j, prompt in enumerate(prompts):
+        ids = tokenizer(render_prompt(tokenizer, prompt, cfg), add_special_tokens=False, return_tensors="pt")
+        torch.manual_seed(seed * 1_000_003 + j)
+        with torch.no_grad():
+            tokens = model.generate(
+                **ids.to(device), do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples, pad_token_id=pad,
+            )  # fmt: skip
+        texts = tokenizer.batch_decode(tokens[:, ids.input_ids.shape[1] :], skip_special_tokens=True)
+        out.append([t.strip() for t in texts if t.strip()])
+    return out
+
+
+def pair_rows(
+    prompts: list[str],
+    completions: list[list[str]],
+    reward: TextReward,
+    rule: PairRule = "best_worst",
+    margin: float = 0.0,
+    seed: int = 0,
+) -> list[dict]:
+    """TRL-style rows (prompt, chosen, rejected, chosen_reward, rejected_reward) from each prompt's
+    completions scored by ``reward``, paired by :func:`~diffalign.objectives.pairs_from_scores`
+    (ties and gaps under ``margin`` left out; a prompt with fewer than two completions skipped)."""
+    generator = torch.Generator().manual_seed(seed)  # the rso rule's draws
+    rows = []
+    for prompt, texts in zip(prompts, completions, strict=True):
+        if len(texts) < 2:
+            continue
+        scores = torch.tensor([float(s) for s in reward([prompt] * len(texts), texts)], dtype=torch.float64)
+        for w, lo in pairs_from_scores(scores, rule, margin=margin, generator=generator):
+            rows.append({
+                "prompt": prompt, "chosen": texts[w], "rejected": texts[lo],
+                "chosen_reward": float(scores[w]), "rejected_reward": float(scores[lo]),
+            })  # fmt: skip
+    return rows
+
+
+def candidate_logps(
+    model: Any, tokenizer: Any, prompt: str, completions: list[str], tokenization: Tokenization | None = None
+) -> torch.Tensor:
+    """(K,) summed completion-token log-probs of ``completions`` given ``prompt`` (as training
+    scores them: :func:`~diffalign.text.logps.completion_logps`), under the model's current mode."""
+    seqs = encode_candidates(tokenizer, prompt, completions, tokenization or Tokenization())
+    device = next(model.parameters()).device
+    tokens = {k: v.to(device) for k, v in pad_sequences(seqs, tokenizer.pad_token_id).items()}
+    return completion_logps(model, **tokens).summed.double().cpu()
+
+
+def implicit_reward_accuracy(
+    policy: Any, reference: Any, tokenizer: Any, rows: list[dict], tokenization: Tokenization | None = None
+) -> float:
+    """Held-out preference accuracy of the implicit reward ``log pi/pi_ref``: the fraction of
+    ``rows`` (prompt, chosen, rejected) where it is higher for the chosen completion (0 to 1).
+
+    Raises:
+        ValueError: no rows.
+    """
+    if not rows:
+        raise ValueError("implicit_reward_accuracy: no rows")
+    right = 0
+    with torch.no_grad():
+        for r in rows:
+            pair = [r["chosen"], r["rejected"]]
+            rho = candidate_logps(policy, tokenizer, r["prompt"], pair, tokenization) - candidate_logps(
+                reference, tokenizer, r["prompt"], pair, tokenization
+            )
+            right += int(rho[0] > rho[1])
+    return right / len(rows)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The ``prompt`` column of rows (JSONL, parquet, dataset folder; other columns ignored).
+
+    Raises:
+        ValueError: a row without a prompt or with an empty one, or no rows.
+    """
+    from diffalign.data.rows import read_rows
+
+    prompts = []
+    for where, row in read_rows(path, columns=("prompt",), what="prompts"):
+        if not str(row.get("prompt", "")).strip():
+            raise ValueError(f"{where}: missing or empty 'prompt'")
+        prompts.append(str(row["prompt"]))
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def train_round(cfg: TrainConfig) -> Path:
+    """Train ``cfg`` (a ``text_preference`` config) and return its final export folder."""
+    from diffalign.api import train
+    from diffalign.training.loop import checkpoints
+
+    result = train(cfg)
+    return checkpoints(result.output_dir)[-1] / "export"
+
+
+def write_rows(rows: list[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return path
+
+
+def run_online(cfg: OnlineTextConfig, reward: TextReward | None = None) -> list[dict[str, Any]]:
+    """Run ``cfg.rounds`` rounds (module docstring); return one summary per round: the mean
+    reward of the samples (of the policy that starts the round), the pairs made and kept, the
+    export. ``reward`` overrides ``cfg.reward`` (a callable instead of its ``module:function``).
+
+    Raises:
+        ValueError: a round makes no pairs (every prompt's samples tied or were empty).
+    """
+    from diffalign.text.loading import load_causal_lm
+
+    reward = reward or load_text_reward(cfg.reward)
+    prompts = read_prompts(cfg.prompts)
+    model_path, summaries = str(cfg.train["model"]["pretrained"]), []
+    for i in range(1, cfg.rounds + 1):
+        folder = Path(cfg.output_dir) / f"round-{i}"
+        model, tokenizer = load_causal_lm(model_path)
+        model.eval()
+        completions = sample_completions(
+            model,
+            tokenizer,
+            prompts,
+            cfg.samples_per_prompt,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.seed + i,
+        )
+        flat = [(p, t) for p, texts in zip(prompts, completions, strict=True) for t in texts]
+        mean_reward = sum(map(float, reward([p for p, _ in flat], [t for _, t in flat]))) / max(len(flat), 1)
+        rows = pair_rows(prompts, completions, reward, cfg.pair_rule, cfg.margin, cfg.seed + i)
+        made = len(rows)
+        if cfg.upo is not None and rows:
+            rows = upo_filter(rows, cfg.upo, seed=cfg.seed + i)
+        if not rows:
+            raise ValueError(
+                f"round {i}: no pairs (every prompt's samples tied, were empty or were filtered)"
+            )
+        data = write_rows(rows, folder / "pairs.jsonl")
+        model_path = str(train_round(round_config(cfg.train, model_path, data, folder / "train")))
+        summaries.append({"round": i, "sample_reward": mean_reward, "pairs": made, "kept": len(rows),
+                          "export": model_path})  # fmt: skip
+        tqdm.write(json.dumps(summaries[-1]))
+    return summaries
