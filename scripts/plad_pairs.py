@@ -18,7 +18,7 @@ from pathlib import Path
 
 from diffalign.text.online import read_prompts, write_rows
 from diffalign.text.plad import plad_pairs
-from diffalign.text.rso import load_text_reward
+from diffalign.text.sampling import load_text_reward
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 
 from diffalign.data.rows import read_rows
-from diffalign.text.rso import load_text_reward, rso_pairs
+from diffalign.text.rso import rso_pairs
+from diffalign.text.sampling import load_text_reward
 
 
 def main(argv: list[str] | None = None) -> Path:

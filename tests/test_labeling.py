@@ -90,6 +90,23 @@ def test_label_writes_pairs_whose_scores_are_the_rewards_of_the_stored_images(
     assert score_column("pkg.mod:Class") == "pkg_mod_Class"
 
 
+def test_max_pairs_per_prompt_keeps_a_seeded_subset_of_each_prompts_pairs(
+    tiny_pipelines, prompt_file: Path, tmp_path: Path
+) -> None:
+    def pairs(out: Path, **kw: object) -> list[tuple[str, frozenset]]:
+        label_prompts(config(tiny_pipelines["sd"], prompt_file, out, samples_per_prompt=4, pairing="margin",
+                             max_prompts=2, **kw))  # fmt: skip
+        rows = [r for t in shard_tables(out) for r in t.to_pylist()]
+        return [(r["caption"], frozenset((r["score_0"], r["score_1"]))) for r in rows]
+
+    every = pairs(tmp_path / "all")
+    capped = pairs(tmp_path / "capped", max_pairs_per_prompt=2)
+    assert len(every) > 4  # up to 6 pairs of 4 samples per prompt: the cap has work to do
+    assert [c for c, _ in capped] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert set(capped) <= set(every)  # the same samples and scores, a subset of their pairs
+    assert pairs(tmp_path / "again", max_pairs_per_prompt=2) == capped  # seeded
+
+
 def test_pairs_train_diffusion_dpo_and_smpo_without_conversion(
     tiny_pipelines, prompt_file: Path, tmp_path: Path
 ) -> None:

@@ -14,7 +14,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(p for folder in ("diffalign", "rewards", "scripts") for p in (ROOT / folder).rglob("*.py"))
 # modules imported by name from user input, each behind an explicit "module:attr" the user wrote
-IMPORT_BY_NAME = {"diffalign/rewards.py", "diffalign/methods/__init__.py", "diffalign/text/rso.py"}
+IMPORT_BY_NAME = {"diffalign/rewards.py", "diffalign/methods/__init__.py", "diffalign/text/sampling.py"}
 PICKLING_MODULES = {"pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve", "_pickle"}
 
 

@@ -16,14 +16,9 @@ from diffalign.acquisition import binary_bald
 from diffalign.config import ConfigError, build
 from diffalign.objectives import ObjectiveInputError, get_objective
 from diffalign.text.loading import load_causal_lm
-from diffalign.text.online import (
-    OnlineTextConfig,
-    candidate_logps,
-    implicit_reward_accuracy,
-    pair_rows,
-    sample_completions,
-)
+from diffalign.text.online import OnlineTextConfig, candidate_logps, implicit_reward_accuracy
 from diffalign.text.plad import plad_pairs
+from diffalign.text.sampling import pair_rows, sample_completions
 from diffalign.text.tiny import build_tiny_causal_lm, synthetic_preferences, yes_fraction
 from diffalign.text.upo import (
     UPOSettings,
@@ -273,6 +268,14 @@ def test_online_rounds_chain_models_and_references(lms: dict[str, Path], tmp_pat
             for line in (tmp_path / "on" / f"round-{i}" / "pairs.jsonl").read_text().splitlines()
         ]
         assert rows and all(r["chosen_reward"] > r["rejected_reward"] for r in rows)
+    exports = [Path(s["export"]) / "config.json" for s in summaries]
+    stamps = [p.stat().st_mtime_ns for p in exports]
+    again = load_script("online_text").main([
+        "--config", str(CONFIGS / "vpo_online.yaml"), f"prompts={prompts}", f"output_dir={tmp_path / 'on'}",
+        f"train.model.pretrained={lms['a']}", "rounds=2", "max_new_tokens=6", "train.max_steps=3",
+        "train.optim.lr=1e-2", "train.log_every=1", "train.batch_size=4",
+    ])  # fmt: skip
+    assert again == summaries and [p.stat().st_mtime_ns for p in exports] == stamps  # restart: nothing redone
     with pytest.raises(ConfigError, match=r"train\.objective"):
         build(OnlineTextConfig, {"train": {"method": "text_preference", "model": {"pretrained": "x"},
               "objective": [1]}, "prompts": "p", "reward": "m:f"})  # fmt: skip

@@ -31,6 +31,9 @@ them (MaPPO, MADPO, SmPO, NCA):
 - otherwise pair rows may carry ``chosen_reward`` / ``rejected_reward`` (or ``score_chosen`` /
   ``score_rejected``), the text rows' fields; all rows or none.
 
+Annotator ids (optional; ``PairRecord.annotator``, text): a row's ``annotator``, or Pick-a-Pic's
+``user_id``; the reward trainer's misspecification report uses them.
+
 Bad input names the file and row: a missing column or key, an unreadable label, a missing,
 null, NaN or infinite score, a missing or corrupt image (when it is decoded). A malformed row
 raises, or with ``on_bad_sample="skip"`` is dropped and counted (``Parsed.skipped``, a warning).

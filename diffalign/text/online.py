@@ -5,7 +5,7 @@ Each round ``i`` (``run_online``):
 1. sample: ``samples_per_prompt`` completions per prompt from the current policy ``pi^(i-1)``
    (transformers ``generate``, seeded by ``seed + i``): :func:`sample_completions`;
 2. score them with a text reward ``(prompts, completions) -> scores``
-   (:data:`~diffalign.text.rso.TextReward`, given as ``module:function``);
+   (:data:`~diffalign.text.sampling.TextReward`, given as ``module:function``);
 3. pair them with :func:`~diffalign.objectives.pairs_from_scores` (best against worst, every pair
    apart by ``margin``, or RSO's rule): :func:`pair_rows`, TRL-style rows (prompt, chosen,
    rejected, chosen_reward, rejected_reward);
@@ -18,10 +18,15 @@ online, calibration: both}``: the pair's two samples are reference samples) and 
 self-evolution (Wang et al. 2024). Limits: one process (the sampling is not distributed); each
 round trains on that round's pairs only (VPO's Algorithm 1 accumulates the data of all rounds;
 UPO's code mixes in labeled data): concatenate earlier rounds' ``pairs.jsonl`` yourself for that.
+
+Restarts: a run killed and started again with the same config skips the rounds it finished
+(``round-N/round.json``) and resumes an unfinished round's training from its last checkpoint
+(sampling is seeded, so the round's pairs come out the same).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,26 +36,25 @@ import torch
 from tqdm.auto import tqdm
 
 from diffalign.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, Range, build, check_ranges
-from diffalign.objectives import PairRule, pairs_from_scores
+from diffalign.objectives import PairRule
 from diffalign.text.logps import (
     Tokenization,
     completion_logps,
     encode_candidates,
     pad_sequences,
-    render_prompt,
 )
-from diffalign.text.rso import TextReward, load_text_reward
+from diffalign.text.sampling import TextReward, load_text_reward, pair_rows, sample_completions
 from diffalign.text.upo import UPOSettings, upo_filter
 from diffalign.training.config import TrainConfig
+
+ROUND_FILE = "round.json"  # a finished round's summary; its presence marks the round done
 
 __all__ = [
     "OnlineTextConfig",
     "candidate_logps",
     "implicit_reward_accuracy",
-    "pair_rows",
     "read_prompts",
     "run_online",
-    "sample_completions",
     "train_round",
     "write_rows",
 ]
@@ -93,61 +97,6 @@ def round_config(train: dict[str, Any], model: str, rows: Path, output_dir: Path
     data = {**train, "model": {**train.get("model", {}), "pretrained": model}}
     data |= {"data": {**train.get("data", {}), "path": rows}, "output_dir": output_dir}
     return build(TrainConfig, data, source="online config", prefix="train.")
-
-
-def sample_completions(
-    model: Any,
-    tokenizer: Any,
-    prompts: list[str],
-    num_samples: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    seed: int = 0,
-    tokenization: Tokenization | None = None,
-) -> list[list[str]]:
-    """``num_samples`` sampled completions of each prompt (stripped; empty ones dropped, so a
-    prompt may get fewer). Prompt ``j`` is sampled under the global torch seed ``(seed, j)``
-    (``generate`` draws from the global generator), so a run is fixed by ``seed``."""
-    cfg = tokenization or Tokenization()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    out = []
-    for j, prompt in enumerate(prompts):
-        ids = tokenizer(render_prompt(tokenizer, prompt, cfg), add_special_tokens=False, return_tensors="pt")
-        torch.manual_seed(seed * 1_000_003 + j)
-        with torch.no_grad():
-            tokens = model.generate(
-                **ids.to(device), do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples, pad_token_id=pad,
-            )  # fmt: skip
-        texts = tokenizer.batch_decode(tokens[:, ids.input_ids.shape[1] :], skip_special_tokens=True)
-        out.append([t.strip() for t in texts if t.strip()])
-    return out
-
-
-def pair_rows(
-    prompts: list[str],
-    completions: list[list[str]],
-    reward: TextReward,
-    rule: PairRule = "best_worst",
-    margin: float = 0.0,
-    seed: int = 0,
-) -> list[dict]:
-    """TRL-style rows (prompt, chosen, rejected, chosen_reward, rejected_reward) from each prompt's
-    completions scored by ``reward``, paired by :func:`~diffalign.objectives.pairs_from_scores`
-    (ties and gaps under ``margin`` left out; a prompt with fewer than two completions skipped)."""
-    generator = torch.Generator().manual_seed(seed)  # the rso rule's draws
-    rows = []
-    for prompt, texts in zip(prompts, completions, strict=True):
-        if len(texts) < 2:
-            continue
-        scores = torch.tensor([float(s) for s in reward([prompt] * len(texts), texts)], dtype=torch.float64)
-        for w, lo in pairs_from_scores(scores, rule, margin=margin, generator=generator):
-            rows.append({
-                "prompt": prompt, "chosen": texts[w], "rejected": texts[lo],
-                "chosen_reward": float(scores[w]), "rejected_reward": float(scores[lo]),
-            })  # fmt: skip
-    return rows
 
 
 def candidate_logps(
@@ -210,10 +159,12 @@ def train_round(cfg: TrainConfig) -> Path:
     return checkpoints(result.output_dir)[-1] / "export"
 
 
-def write_rows(rows: list[dict], path: Path) -> Path:
+def write_rows(rows: list[dict], path: Path, as_json: bool = False) -> Path:
+    """Write ``rows`` as JSONL (or, ``as_json``, the one row as a JSON object) by rename: a killed
+    run leaves the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text(json.dumps(rows[0], indent=2) if as_json else "".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)
     return path
 
@@ -233,6 +184,10 @@ def run_online(cfg: OnlineTextConfig, reward: TextReward | None = None) -> list[
     model_path, summaries = str(cfg.train["model"]["pretrained"]), []
     for i in range(1, cfg.rounds + 1):
         folder = Path(cfg.output_dir) / f"round-{i}"
+        if (folder / ROUND_FILE).is_file():  # finished before a restart: not sampled or trained again
+            summaries.append(json.loads((folder / ROUND_FILE).read_text()))
+            model_path = summaries[-1]["export"]
+            continue
         model, tokenizer = load_causal_lm(model_path)
         model.eval()
         completions = sample_completions(
@@ -255,8 +210,13 @@ def run_online(cfg: OnlineTextConfig, reward: TextReward | None = None) -> list[
                 f"round {i}: no pairs (every prompt's samples tied, were empty or were filtered)"
             )
         data = write_rows(rows, folder / "pairs.jsonl")
-        model_path = str(train_round(round_config(cfg.train, model_path, data, folder / "train")))
+        # resume_from latest: a round killed while training goes on from its last checkpoint
+        round_cfg = dataclasses.replace(
+            round_config(cfg.train, model_path, data, folder / "train"), resume_from="latest"
+        )
+        model_path = str(train_round(round_cfg))
         summaries.append({"round": i, "sample_reward": mean_reward, "pairs": made, "kept": len(rows),
                           "export": model_path})  # fmt: skip
+        write_rows([summaries[-1]], folder / ROUND_FILE, as_json=True)
         tqdm.write(json.dumps(summaries[-1]))
     return summaries

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffalign.text.online import sample_completions
-from diffalign.text.rso import TextReward
+from diffalign.text.sampling import TextReward, sample_completions
 
 __all__ = ["plad_pairs"]
 

@@ -10,27 +10,12 @@ are TRL-style (prompt, chosen, rejected, chosen_reward, rejected_reward), ready 
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
+from diffalign.text.logps import Tokenization
+from diffalign.text.sampling import TextReward, pair_rows, sample_completions
 
-from diffalign.objectives import pairs_from_scores
-from diffalign.text.logps import Tokenization, render_prompt
-
-__all__ = ["TextReward", "load_text_reward", "rso_pairs"]
-
-TextReward = Callable[[list[str], list[str]], Sequence[float]]  # (prompts, completions) -> scores
-
-
-def load_text_reward(spec: str) -> TextReward:
-    """A reward function given as ``module:function``."""
-    module, _, name = spec.partition(":")
-    if not name:
-        raise ValueError(f"reward '{spec}': expected 'module:function'")
-    return getattr(importlib.import_module(module), name)
+__all__ = ["rso_pairs"]
 
 
 def rso_pairs(
@@ -46,33 +31,19 @@ def rso_pairs(
     seed: int = 0,
     tokenization: Tokenization | None = None,
 ) -> list[dict]:
+    """TRL-style rows of each prompt's accepted samples, paired in order of acceptance (a prompt
+    with fewer than ``num_accepted`` non-empty samples makes none).
+
+    Raises:
+        ValueError: ``num_accepted`` odd, below 2 or above ``num_candidates``.
+    """
     if num_accepted < 2 or num_accepted % 2 or num_accepted > num_candidates:
         raise ValueError(
             f"num_accepted must be even, >= 2 and <= num_candidates ({num_candidates}), got {num_accepted}"
         )
-    cfg = tokenization or Tokenization()
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for prompt in tqdm(prompts, desc="RSO: sampling, scoring, rejection sampling"):
-        ids = tokenizer(render_prompt(tokenizer, prompt, cfg), add_special_tokens=False, return_tensors="pt")
-        torch.manual_seed(int(torch.randint(2**31, (1,), generator=generator)))  # generate draws globally
-        with torch.no_grad():
-            out = model.generate(
-                **ids.to(device), do_sample=True, temperature=temperature, max_new_tokens=max_new_tokens,
-                num_return_sequences=num_candidates, pad_token_id=pad,
-            )  # fmt: skip
-        texts = tokenizer.batch_decode(out[:, ids.input_ids.shape[1] :], skip_special_tokens=True)
-        texts = [t.strip() for t in texts if t.strip()]  # an empty sample cannot be scored as a completion
-        if len(texts) < num_accepted:
-            continue
-        scores = torch.tensor([float(s) for s in reward([prompt] * len(texts), texts)], dtype=torch.float64)
-        for w, lo in pairs_from_scores(
-            scores, "rso", num_accepted=num_accepted, beta=beta, generator=generator
-        ):
-            rows.append({
-                "prompt": prompt, "chosen": texts[w], "rejected": texts[lo],
-                "chosen_reward": float(scores[w]), "rejected_reward": float(scores[lo]),
-            })  # fmt: skip
-    return rows
+    completions = sample_completions(
+        model, tokenizer, prompts, num_candidates, max_new_tokens, temperature, seed, tokenization
+    )
+    # an empty sample is dropped (it cannot be scored as a completion); too few left: no pairs
+    completions = [texts if len(texts) >= num_accepted else [] for texts in completions]
+    return pair_rows(prompts, completions, reward, "rso", seed=seed, num_accepted=num_accepted, beta=beta)
