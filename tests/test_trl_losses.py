@@ -201,8 +201,10 @@ def test_combined_inputs_soft_labels_and_state() -> None:
     ("hparams", "message"),
     [
         ({"objectives": []}, "`objectives` is empty"),
-        ({"objectives": [{"beta": 0.1}]}, r"objectives\[0\] has no `name`"),
+        ({"objectives": [{"beta": 0.1}]}, r"objectives\[0\] must be a mapping with a `name` string"),
+        ({"objectives": [{"name": None}]}, r"objectives\[0\] must be a mapping with a `name` string"),
         ({"objectives": [{"name": "dpo"}], "loss_weights": [1.0, 2.0]}, "2 loss_weights for 1 objectives"),
+        ({"objectives": [{"name": "dpo"}, {"name": "sft"}], "loss_weights": []}, "0 loss_weights for 2"),
         ({"objectives": [{"name": "ppo_clip"}]}, "'ppo_clip' is a policy_gradient objective"),
     ],
 )

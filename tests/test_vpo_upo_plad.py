@@ -276,6 +276,12 @@ def test_online_rounds_chain_models_and_references(lms: dict[str, Path], tmp_pat
         "train.optim.lr=1e-2", "train.log_every=1", "train.batch_size=4",
     ])  # fmt: skip
     assert again == summaries and [p.stat().st_mtime_ns for p in exports] == stamps  # restart: nothing redone
+    with pytest.raises(ConfigError, match=r"other settings \(rounds, train differ\)"):
+        load_script("online_text").main([
+            "--config", str(CONFIGS / "vpo_online.yaml"), f"prompts={prompts}", f"output_dir={tmp_path / 'on'}",
+            f"train.model.pretrained={lms['a']}", "rounds=3", "max_new_tokens=6", "train.max_steps=4",
+            "train.optim.lr=1e-2", "train.log_every=1", "train.batch_size=4",
+        ])  # fmt: skip
     with pytest.raises(ConfigError, match=r"train\.objective"):
         build(OnlineTextConfig, {"train": {"method": "text_preference", "model": {"pretrained": "x"},
               "objective": [1]}, "prompts": "p", "reward": "m:f"})  # fmt: skip
@@ -333,3 +339,34 @@ def test_plad_pairs_put_the_teacher_first_and_filter_by_margin(lms: dict[str, Pa
             tmp_path / "p.jsonl", rows=6)), "--out", str(tmp_path / "plad.jsonl"), "--max-new-tokens", "6",
     ])  # fmt: skip
     assert len(out.read_text().splitlines()) >= 1
+
+
+def test_bad_rewards_and_round_settings_are_named_before_any_sampling(tmp_path: Path) -> None:
+    """A reward that returns the wrong number of scores, NaN or text, an unknown reward, a bad
+    ``train`` section or a missing model folder: each a clear error naming it."""
+    from diffalign.text.online import run_online
+    from diffalign.text.sampling import load_text_reward, score_texts
+
+    texts = ["yes", "no", "sure"]
+    with pytest.raises(ValueError, match="returned 2 scores for 3 completions"):
+        pair_rows(["p"], [texts], lambda p, c: [1.0, 0.0])
+    with pytest.raises(ValueError, match="non-finite score"):
+        score_texts(lambda p, c: [float("nan")] * len(c), ["p"] * 3, texts)
+    with pytest.raises(ValueError, match="expected one number per completion"):
+        score_texts(lambda p, c: ["high"] * len(c), ["p"] * 3, texts)
+    with pytest.raises(ValueError, match="reward 'no_such_module:f': cannot load it"):
+        load_text_reward("no_such_module:f")
+    base = {
+        "train": {"method": "text_preference", "model": {"pretrained": "lm"}},
+        "prompts": "p",
+        "reward": "m:f",
+    }
+    with pytest.raises(ConfigError, match=r"train: .*unknown objective 'foo'"):
+        build(OnlineTextConfig, {**base, "train": {**base["train"], "objective": {"name": "foo"}}})
+    with pytest.raises(ConfigError, match=r"train: method_options: .*ld_alpha must be in \[0, 1\]"):
+        build(OnlineTextConfig, {**base, "train": {**base["train"], "method_options": {"ld_alpha": 3}}})
+    prompts = synthetic_preferences(tmp_path / "p.jsonl", rows=2)
+    missing = {**base, "prompts": prompts, "reward": "diffalign.text.tiny:yes_fraction", "output_dir": tmp_path / "o",
+               "train": {**base["train"], "model": {"pretrained": str(tmp_path / "no" / "lm")}}}  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"train\.model\.pretrained: .*/no/lm is not a folder"):
+        run_online(build(OnlineTextConfig, missing))

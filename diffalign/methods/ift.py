@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from diffalign.config import UNIT, ConfigError, Range, check_ranges
-from diffalign.methods.text_preference import CausalLMMethod, add_lora, disable_dropout
+from diffalign.methods.text_preference import CausalLMMethod, disable_dropout
 from diffalign.objectives.ift import ift_loss, ift_mix_embeddings, ift_relation_weights
 from diffalign.text.dataset import TextPreferenceDataset
 from diffalign.text.loading import load_causal_lm
@@ -88,11 +88,7 @@ class IFT(CausalLMMethod):
         # E of the paper's mixing, frozen before any update (official trainers.py:257-263); a resumed
         # run rebuilds it from the same starting weights, so checkpoints need not keep it
         self.embeddings = copy.deepcopy(model.get_input_embeddings()).requires_grad_(False)
-        if cfg.model.lora is not None:
-            model = add_lora(model, self.tokenizer, cfg)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        self.model = self.train_model = model
+        self.set_policy(model)
         self.data = TextPreferenceDataset(records, self.tokenizer, self.options.tokenization)
 
     def setup(self, device: torch.device, weight_dtype: torch.dtype) -> None:

@@ -126,6 +126,15 @@ class CausalLMMethod(Method):
     data: Any
     skipped_rows: int
 
+    def set_policy(self, model: torch.nn.Module) -> None:
+        """``model``, with ``model.lora`` adapters and gradient checkpointing as configured, is
+        the policy (``self.model``)."""
+        if self.cfg.model.lora is not None:
+            model = add_lora(model, self.tokenizer, self.cfg)
+        if self.cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.model = self.train_model = model
+
     def trainable_module(self) -> torch.nn.Module:
         return self.model
 
@@ -178,11 +187,7 @@ class TextPreference(CausalLMMethod):
         self.reference = None
         if self.objective.uses_reference and self.reference_mode == "copy":
             self.reference = copy.deepcopy(model).requires_grad_(False).eval()
-        if cfg.model.lora is not None:
-            model = add_lora(model, self.tokenizer, cfg)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        self.model = self.train_model = model
+        self.set_policy(model)
         self.data = TextPreferenceDataset(records, self.tokenizer, self.options.tokenization)
 
     def _check_objective(self, records: list[TextRecord]) -> None:

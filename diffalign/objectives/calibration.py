@@ -49,6 +49,7 @@ from diffalign.objectives.base import (
     register_objective,
     same_shape,
 )
+from diffalign.objectives.listwise import stack_pairwise
 
 __all__ = ["PearsonCalibration", "pearson", "zscore"]
 
@@ -120,28 +121,11 @@ class PearsonCalibration(Objective):
     def validate(self, inputs: dict[str, Tensor | None]) -> Inputs:
         """Stack pairwise inputs as K = 2 (chosen first), then the usual checks."""
         given = {k: v for k, v in inputs.items() if v is not None}
-        pairwise = [k for k in given if k in PAIRWISE_INPUTS and k != "weights"]
-        listwise = [k for k in given if k in LISTWISE_INPUTS and k != "weights"]
-        if pairwise and listwise:
-            raise ObjectiveInputError(
-                f"objective '{self.name}' got both listwise (`{listwise[0]}`) and pairwise "
-                f"(`{pairwise[0]}`) inputs; pass one form"
-            )
-        if pairwise:
-            for stacked in self.required_inputs():
-                for name in _PAIRS[stacked]:
-                    if name not in given:
-                        raise ObjectiveInputError(f"objective '{self.name}' requires `{name}`")
-            for stacked, pair in _PAIRS.items():
-                if any(name in given for name in pair):
-                    same_shape(given, pair, ndim=1)
-                    if not all(name in given for name in pair):
-                        raise ObjectiveInputError(
-                            f"objective '{self.name}' requires both `{'` and `'.join(pair)}`"
-                        )
-                    given[stacked] = torch.stack([given.pop(name) for name in pair], dim=1)
-            # references and previous references: known, unused here
-            given = {k: v for k, v in given.items() if k not in PAIRWISE_INPUTS or k in ("preference_probs",)}
+        if any(k in PAIRWISE_INPUTS and k != "weights" for k in given):
+            missing = [n for stacked in self.required_inputs() for n in _PAIRS[stacked] if n not in given]
+            given = stack_pairwise(self.name, given, _PAIRS)  # first: it refuses mixed forms
+            if missing:
+                raise ObjectiveInputError(f"objective '{self.name}' requires `{missing[0]}`")
         return super().validate(given)
 
     def check_shapes(self, tensors: dict[str, Tensor]) -> None:

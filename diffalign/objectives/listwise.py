@@ -22,6 +22,7 @@ fraction of the others whose implicit reward is below the best one's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -40,13 +41,41 @@ from diffalign.objectives.base import (
     same_shape,
 )
 
-__all__ = ["NCA", "InfoNCA", "ListwiseObjective"]
+__all__ = ["NCA", "InfoNCA", "ListwiseObjective", "stack_pairwise"]
 
 _STACKED = {
     "policy_logps": ("policy_chosen_logps", "policy_rejected_logps"),
     "reference_logps": ("reference_chosen_logps", "reference_rejected_logps"),
     "rewards": ("chosen_rewards", "rejected_rewards"),
 }
+
+
+def stack_pairwise(
+    objective: str, given: dict[str, Tensor], stacked: Mapping[str, tuple[str, str]]
+) -> dict[str, Tensor]:
+    """Pairwise inputs as listwise ones with K = 2, the chosen candidate first: each (chosen,
+    rejected) of ``stacked`` becomes its listwise name; the other pairwise inputs but
+    ``preference_probs`` and ``weights`` (lengths, previous references) are known and dropped.
+
+    Raises:
+        ObjectiveInputError: listwise and pairwise inputs together, or half of a pair.
+    """
+    listwise = [k for k in given if k in LISTWISE_INPUTS and k != "weights"]
+    pairwise = [k for k in given if k in PAIRWISE_INPUTS and k != "weights"]
+    if listwise:
+        raise ObjectiveInputError(
+            f"objective '{objective}' got both listwise (`{listwise[0]}`) and pairwise "
+            f"(`{pairwise[0]}`) inputs; pass one form"
+        )
+    out = {k: v for k, v in given.items() if k not in PAIRWISE_INPUTS or k in ("weights", "preference_probs")}
+    for name, (chosen, rejected) in stacked.items():
+        if (chosen in given) != (rejected in given):
+            missing = rejected if chosen in given else chosen
+            raise ObjectiveInputError(f"objective '{objective}' requires `{missing}` with its pair")
+        if chosen in given:
+            same_shape(given, (chosen, rejected), ndim=1)
+            out[name] = torch.stack([given[chosen], given[rejected]], dim=1)
+    return out
 
 
 @dataclass
@@ -67,24 +96,8 @@ class ListwiseObjective(Objective):
 
     def validate(self, inputs: dict[str, Tensor | None]) -> Inputs:
         given = {k: v for k, v in inputs.items() if v is not None}
-        pairwise = [k for k in given if k in PAIRWISE_INPUTS and k != "weights"]
-        if pairwise:
-            listwise = [k for k in given if k in LISTWISE_INPUTS and k != "weights"]
-            if listwise:
-                raise ObjectiveInputError(
-                    f"objective '{self.name}' got both listwise (`{listwise[0]}`) and pairwise "
-                    f"(`{pairwise[0]}`) inputs; pass one form"
-                )
-            for k in pairwise:  # lengths, previous references: known, unused here
-                if k != "preference_probs" and not any(k in pair for pair in _STACKED.values()):
-                    given.pop(k)
-            for stacked, (chosen, rejected) in _STACKED.items():
-                if (chosen in given) != (rejected in given):
-                    missing = rejected if chosen in given else chosen
-                    raise ObjectiveInputError(f"objective '{self.name}' requires `{missing}` with its pair")
-                if chosen in given:
-                    same_shape(given, (chosen, rejected), ndim=1)
-                    given[stacked] = torch.stack([given.pop(chosen), given.pop(rejected)], dim=1)
+        if any(k in PAIRWISE_INPUTS and k != "weights" for k in given):
+            given = stack_pairwise(self.name, given, _STACKED)
             if "policy_logps" not in given:
                 raise ObjectiveInputError(f"objective '{self.name}' requires `policy_chosen_logps`")
         elif "rewards" not in given:

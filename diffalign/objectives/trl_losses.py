@@ -326,11 +326,9 @@ class Combined(PairwiseObjective):
         super().__post_init__()
         if not self.objectives:
             raise ValueError("combined: `objectives` is empty; give at least one objective config")
-        weights = self.loss_weights or [1.0] * len(self.objectives)
+        weights = [1.0] * len(self.objectives) if self.loss_weights is None else self.loss_weights
         if len(weights) != len(self.objectives):
-            raise ValueError(
-                f"combined: {len(self.loss_weights or [])} loss_weights for {len(self.objectives)} objectives"
-            )
+            raise ValueError(f"combined: {len(weights)} loss_weights for {len(self.objectives)} objectives")
         self._weights = weights
         self._parts = [self._build(i, spec) for i, spec in enumerate(self.objectives)]
         modes = {part.soft_label_mode for part in self._parts}
@@ -339,8 +337,10 @@ class Combined(PairwiseObjective):
         self.sorts_batch = any(getattr(part, "sorts_batch", False) for part in self._parts)
 
     def _build(self, i: int, spec: dict[str, Any]) -> PairwiseObjective:
-        if "name" not in spec:
-            raise ValueError(f"combined: objectives[{i}] has no `name` (got keys {sorted(spec)})")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise ValueError(
+                f"combined: objectives[{i}] must be a mapping with a `name` string, got {spec!r}"
+            )
         options = {k: v for k, v in spec.items() if k != "name"}
         part = get_objective(spec["name"], **options)
         if self.beta is not None and hasattr(part, "beta") and "beta" not in options:

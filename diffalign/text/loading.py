@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["load_causal_lm", "resolve_adapter"]
+__all__ = ["check_model_source", "load_causal_lm", "resolve_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -54,6 +54,19 @@ def _absolute(name_or_path: str) -> str:
     return str(Path(name_or_path).resolve()) if Path(name_or_path).exists() else name_or_path
 
 
+def check_model_source(source: str | Path, key: str) -> None:
+    """Refuse, before any work, a ``source`` that is neither a local folder nor shaped like a hub id
+    (``name`` or ``namespace/name``): a path to a folder that does not exist.
+
+    Raises:
+        FileNotFoundError: naming ``key`` (the config key that gave ``source``).
+    """
+    text = str(source)
+    looks_local = text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_local and not Path(text).expanduser().is_dir():
+        raise FileNotFoundError(f"{key}: {text} is not a folder (and not a hub id)")
+
+
 def load_causal_lm(  # type: ignore[no-untyped-def]
     pretrained: str | Path, adapter: str | Path | None = None, trust_remote_code: bool = False
 ):
@@ -72,7 +85,13 @@ def load_causal_lm(  # type: ignore[no-untyped-def]
     tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
     remote = {"trust_remote_code": trust_remote_code}
     if adapter is None:
-        model = AutoModelForCausalLM.from_pretrained(base, **remote)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base, **remote)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"cannot load a causal LM from '{base}': not a local model folder, and not a hub id this "
+                f"machine has cached or can reach ({type(err).__name__}: {err})"
+            ) from err
         return model, AutoTokenizer.from_pretrained(base, **remote)
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **remote)

@@ -37,21 +37,24 @@ from tqdm.auto import tqdm
 
 from diffalign.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, Range, build, check_ranges
 from diffalign.objectives import PairRule
+from diffalign.text.loading import check_model_source
 from diffalign.text.logps import (
     Tokenization,
     completion_logps,
     encode_candidates,
     pad_sequences,
 )
-from diffalign.text.sampling import TextReward, load_text_reward, pair_rows, sample_completions
+from diffalign.text.sampling import TextReward, load_text_reward, pair_rows, sample_completions, score_texts
 from diffalign.text.upo import UPOSettings, upo_filter
 from diffalign.training.config import TrainConfig
 
+SETTINGS_FILE = "online.json"  # the settings a restart must repeat
 ROUND_FILE = "round.json"  # a finished round's summary; its presence marks the round done
 
 __all__ = [
     "OnlineTextConfig",
     "candidate_logps",
+    "check_round_config",
     "implicit_reward_accuracy",
     "read_prompts",
     "run_online",
@@ -89,7 +92,27 @@ class OnlineTextConfig:
         check_ranges(self)
         if not isinstance(self.train.get("model"), dict) or not self.train["model"].get("pretrained"):
             raise ConfigError("missing required key 'train.model.pretrained' (the starting policy)")
-        round_config(self.train, "<start>", Path("<rows>"), Path("<out>"))  # a bad train section fails now
+        check_round_config(round_config(self.train, "<start>", Path("<rows>"), Path("<out>")))
+
+
+def check_round_config(cfg: TrainConfig) -> None:
+    """Build what a round's method builds from its config, its objective and method options, so
+    that a bad ``train`` section fails before any sampling.
+
+    Raises:
+        ConfigError: naming the ``train.`` key (an unknown method, objective or option, a value out
+            of range).
+    """
+    from diffalign.methods import get_method
+    from diffalign.training.config import with_method_defaults
+
+    try:
+        method = get_method(cfg.method)
+        filled = with_method_defaults(cfg, cfg.method, method.defaults)
+        if method.options_class is not None:
+            build(method.options_class, filled.method_options, source="method_options")
+    except (KeyError, TypeError, ValueError) as err:  # ConfigError is a ValueError
+        raise ConfigError(f"train: {err.args[0] if err.args else err}") from err
 
 
 def round_config(train: dict[str, Any], model: str, rows: Path, output_dir: Path) -> TrainConfig:
@@ -169,6 +192,29 @@ def write_rows(rows: list[dict], path: Path, as_json: bool = False) -> Path:
     return path
 
 
+def _claim_output(cfg: OnlineTextConfig) -> None:
+    """Write ``online.json`` (the settings) in ``cfg.output_dir``, or check a restart against it:
+    finished rounds are reused only under the settings that made them.
+
+    Raises:
+        ConfigError: naming the settings that differ from the earlier run's.
+    """
+    from diffalign.config import to_dict
+
+    settings = json.loads(json.dumps(to_dict(cfg), default=str))
+    path = Path(cfg.output_dir) / SETTINGS_FILE
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        changed = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
+        if changed:
+            raise ConfigError(
+                f"{cfg.output_dir} holds rounds run with other settings ({', '.join(changed)} differ); use a "
+                "new output_dir or the same settings"
+            )
+        return
+    write_rows([settings], path, as_json=True)
+
+
 def run_online(cfg: OnlineTextConfig, reward: TextReward | None = None) -> list[dict[str, Any]]:
     """Run ``cfg.rounds`` rounds (module docstring); return one summary per round: the mean
     reward of the samples (of the policy that starts the round), the pairs made and kept, the
@@ -181,6 +227,12 @@ def run_online(cfg: OnlineTextConfig, reward: TextReward | None = None) -> list[
 
     reward = reward or load_text_reward(cfg.reward)
     prompts = read_prompts(cfg.prompts)
+    _claim_output(cfg)
+    # missing model folders fail now, not after a round's sampling
+    check_model_source(cfg.train["model"]["pretrained"], "train.model.pretrained")
+    if cfg.upo is not None:
+        check_model_source(cfg.upo.estimator, "upo.estimator")
+        check_model_source(cfg.upo.estimator_reference, "upo.estimator_reference")
     model_path, summaries = str(cfg.train["model"]["pretrained"]), []
     for i in range(1, cfg.rounds + 1):
         folder = Path(cfg.output_dir) / f"round-{i}"
@@ -200,7 +252,7 @@ def run_online(cfg: OnlineTextConfig, reward: TextReward | None = None) -> list[
             cfg.seed + i,
         )
         flat = [(p, t) for p, texts in zip(prompts, completions, strict=True) for t in texts]
-        mean_reward = sum(map(float, reward([p for p, _ in flat], [t for _, t in flat]))) / max(len(flat), 1)
+        mean_reward = sum(score_texts(reward, [p for p, _ in flat], [t for _, t in flat])) / max(len(flat), 1)
         rows = pair_rows(prompts, completions, reward, cfg.pair_rule, cfg.margin, cfg.seed + i)
         made = len(rows)
         if cfg.upo is not None and rows:

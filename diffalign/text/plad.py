@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from diffalign.text.sampling import TextReward, sample_completions
+from diffalign.text.sampling import TextReward, sample_completions, score_texts
 
 __all__ = ["plad_pairs"]
 
@@ -49,7 +49,7 @@ def plad_pairs(
             continue
         row = {"prompt": prompt, "chosen": up[0], "rejected": down[0]}
         if score is not None:
-            s_up, s_down = (float(s) for s in score([prompt, prompt], [up[0], down[0]]))
+            s_up, s_down = score_texts(score, [prompt, prompt], [up[0], down[0]])
             if s_up - s_down < margin:
                 continue
             row |= {"chosen_reward": s_up, "rejected_reward": s_down}

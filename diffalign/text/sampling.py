@@ -4,6 +4,7 @@ side's online methods share (RSO's rejection sampling, online VPO and UPO rounds
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,17 +14,43 @@ from tqdm.auto import tqdm
 from diffalign.objectives import PairRule, pairs_from_scores
 from diffalign.text.logps import Tokenization, render_prompt
 
-__all__ = ["TextReward", "load_text_reward", "pair_rows", "sample_completions"]
+__all__ = ["TextReward", "load_text_reward", "pair_rows", "sample_completions", "score_texts"]
 
 TextReward = Callable[[list[str], list[str]], Sequence[float]]  # (prompts, completions) -> scores
 
 
 def load_text_reward(spec: str) -> TextReward:
-    """A reward function given as ``module:function``."""
+    """A reward function given as ``module:function``.
+
+    Raises:
+        ValueError: ``spec`` is not ``module:function``, or the module or function cannot be found.
+    """
     module, _, name = spec.partition(":")
     if not name:
         raise ValueError(f"reward '{spec}': expected 'module:function'")
-    return getattr(importlib.import_module(module), name)
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward '{spec}': cannot load it ({type(err).__name__}: {err})") from err
+
+
+def score_texts(reward: TextReward, prompts: list[str], completions: list[str]) -> list[float]:
+    """``reward(prompts, completions)`` as floats, one per completion.
+
+    Raises:
+        ValueError: naming the reward, when it returns other than one finite number per completion
+            (a short list would pair scores with the wrong texts; NaN would order nothing).
+    """
+    name = getattr(reward, "__qualname__", repr(reward))
+    try:
+        scores = [float(s) for s in reward(prompts, completions)]
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"reward {name}: expected one number per completion ({err})") from err
+    if len(scores) != len(completions):
+        raise ValueError(f"reward {name} returned {len(scores)} scores for {len(completions)} completions")
+    if not all(math.isfinite(s) for s in scores):
+        raise ValueError(f"reward {name} returned a non-finite score: {scores}")
+    return scores
 
 
 def sample_completions(
@@ -75,7 +102,7 @@ def pair_rows(
     for prompt, texts in zip(prompts, completions, strict=True):
         if len(texts) < 2:
             continue
-        scores = torch.tensor([float(s) for s in reward([prompt] * len(texts), texts)], dtype=torch.float64)
+        scores = torch.tensor(score_texts(reward, [prompt] * len(texts), texts), dtype=torch.float64)
         for w, lo in pairs_from_scores(scores, rule, margin, num_accepted, beta, generator):
             rows.append({
                 "prompt": prompt, "chosen": texts[w], "rejected": texts[lo],
