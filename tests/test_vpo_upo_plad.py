@@ -278,9 +278,10 @@ def test_online_rounds_chain_models_and_references(lms: dict[str, Path], tmp_pat
     assert again == summaries and [p.stat().st_mtime_ns for p in exports] == stamps  # restart: nothing redone
     with pytest.raises(ConfigError, match=r"other settings \(rounds, train differ\)"):
         load_script("online_text").main([
-            "--config", str(CONFIGS / "vpo_online.yaml"), f"prompts={prompts}", f"output_dir={tmp_path / 'on'}",
-            f"train.model.pretrained={lms['a']}", "rounds=3", "max_new_tokens=6", "train.max_steps=4",
-            "train.optim.lr=1e-2", "train.log_every=1", "train.batch_size=4",
+            "--config", str(CONFIGS / "vpo_online.yaml"), f"prompts={prompts}",
+            f"output_dir={tmp_path / 'on'}", f"train.model.pretrained={lms['a']}", "rounds=3",
+            "max_new_tokens=6", "train.max_steps=4", "train.optim.lr=1e-2", "train.log_every=1",
+            "train.batch_size=4",
         ])  # fmt: skip
     with pytest.raises(ConfigError, match=r"train\.objective"):
         build(OnlineTextConfig, {"train": {"method": "text_preference", "model": {"pretrained": "x"},
@@ -341,6 +342,38 @@ def test_plad_pairs_put_the_teacher_first_and_filter_by_margin(lms: dict[str, Pa
     assert len(out.read_text().splitlines()) >= 1
 
 
+def test_plad_moves_the_student_towards_the_teachers_preference(lms: dict[str, Path], tmp_path: Path) -> None:
+    """The teacher: lms["b"] after a few DPO steps on the synthetic pairs (it says "yes"); the
+    student lms["a"] trains on teacher-over-student pairs through configs/text/plad.yaml; its
+    implicit reward against its starting point then ranks held-out chosen ("yes") answers first."""
+    from diffalign.cli import main
+
+    def train(config: str, model: Path, data: Path, out: Path, *extra: str) -> Path:
+        assert main([
+            "train", "--config", config, f"model.pretrained={model}", f"data.path={data}",
+            f"output_dir={out}", "max_steps=20", "optim.lr=2e-3", "checkpoint_every=20", "report_to=[]",
+            *extra,
+        ]) == 0  # fmt: skip
+        return out / "checkpoints" / "checkpoint-20" / "export"
+
+    teacher = train(str(CONFIGS / "dpo.yaml"), lms["b"], synthetic_preferences(tmp_path / "t.jsonl", rows=32),
+                    tmp_path / "teacher")  # fmt: skip
+    prompts = [json.loads(x)["prompt"] for x in synthetic_preferences(tmp_path / "p.jsonl", rows=24, seed=5)
+               .read_text().splitlines()]  # fmt: skip
+    pairs = [r for seed in (0, 1) for r in plad_pairs(
+        load_causal_lm(teacher), load_causal_lm(lms["a"]), prompts, max_new_tokens=8, seed=seed)]  # fmt: skip
+    assert len(pairs) >= 24
+    data = tmp_path / "plad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    student = train(str(CONFIGS / "plad.yaml"), lms["a"], data, tmp_path / "student")
+    held = [
+        json.loads(x)
+        for x in synthetic_preferences(tmp_path / "h.jsonl", rows=16, seed=9).read_text().splitlines()
+    ]
+    (before, tok), (after, _) = load_causal_lm(lms["a"]), load_causal_lm(student)
+    assert implicit_reward_accuracy(after, before, tok, held) >= 0.75
+
+
 def test_bad_rewards_and_round_settings_are_named_before_any_sampling(tmp_path: Path) -> None:
     """A reward that returns the wrong number of scores, NaN or text, an unknown reward, a bad
     ``train`` section or a missing model folder: each a clear error naming it."""
@@ -364,9 +397,10 @@ def test_bad_rewards_and_round_settings_are_named_before_any_sampling(tmp_path: 
     with pytest.raises(ConfigError, match=r"train: .*unknown objective 'foo'"):
         build(OnlineTextConfig, {**base, "train": {**base["train"], "objective": {"name": "foo"}}})
     with pytest.raises(ConfigError, match=r"train: method_options: .*ld_alpha must be in \[0, 1\]"):
-        build(OnlineTextConfig, {**base, "train": {**base["train"], "method_options": {"ld_alpha": 3}}})
+        build(OnlineTextConfig, {**base, "train": {**base["train"], "method_options": {"ld_alpha": 3.0}}})
     prompts = synthetic_preferences(tmp_path / "p.jsonl", rows=2)
-    missing = {**base, "prompts": prompts, "reward": "diffalign.text.tiny:yes_fraction", "output_dir": tmp_path / "o",
+    missing = {**base, "prompts": prompts, "reward": "diffalign.text.tiny:yes_fraction",
+               "output_dir": tmp_path / "o",
                "train": {**base["train"], "model": {"pretrained": str(tmp_path / "no" / "lm")}}}  # fmt: skip
     with pytest.raises(FileNotFoundError, match=r"train\.model\.pretrained: .*/no/lm is not a folder"):
         run_online(build(OnlineTextConfig, missing))
