@@ -14,9 +14,10 @@
   embeddings (BAL-PM embeds the prompt with the LLM; the images of one prompt stand in for it);
   ``labelled`` (optional, same formats) are the pairs already labelled, which only count in
   the entropy term;
-- or a ``.safetensors`` file of features: ``first`` and ``second`` (N, E), what the reward's
-  heads read for each pair's two sides; optional ``prompt`` (N, D), the entropy features
-  (default: the mean of ``first`` and ``second``), and ``labelled`` (N,) (nonzero: labelled).
+- or a ``.safetensors`` file of features: ``first`` and ``second`` (N, E), finite, what the
+  reward's heads read for each pair's two sides (E: the heads' input width); optional ``prompt``
+  (N, D), the entropy features (default: the mean of ``first`` and ``second``), and ``labelled``
+  (N,) (1: labelled, 0: not), which replaces the ``labelled`` option (refused with a features file).
 
 Writes ``output``: JSON with the chosen pool rows in pick order (``index``, the row's ``where``
 for image pairs, its ``bald``) and the settings used.
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -39,6 +41,7 @@ from diffalign.acquisition import BETA, D_ENT, K_NEIGHBOURS, balpm_select, binar
 from diffalign.config import add_config_arguments, config_from_args
 from diffalign.data.preference import read_preference_pairs
 from diffalign_rewards.bradley_terry import (
+    HEAD_FILE,
     BradleyTerryReward,
     HeadEnsemble,
     TrainRewardConfig,
@@ -57,7 +60,7 @@ class SelectPairsConfig:
     batch: int = field(metadata={"help": "pairs to choose"})
     labelled: Path | None = field(
         default=None,
-        metadata={"help": "pairs already labelled (image pools only; features files carry a mask)"},
+        metadata={"help": "pairs already labelled (image pools only: refused with a features file)"},
     )
     k: int = field(
         default=K_NEIGHBOURS, metadata={"help": "neighbour rank of the entropy estimate (main run)"}
@@ -83,7 +86,20 @@ class Pool(NamedTuple):
     where: list[str]
 
 
+def _head_width(folder: Path) -> int:
+    # the input width of the heads' first Linear ("0.weight", or "0.0.weight" for an ensemble),
+    # read before load_heads, whose mismatch is a bare torch "size mismatch"
+    with safe_open(str(folder / HEAD_FILE), "pt") as f:
+        weight = min(k for k in f.keys() if k.endswith(".weight"))  # noqa: SIM118 (safe_open is no dict)
+        return f.get_slice(weight).get_shape()[1]
+
+
 def features_pool(cfg: SelectPairsConfig) -> tuple[Pool, HeadEnsemble, str]:
+    if cfg.labelled is not None:
+        raise ValueError(
+            f"labelled={cfg.labelled}: only for image pools; a features pool marks its labelled rows "
+            f"with its own `labelled` tensor ({cfg.pool})"
+        )
     tensors = load_file(str(cfg.pool))
     for key in ("first", "second"):
         if key not in tensors:
@@ -94,11 +110,23 @@ def features_pool(cfg: SelectPairsConfig) -> tuple[Pool, HeadEnsemble, str]:
             f"{cfg.pool}: first and second must be (N, E) alike, got "
             f"{tuple(first.shape)} and {tuple(second.shape)}"
         )
+    if not bool(torch.isfinite(first).all() & torch.isfinite(second).all()):
+        raise ValueError(f"{cfg.pool}: `first` and `second` must be finite (NaN or inf found)")
+    n, width = first.shape
+    if width != (expects := _head_width(cfg.reward)):
+        raise ValueError(f"{cfg.pool}: pool has E={width} features but reward {cfg.reward} expects {expects}")
     prompt = tensors.get("prompt", (first + second) / 2).double()
-    labelled = tensors.get("labelled", torch.zeros(len(first))).bool()
-    spec, heads = load_heads(cfg.reward, first.shape[1])
+    labelled = tensors.get("labelled", torch.zeros(n))
+    if not bool(((labelled == 0) | (labelled == 1)).all()):
+        raise ValueError(f"{cfg.pool}: `labelled` must hold 0 (unlabelled) or 1 (labelled) only")
+    for key, tensor, dims, shape in (("prompt", prompt, 2, "(N, D)"), ("labelled", labelled, 1, "(N,)")):
+        if tensor.dim() != dims:
+            raise ValueError(f"{cfg.pool}: `{key}` must be {shape}, got shape {tuple(tensor.shape)}")
+        if len(tensor) != n:
+            raise ValueError(f"{cfg.pool}: `{key}` has {len(tensor)} rows but the pool has {n} pairs")
+    spec, heads = load_heads(cfg.reward, width)
     return (
-        Pool(first, second, prompt, labelled, [str(i) for i in range(len(first))]),
+        Pool(first, second, prompt, labelled.bool(), [str(i) for i in range(n)]),
         heads.double(),
         spec.link,
     )

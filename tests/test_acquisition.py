@@ -264,3 +264,34 @@ def test_select_pairs_script(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(ValueError, match=r"empty\.jsonl"):
         main([f"reward={tmp_path / 'ens'}", f"pool={tmp_path / 'empty.jsonl'}", f"output={out}", "batch=1"])
+
+
+def test_select_pairs_names_the_bad_tensor_and_option(tmp_path: Path) -> None:
+    from script_loader import load_script
+
+    main = load_script("select_pairs").main
+    write_ensemble(tmp_path / "ens", in_dim=4, members=2)
+    g = torch.Generator().manual_seed(4)
+    first, second = torch.randn(30, 4, generator=g), torch.randn(30, 4, generator=g)
+    wide = {"first": torch.randn(30, 5), "second": torch.randn(30, 5)}
+    nan = first.clone().index_fill_(0, torch.tensor([3]), torch.nan)
+    bad = {
+        "width": (wide, "pool has E=5 features but reward .*/ens expects 4"),
+        "prompt_rows": ({"prompt": torch.randn(7, 3)}, r"`prompt` has 7 rows but the pool has 30 pairs"),
+        "prompt_1d": ({"prompt": torch.randn(30)}, r"`prompt` must be \(N, D\), got shape \(30,\)"),
+        "labelled_rows": ({"labelled": torch.zeros(5)}, r"`labelled` has 5 rows but the pool has 30 pairs"),
+        "labelled_half": ({"labelled": torch.full((30,), 0.5)}, r"`labelled` must hold 0 .* or 1"),
+        "nan": ({"first": nan}, "`first` and `second` must be finite"),
+    }  # fmt: skip
+    for name, (tensors, message) in bad.items():
+        pool = tmp_path / f"{name}.safetensors"
+        save_file({"first": first, "second": second, **tensors}, str(pool))
+        args = [f"reward={tmp_path / 'ens'}", f"pool={pool}", f"output={tmp_path / 'o.json'}", "batch=1"]
+        with pytest.raises(ValueError, match=rf"{name}\.safetensors: {message}"):
+            main(args)
+    pool = tmp_path / "good.safetensors"
+    save_file({"first": first, "second": second}, str(pool))
+    args = [f"reward={tmp_path / 'ens'}", f"pool={pool}", f"output={tmp_path / 'o.json'}", "batch=1"]
+    with pytest.raises(ValueError, match=r"labelled=.*good\.safetensors: only for image pools"):
+        main([*args, f"labelled={pool}"])
+    assert main(args) == 0

@@ -114,8 +114,50 @@ def test_refusals_are_named(lm) -> None:  # type: ignore[no-untyped-def]
         model.generate(**principled, logits_processor=[processor], **kwargs)
     with pytest.raises(ValueError, match="left-padded"):
         LinearAlignment(model, torch.tensor([[5, 0]]), torch.tensor([[1, 0]]), ratio=1.0)
-    with pytest.raises(ValueError, match="ratio >= 0"):
+    with pytest.raises(ValueError, match="ratio must be a finite number >= 0"):
         LinearAlignment(model, plain.input_ids, ratio=-1.0)
+
+
+def test_a_second_generate_call_with_a_longer_prompt_is_refused(lm) -> None:  # type: ignore[no-untyped-def]
+    # the longer prompt passed a length-only check and decoded against the first call's cache
+    model, tok = lm
+    plain = tok(["t1 t2", "t3"], return_tensors="pt", padding=True)
+    short = tok(["user t1 t2", "user t3"], return_tensors="pt", padding=True)
+    long = tok(
+        ["user user user user user t1 t2", "user user user user t3"], return_tensors="pt", padding=True
+    )
+    kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id}
+    processor = LinearAlignment(model, plain.input_ids, plain.attention_mask, ratio=3.0)
+    first = model.generate(**short, logits_processor=[processor], max_new_tokens=2, **kwargs)
+    assert long.input_ids.shape[1] > first.shape[1] - 1  # longer than anything the processor saw
+    with pytest.raises(ValueError, match="one processor per call"):
+        model.generate(**long, logits_processor=[processor], max_new_tokens=4, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("ratio", float("nan")), ("ratio", float("inf")), ("temperature", float("inf")),
+     ("temperature", float("nan")), ("temperature", 0.0), ("top_p", float("nan")), ("top_p", 0.0),
+     ("top_p", 1.5)],
+)  # fmt: skip
+def test_non_finite_or_out_of_range_settings_are_named(lm, setting: str, value: float) -> None:  # type: ignore[no-untyped-def]
+    model, _ = lm
+    settings = {"ratio": 1.0, "temperature": 0.5, "top_p": 0.8, setting: value}
+    with pytest.raises(ValueError, match=f"^{setting} must be"):
+        LinearAlignment(model, torch.tensor([[5, 6]]), **settings)
+    with pytest.raises(ValueError, match=f"^{setting} must be"):
+        linear_alignment_logits(torch.zeros(1, 3), torch.zeros(1, 3), **settings)
+
+
+def test_padded_plain_ids_need_their_mask(lm) -> None:  # type: ignore[no-untyped-def]
+    model, tok = lm
+    for side in ("right", "left"):
+        tok.padding_side = side
+        plain = tok(["t1 t2 t3", "t4"], return_tensors="pt", padding=True)
+        with pytest.raises(ValueError, match=f"pad id {tok.pad_token_id} but plain_attention_mask"):
+            LinearAlignment(model, plain.input_ids, ratio=1.0)
+    tok.padding_side = "left"
+    LinearAlignment(model, tok(["t1 t2", "t4 t5"], return_tensors="pt").input_ids, ratio=1.0)  # no padding
 
 
 def train_principle_lm(path: Path, seed: int, steps: int):  # type: ignore[no-untyped-def]

@@ -26,6 +26,7 @@ decoding that reorders or expands the batch, is refused.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import torch
@@ -52,17 +53,29 @@ def linear_alignment_logits(
     nucleus of ``softmax(principled / temperature)``, ``-inf`` elsewhere; shape (B, V) as the inputs.
 
     ``softmax`` of the result is the official distribution renormalised on the nucleus; its argmax
-    is the official greedy token. Raises ``ValueError`` for mismatched shapes, ``ratio < 0``,
-    ``temperature <= 0`` or ``top_p`` outside (0, 1].
+    is the official greedy token. Raises ``ValueError`` for mismatched shapes, ``ratio`` not a
+    finite number >= 0, ``temperature`` not a finite number > 0, or ``top_p`` outside (0, 1].
     """
     if principled.shape != plain.shape:
         raise ValueError(f"logits differ in shape: {tuple(principled.shape)} and {tuple(plain.shape)}")
-    if ratio < 0 or temperature <= 0 or not 0 < top_p <= 1:
-        raise ValueError(
-            f"need ratio >= 0, temperature > 0 and top_p in (0, 1]; got {ratio}, {temperature}, {top_p}"
-        )
+    _check_settings(ratio, temperature, top_p)
     aligned = ((1 + ratio) * principled.float() - ratio * plain.float()) / temperature
     return aligned.masked_fill(~nucleus_mask(principled.float() / temperature, top_p), float("-inf"))
+
+
+def _check_settings(ratio: float, temperature: float, top_p: float) -> None:
+    # `not x >= 0` rather than `x < 0`: NaN fails every comparison and would pass the latter
+    if not (math.isfinite(ratio) and ratio >= 0):
+        raise ValueError(f"ratio must be a finite number >= 0, got {ratio}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _model_pad_ids(model: Any) -> set[int]:
+    configs = (getattr(model, "config", None), getattr(model, "generation_config", None))
+    return {pad for c in configs if isinstance(pad := getattr(c, "pad_token_id", None), int)}
 
 
 class LinearAlignment(LogitsProcessor):
@@ -72,12 +85,17 @@ class LinearAlignment(LogitsProcessor):
         model: the causal LM that generates (the same one scores the principle-free context).
         plain_input_ids: (B, L0) the principle-free prompts, left-padded (``padding_side="left"``)
             like the principled ones ``generate`` receives, row for row.
-        plain_attention_mask: (B, L0), 1 on tokens (default: all ones).
-        ratio: the step size r >= 0 (0: the principled model, top-p masked).
+        plain_attention_mask: (B, L0), 1 on tokens. Default all ones, allowed only when no
+            position of ``plain_input_ids`` holds the model's pad id (``config`` or
+            ``generation_config.pad_token_id``): padded prompts need their mask. Where the pad id
+            is also a real token of the prompt (pad = eos), pass the mask.
+        ratio: the step size r >= 0, finite (0: the principled model, top-p masked).
         temperature, top_p: as the official code; see :func:`linear_alignment_logits`.
 
-    Raises ``ValueError`` (at the first step, naming the reason) when ``generate`` runs a batch of
-    another size (beam search, several return sequences) or a processor is reused for a second call.
+    Raises ``ValueError`` naming the argument for bad settings or plain prompts; and at a step of
+    ``generate`` when it runs a batch of another size (beam search, several return sequences) or
+    when the processor is reused: each call's ``input_ids`` must extend the previous call's by the
+    tokens generated since, so a second ``generate`` call is refused. Build one processor per call.
     """
 
     def __init__(
@@ -90,9 +108,16 @@ class LinearAlignment(LogitsProcessor):
         temperature: float = 0.5,
         top_p: float = 0.8,
     ) -> None:
-        linear_alignment_logits(torch.zeros(1, 1), torch.zeros(1, 1), ratio, temperature, top_p)  # checks
+        _check_settings(ratio, temperature, top_p)
         if plain_input_ids.dim() != 2:
             raise ValueError(f"plain_input_ids must be (B, L), got shape {tuple(plain_input_ids.shape)}")
+        if plain_attention_mask is None:
+            pads = [p for p in _model_pad_ids(model) if bool((plain_input_ids == p).any())]
+            if pads:
+                raise ValueError(
+                    f"plain_input_ids hold the model's pad id {pads[0]} but plain_attention_mask is "
+                    "not given: pass the tokenizer's attention_mask (padding would be read as tokens)"
+                )
         mask = torch.ones_like(plain_input_ids) if plain_attention_mask is None else plain_attention_mask
         if mask.shape != plain_input_ids.shape:
             raise ValueError("plain_attention_mask must have the shape of plain_input_ids")
@@ -101,7 +126,7 @@ class LinearAlignment(LogitsProcessor):
         self.model, self.ratio, self.temperature, self.top_p = model, ratio, temperature, top_p
         self.pending, self.mask = plain_input_ids, mask
         self.cache: Any = None
-        self.seen: int | None = None  # length of the principled input_ids at the last call
+        self.last: Tensor | None = None  # the principled input_ids of the last step
 
     @torch.no_grad()
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
@@ -110,11 +135,17 @@ class LinearAlignment(LogitsProcessor):
                 f"linear alignment: generate runs {input_ids.shape[0]} sequences for {self.mask.shape[0]} "
                 "plain prompts (beam search or num_return_sequences > 1 are not supported)"
             )
-        if self.seen is not None:
-            if input_ids.shape[1] <= self.seen:
-                raise ValueError("linear alignment: a processor serves one generate call; build a new one")
-            self.pending = input_ids[:, self.seen :]  # the tokens generated since the last step
-        self.seen = input_ids.shape[1]
+        if self.last is not None:
+            seen = self.last.shape[1]
+            # lengths alone would let a longer prompt of a second call through, decoded against
+            # the first call's cache; a prompt that continues this call's ids keeps the cache right
+            if input_ids.shape[1] <= seen or not torch.equal(input_ids[:, :seen], self.last):
+                raise ValueError(
+                    "linear alignment: input_ids do not extend the previous step's; a processor serves "
+                    "one generate call (it holds that call's cache): build one processor per call"
+                )
+            self.pending = input_ids[:, seen:]  # the tokens generated since the last step
+        self.last = input_ids.clone()
         plain = self._plain_logits()
         return linear_alignment_logits(
             scores, plain.to(scores.device), self.ratio, self.temperature, self.top_p
