@@ -205,21 +205,26 @@ def test_mc_dropout_probs_vary_by_pass_and_restore_the_estimator(lms: dict[str, 
         set_attention_dropout(torch.nn.Linear(2, 2), 0.1)
 
 
-def test_upo_filter_drops_pairs_the_estimator_reverses(lms: dict[str, Path], tmp_path: Path) -> None:
-    rows = [{"prompt": f"t{i}", "chosen": "yes sure", "rejected": "no never"} for i in range(4)]
-    rows += [{"prompt": f"t{i}", "chosen": "no never", "rejected": "yes sure"} for i in range(4)]
-    # an estimator that prefers "yes": a few DPO steps on the first four rows
+def yes_estimator(lms: dict[str, Path], rows: list[dict], folder: Path) -> Path:
+    """UPO's estimator: lms["a"] after a few DPO-like steps on labelled ``rows`` (it prefers "yes")."""
     est, tok = load_causal_lm(lms["a"])
     optimizer = torch.optim.Adam(est.parameters(), lr=1e-2)
     for _ in range(5):
         logps = torch.stack(
-            [candidate_logps(est, tok, r["prompt"], [r["chosen"], r["rejected"]]) for r in rows[:4]]
+            [candidate_logps(est, tok, r["prompt"], [r["chosen"], r["rejected"]]) for r in rows]
         )
         optimizer.zero_grad()
         (-torch.nn.functional.logsigmoid(logps[:, 0] - logps[:, 1])).mean().backward()
         optimizer.step()
-    est.save_pretrained(tmp_path / "est")
-    tok.save_pretrained(tmp_path / "est")
+    est.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_upo_filter_drops_pairs_the_estimator_reverses(lms: dict[str, Path], tmp_path: Path) -> None:
+    rows = [{"prompt": f"t{i}", "chosen": "yes sure", "rejected": "no never"} for i in range(4)]
+    rows += [{"prompt": f"t{i}", "chosen": "no never", "rejected": "yes sure"} for i in range(4)]
+    yes_estimator(lms, rows[:4], tmp_path / "est")
     settings = UPOSettings(str(tmp_path / "est"), str(lms["a"]), beta=1.0, mc_passes=4, keep_fraction=1.0)
     kept = upo_filter(rows, settings)
     assert [r["chosen"] for r in kept] == ["yes sure"] * 4 and all(r["bald"] >= 0 for r in kept)
@@ -227,6 +232,42 @@ def test_upo_filter_drops_pairs_the_estimator_reverses(lms: dict[str, Path], tmp
     assert len(half) == 2
     with pytest.raises(ValueError, match="keep_fraction"):
         UPOSettings("x", "y", keep_fraction=0.0)
+
+
+def test_dpo_on_upo_filtered_pairs_reaches_a_higher_preference_accuracy(
+    lms: dict[str, Path], tmp_path: Path
+) -> None:
+    """Pairs labelled by a noisy reward (2 of every 5 flipped); the estimator saw 4 clean labelled
+    pairs (UPO's D^(0)). DPO on the pairs UPO keeps ranks held-out pairs better than DPO on all."""
+    from diffalign.cli import main
+
+    def read(path: Path) -> list[dict]:
+        return [json.loads(x) for x in path.read_text().splitlines()]
+
+    clean = read(synthetic_preferences(tmp_path / "c.jsonl", rows=30, seed=3))
+    noisy = [
+        {**r, "chosen": r["rejected"], "rejected": r["chosen"]} if i % 5 < 2 else r
+        for i, r in enumerate(clean)
+    ]
+    labelled = read(synthetic_preferences(tmp_path / "l.jsonl", rows=4, seed=4))
+    settings = UPOSettings(str(yes_estimator(lms, labelled, tmp_path / "est")), str(lms["a"]), beta=1.0,
+                           mc_passes=4, keep_fraction=1.0)  # fmt: skip
+    held = read(synthetic_preferences(tmp_path / "h.jsonl", rows=16, seed=9))
+    reference, tok = load_causal_lm(lms["a"])
+    accuracy = {}
+    for name, rows in (("all", noisy), ("upo", upo_filter(noisy, settings))):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text(
+            "".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows)
+        )
+        assert main([
+            "train", "--config", str(CONFIGS / "dpo.yaml"), f"model.pretrained={lms['a']}",
+            f"data.path={data}", f"output_dir={tmp_path / name}", "max_steps=12", "optim.lr=1e-3",
+            "checkpoint_every=12", "report_to=[]",
+        ]) == 0  # fmt: skip
+        model, _ = load_causal_lm(tmp_path / name / "checkpoints" / "checkpoint-12" / "export")
+        accuracy[name] = implicit_reward_accuracy(model, reference, tok, held)
+    assert accuracy["upo"] > accuracy["all"] + 0.1, accuracy
 
 
 # -- the online driver --------------------------------------------------------------------------
