@@ -25,11 +25,11 @@ from diffalign.config import ConfigError, add_config_arguments, config_from_args
 
 
 def _selfcheck(args: argparse.Namespace) -> int:
-    from diffalign.selfcheck import SelfCheckConfig, format_results, run_selfcheck
+    from diffalign.selfcheck import SelfCheckConfig, format_results, run_selfcheck, unexpected
 
     results = run_selfcheck(config_from_args(SelfCheckConfig, args, "diffalign selfcheck"))
     print(format_results(results))
-    return 0 if all(r["passed"] for r in results) else 1
+    return 1 if unexpected(results) else 0
 
 
 def _train(args: argparse.Namespace) -> int:

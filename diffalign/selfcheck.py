@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from diffalign.objectives import get_objective, list_objectives
 
-__all__ = ["SelfCheckConfig", "run_selfcheck"]
+__all__ = ["SelfCheckConfig", "run_selfcheck", "unexpected"]
 
 
 @dataclass
@@ -46,6 +46,14 @@ class SelfCheckConfig:
         default_factory=lambda: {"smoothed_dpo": {"beta": 0.1, "reward_min": 0.0, "reward_max": 1.0}}
     )
     output: Path | None = None  # where to write the JSON report
+    # Objectives whose defaults are known not to align the toy policy, and why: reported as
+    # "known failure" and not counted against the exit code; one that passes is reported too.
+    known_failures: dict[str, str] = field(
+        default_factory=lambda: {
+            "discopop": "at TRL's tau 0.05 the loss rises with the margin near 0 (slope +0.785 at z = 0), "
+            "so descent from the reference prefers the rejected answer",
+        }
+    )
 
 
 def _batch(kind: str, logits: torch.Tensor, reward: torch.Tensor, cfg: SelfCheckConfig, g: torch.Generator):
@@ -53,8 +61,15 @@ def _batch(kind: str, logits: torch.Tensor, reward: torch.Tensor, cfg: SelfCheck
     logp = F.log_softmax(logits, -1)
     ref = torch.full_like(logp, -torch.log(torch.tensor(float(k))).item())
     idx = torch.randint(n, (cfg.batch_size,), generator=g)
+    ones = torch.ones(cfg.batch_size)  # an answer is one token: per-token and summed log-probs agree
     if kind == "listwise":
-        return {"policy_logps": logp[idx], "reference_logps": ref[idx], "rewards": reward[idx]}
+        lengths = torch.ones(cfg.batch_size, k)
+        return {
+            "policy_logps": logp[idx],
+            "reference_logps": ref[idx],
+            "rewards": reward[idx],
+            "lengths": lengths,
+        }
     if kind == "policy_gradient":
         with torch.no_grad():
             picks = torch.multinomial(logp[idx].exp(), 1, generator=g).squeeze(1)
@@ -77,6 +92,8 @@ def _batch(kind: str, logits: torch.Tensor, reward: torch.Tensor, cfg: SelfCheck
         "reference_rejected_logps": ref[idx, lo],
         "chosen_rewards": scores[idx, w],
         "rejected_rewards": scores[idx, lo],
+        "chosen_lengths": ones,
+        "rejected_lengths": ones,
     }
 
 
@@ -109,6 +126,7 @@ def check_objective(name: str, cfg: SelfCheckConfig) -> dict[str, Any]:
         "final_loss": float(out.loss.detach()),
         "final_metrics": metrics,
         "passed": after - before >= cfg.min_gain,
+        "known_failure": cfg.known_failures.get(name),
     }
 
 
@@ -122,12 +140,27 @@ def run_selfcheck(cfg: SelfCheckConfig) -> list[dict[str, Any]]:
 
 
 def format_results(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'objective':<14}{'reward before':>15}{'after':>9}{'best':>8}  result"]
+    lines = [f"{'objective':<20}{'reward before':>15}{'after':>9}{'best':>8}  result"]
     for r in results:
         lines.append(
-            f"{r['objective']:<14}{r['expected_reward_before']:>15.3f}{r['expected_reward_after']:>9.3f}"
-            f"{r['best_possible']:>8.3f}  {'ok' if r['passed'] else 'FAILED'}"
+            f"{r['objective']:<20}{r['expected_reward_before']:>15.3f}{r['expected_reward_after']:>9.3f}"
+            f"{r['best_possible']:>8.3f}  {_verdict(r)}"
         )
     passed = sum(r["passed"] for r in results)
-    lines.append(f"selfcheck: {passed} passed, {len(results) - passed} failed")
+    known = sum(not r["passed"] and bool(r["known_failure"]) for r in results)
+    lines.append(
+        f"selfcheck: {passed} passed, {len(results) - passed - known} failed, {known} known failures"
+    )
     return "\n".join(lines)
+
+
+def unexpected(results: list[dict[str, Any]]) -> list[str]:
+    """The objectives whose result is not what was expected: a failure not listed as known, or a
+    known failure that passed (its reason is then stale)."""
+    return [r["objective"] for r in results if r["passed"] == bool(r["known_failure"])]
+
+
+def _verdict(r: dict[str, Any]) -> str:
+    if r["known_failure"]:
+        return "passed (listed as a known failure)" if r["passed"] else f"known failure: {r['known_failure']}"
+    return "ok" if r["passed"] else "FAILED"
