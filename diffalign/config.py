@@ -52,6 +52,7 @@ __all__ = [
     "add_config_arguments",
     "build",
     "check_ranges",
+    "claim_settings",
     "config_from_args",
     "declared_ranges",
     "describe",
@@ -488,3 +489,33 @@ def config_from_args(cls: type[T], args: argparse.Namespace, prog: str) -> T:
     except ConfigError as err:
         print(f"{prog}: config error: {err}", file=sys.stderr)
         raise SystemExit(2) from err
+
+
+def claim_settings(folder: Path, name: str, settings: dict[str, Any], what: str) -> bool:
+    """Record the ``settings`` that decide what a resumable run writes into ``folder`` (the JSON file
+    ``name``), or check a restart against the recorded ones. Returns True on a restart whose
+    settings match (the caller then reuses what is there), False when the file was written now.
+
+    Raises:
+        ConfigError: ``folder`` holds ``what`` made with other settings, naming each that differs
+            and its earlier value.
+    """
+    import json
+
+    settings = json.loads(json.dumps(settings, default=str))  # as the file holds them
+    path = Path(folder) / name
+    if path.is_file():
+        earlier = json.loads(path.read_text())
+        changed = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
+        if changed:
+            raise ConfigError(
+                f"{folder} holds {what} made with other settings ({', '.join(changed)} differ: "
+                f"{', '.join(f'{k}={earlier.get(k)!r}' for k in changed)}); use a new output_dir or the "
+                "same settings"
+            )
+        return True
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{name}.tmp")
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    tmp.replace(path)
+    return False

@@ -34,7 +34,6 @@ settings is refused, naming them.
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -45,7 +44,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffalign.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, Range, check_ranges, to_dict
+from diffalign.config import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    Range,
+    check_ranges,
+    claim_settings,
+    to_dict,
+)
 from diffalign.objectives.sampling import PairRule, pairs_from_scores
 
 __all__ = ["LabelConfig", "LabelReport", "label_prompts", "score_column"]
@@ -193,21 +201,9 @@ def _inputs(cfg: LabelConfig) -> tuple[list[Any], list[Any] | None]:
 def _claim_output(cfg: LabelConfig) -> None:
     """Write ``label.json`` with the settings that decide the content, or check it against them."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in _RUN_ONLY}
-    path = cfg.output_dir / SETTINGS_FILE
-    if path.is_file():
-        earlier = json.loads(path.read_text())
-        changed = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
-        if changed:
-            raise ConfigError(
-                f"{cfg.output_dir} holds pairs labelled with other settings ({', '.join(changed)} differ: "
-                f"{', '.join(f'{k}={earlier.get(k)!r}' for k in changed)}); use a new output_dir or the "
-                "same settings"
-            )
+    if claim_settings(cfg.output_dir, SETTINGS_FILE, settings, "pairs"):
         for stale in cfg.output_dir.glob(".pairs-*.tmp"):  # a killed run's unfinished shard
             stale.unlink()
-        return
-    cfg.output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _label_shard(

@@ -317,7 +317,9 @@ def test_online_rounds_chain_models_and_references(lms: dict[str, Path], tmp_pat
         "train.optim.lr=1e-2", "train.log_every=1", "train.batch_size=4",
     ])  # fmt: skip
     assert again == summaries and [p.stat().st_mtime_ns for p in exports] == stamps  # restart: nothing redone
-    with pytest.raises(ConfigError, match=r"other settings \(rounds, train differ\)"):
+    with pytest.raises(
+        ConfigError, match=r"holds rounds made with other settings \(rounds, train differ: rounds=2, "
+    ):
         load_script("online_text").main([
             "--config", str(CONFIGS / "vpo_online.yaml"), f"prompts={prompts}",
             f"output_dir={tmp_path / 'on'}", f"train.model.pretrained={lms['a']}", "rounds=3",

@@ -84,23 +84,19 @@ def load_causal_lm(  # type: ignore[no-untyped-def]
     base, adapter = resolve_adapter(pretrained, adapter)
     tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base
     remote = {"trust_remote_code": trust_remote_code}
-    if adapter is None:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(base, **remote)
-        except OSError as err:
-            raise FileNotFoundError(
-                f"cannot load a causal LM from '{base}': not a local model folder, and not a hub id this "
-                f"machine has cached or can reach ({type(err).__name__}: {err})"
-            ) from err
-        return model, AutoTokenizer.from_pretrained(base, **remote)
     try:
         model = AutoModelForCausalLM.from_pretrained(base, **remote)
     except OSError as err:
+        why = f"({type(err).__name__}: {err})"
         raise FileNotFoundError(
-            f"the adapter {adapter} needs its base model '{base}', which could not be loaded "
-            f"({type(err).__name__}: {err}). Put a copy of it in a local folder and set "
-            f"model.pretrained=FOLDER model.adapter={adapter}"
+            f"cannot load a causal LM from '{base}': not a local model folder, and not a hub id this "
+            f"machine has cached or can reach {why}"
+            if adapter is None
+            else f"the adapter {adapter} needs its base model '{base}', which could not be loaded {why}. "
+            f"Put a copy of it in a local folder and set model.pretrained=FOLDER model.adapter={adapter}"
         ) from err
+    if adapter is None:
+        return model, AutoTokenizer.from_pretrained(base, **remote)
     return _merged(model, adapter), AutoTokenizer.from_pretrained(tokenizer_source, **remote)
 
 

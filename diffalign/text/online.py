@@ -35,7 +35,16 @@ from typing import Any, ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from diffalign.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, ConfigError, Range, build, check_ranges
+from diffalign.config import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    Range,
+    build,
+    check_ranges,
+    claim_settings,
+)
 from diffalign.objectives import PairRule
 from diffalign.text.loading import check_model_source
 from diffalign.text.logps import (
@@ -194,25 +203,10 @@ def write_rows(rows: list[dict], path: Path, as_json: bool = False) -> Path:
 
 def _claim_output(cfg: OnlineTextConfig) -> None:
     """Write ``online.json`` (the settings) in ``cfg.output_dir``, or check a restart against it:
-    finished rounds are reused only under the settings that made them.
-
-    Raises:
-        ConfigError: naming the settings that differ from the earlier run's.
-    """
+    finished rounds are reused only under the settings that made them (ConfigError otherwise)."""
     from diffalign.config import to_dict
 
-    settings = json.loads(json.dumps(to_dict(cfg), default=str))
-    path = Path(cfg.output_dir) / SETTINGS_FILE
-    if path.is_file():
-        earlier = json.loads(path.read_text())
-        changed = sorted(k for k in settings.keys() | earlier.keys() if settings.get(k) != earlier.get(k))
-        if changed:
-            raise ConfigError(
-                f"{cfg.output_dir} holds rounds run with other settings ({', '.join(changed)} differ); use a "
-                "new output_dir or the same settings"
-            )
-        return
-    write_rows([settings], path, as_json=True)
+    claim_settings(Path(cfg.output_dir), SETTINGS_FILE, to_dict(cfg), "rounds")
 
 
 def run_online(cfg: OnlineTextConfig, reward: TextReward | None = None) -> list[dict[str, Any]]:
