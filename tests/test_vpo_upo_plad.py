@@ -16,7 +16,8 @@ from diffalign.acquisition import binary_bald
 from diffalign.config import ConfigError, build
 from diffalign.objectives import ObjectiveInputError, get_objective
 from diffalign.text.loading import load_causal_lm
-from diffalign.text.online import OnlineTextConfig, candidate_logps, implicit_reward_accuracy
+from diffalign.text.logps import candidate_logps
+from diffalign.text.online import OnlineTextConfig, implicit_reward_accuracy
 from diffalign.text.plad import plad_pairs
 from diffalign.text.sampling import pair_rows, sample_completions
 from diffalign.text.tiny import build_tiny_causal_lm, synthetic_preferences, yes_fraction

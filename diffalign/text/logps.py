@@ -29,6 +29,7 @@ from diffalign.text.data import Text
 __all__ = [
     "CompletionLogps",
     "Tokenization",
+    "candidate_logps",
     "completion_logps",
     "desensitised_logps",
     "encode_candidates",
@@ -220,3 +221,14 @@ def wpo_weights(scored: CompletionLogps) -> Tensor:
     with torch.no_grad():
         aligned = (scored.tokens - scored.log_sum_sq_probs) * scored.mask
         return torch.exp(aligned.sum(-1) / scored.lengths.clamp(min=1))
+
+
+def candidate_logps(
+    model: Any, tokenizer: Any, prompt: str, completions: list[str], tokenization: Tokenization | None = None
+) -> torch.Tensor:
+    """(K,) summed completion-token log-probs of ``completions`` given ``prompt`` (as training
+    scores them: :func:`completion_logps`), under the model's current mode."""
+    seqs = encode_candidates(tokenizer, prompt, completions, tokenization or Tokenization())
+    device = next(model.parameters()).device
+    tokens = {k: v.to(device) for k, v in pad_sequences(seqs, tokenizer.pad_token_id).items()}
+    return completion_logps(model, **tokens).summed.double().cpu()

@@ -47,12 +47,7 @@ from diffalign.config import (
 )
 from diffalign.objectives import PairRule
 from diffalign.text.loading import check_model_source
-from diffalign.text.logps import (
-    Tokenization,
-    completion_logps,
-    encode_candidates,
-    pad_sequences,
-)
+from diffalign.text.logps import Tokenization, candidate_logps
 from diffalign.text.sampling import TextReward, load_text_reward, pair_rows, sample_completions, score_texts
 from diffalign.text.upo import UPOSettings, upo_filter
 from diffalign.training.config import TrainConfig
@@ -62,7 +57,6 @@ ROUND_FILE = "round.json"  # a finished round's summary; its presence marks the 
 
 __all__ = [
     "OnlineTextConfig",
-    "candidate_logps",
     "check_round_config",
     "implicit_reward_accuracy",
     "read_prompts",
@@ -129,17 +123,6 @@ def round_config(train: dict[str, Any], model: str, rows: Path, output_dir: Path
     data = {**train, "model": {**train.get("model", {}), "pretrained": model}}
     data |= {"data": {**train.get("data", {}), "path": rows}, "output_dir": output_dir}
     return build(TrainConfig, data, source="online config", prefix="train.")
-
-
-def candidate_logps(
-    model: Any, tokenizer: Any, prompt: str, completions: list[str], tokenization: Tokenization | None = None
-) -> torch.Tensor:
-    """(K,) summed completion-token log-probs of ``completions`` given ``prompt`` (as training
-    scores them: :func:`~diffalign.text.logps.completion_logps`), under the model's current mode."""
-    seqs = encode_candidates(tokenizer, prompt, completions, tokenization or Tokenization())
-    device = next(model.parameters()).device
-    tokens = {k: v.to(device) for k, v in pad_sequences(seqs, tokenizer.pad_token_id).items()}
-    return completion_logps(model, **tokens).summed.double().cpu()
 
 
 def implicit_reward_accuracy(

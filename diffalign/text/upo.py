@@ -36,7 +36,7 @@ from torch import Tensor
 
 from diffalign.acquisition import binary_bald
 from diffalign.config import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Range, check_ranges
-from diffalign.text.logps import Tokenization
+from diffalign.text.logps import Tokenization, candidate_logps
 
 __all__ = [
     "UPOSettings",
@@ -100,8 +100,6 @@ def mc_dropout_preference_probs(
     ``sigma(beta (rho_t(chosen) - rho_t(rejected)))``, ``rho_t = log pi_est - log pi_ref`` with the
     estimator's attention dropout at ``dropout`` in pass t (module docstring). The estimator's
     dropout and mode are restored afterwards."""
-    from diffalign.text.online import candidate_logps
-
     reference.eval()
     with torch.no_grad():
         ref = torch.stack([
