@@ -392,13 +392,12 @@ class InpaintingAligner:
         overrides = dict(overrides)
         options = {**self.options, **overrides.pop("method_options", {})}
         checked = build(PrefPaintOptions, options, source="method_options")
+        trained = stochastic_steps(self._policy, checked.rollout_steps, checked.eta, checked.train_window)
         settings = {
             "method": "prefpaint", "model": {"pretrained": start},
             "data": {"path": str(data), "resolution": self.native_size}, "output_dir": str(out),
             "method_options": options, "max_steps": steps, "batch_size": batch_size,
-            "gradient_accumulation_steps": micro_batches_per_rollout(
-                checked, batch_size, len(stochastic_steps(self._policy, checked.rollout_steps, checked.eta))
-            ),
+            "gradient_accumulation_steps": micro_batches_per_rollout(checked, batch_size, len(trained)),
             "log_every": 1, "checkpoint_every": steps, "keep_checkpoints": 1, "report_to": [],
         }  # fmt: skip
         return build(TrainConfig, _merge(settings, overrides), source="InpaintingAligner.fit")

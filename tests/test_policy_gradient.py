@@ -165,6 +165,33 @@ def test_micro_batches_cover_each_sample_on_its_own_steps(tiny_pipelines, tmp_pa
     assert all(len(set(s)) == 2 for s in seen.values())  # two distinct steps per sample
 
 
+def test_a_train_window_trains_only_its_steps(tiny_pipelines, tmp_path: Path) -> None:
+    """4 rollout steps at positions 0, 0.25, 0.5, 0.75: the window [0, 0.5) trains steps 0 and 1
+    only (each sample both, as train_timesteps is 2); a window that holds no step is refused."""
+    data = prompt_file(tmp_path)
+    options = {"train_window": [0.0, 0.5]}
+    method = build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "a", method_options=options))
+    assert method.stochastic_steps.tolist() == [0, 1]
+    torch.manual_seed(0)
+    seen = {row: set() for row in range(6)}
+    for m in method.micro_batches(first_batch(method), 0):
+        for row, step in zip(m["rows"].tolist(), m["steps"][:, 0].tolist(), strict=True):
+            seen[row].add(step)
+    assert all(steps == {0, 1} for steps in seen.values())
+    with pytest.raises(ConfigError, match=r"train_window: \[0.9, 1.0\] holds no stochastic step"):
+        build(
+            ddpo_config(
+                tiny_pipelines["sd"], data, tmp_path / "b", method_options={"train_window": [0.9, 1.0]}
+            )
+        )
+    with pytest.raises(ValueError, match="train_window must be"):
+        build(
+            ddpo_config(
+                tiny_pipelines["sd"], data, tmp_path / "c", method_options={"train_window": [0.5, 0.2]}
+            )
+        )
+
+
 def test_a_kl_or_l1_term_to_the_old_means_enters_the_loss(tiny_pipelines, tmp_path: Path) -> None:
     data = prompt_file(tmp_path)
     method = build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "out"))
@@ -188,6 +215,52 @@ def test_a_kl_or_l1_term_to_the_old_means_enters_the_loss(tiny_pipelines, tmp_pa
     kl = ((drift**2).mean(-1) / (2 * moved.stds**2)).mean()
     assert float((with_kl - base).detach()) == pytest.approx(2.0 * float(kl), rel=1e-4)
     assert metrics["policy/kl_to_old"] == pytest.approx(float(kl), rel=1e-4)
+
+
+def test_a_kl_to_the_reference_enters_the_loss(tiny_pipelines, tmp_path: Path) -> None:
+    """DPOK's regulariser: the KL to the base model's means, 0 before the policy moves, then the
+    hand-computed Gaussian KL to a frozen copy taken at the start, with gradients to the UNet."""
+    options = {"reference_kl_weight": 2.0}
+    method = build(
+        ddpo_config(tiny_pipelines["sd"], prompt_file(tmp_path), tmp_path / "out", method_options=options)
+    )
+    start = method.policy.frozen_copy()
+    rollout = method.rollout(first_batch(method))
+    micro = {"rollout": rollout, "rows": torch.arange(3), "steps": torch.tensor([[1], [1], [2]])}
+    _, metrics = method.step(micro)
+    assert metrics["policy/kl_to_reference"] == pytest.approx(0.0, abs=1e-9)
+    with torch.no_grad():
+        for p in method.policy.unet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    with_kl, metrics = method.step(micro)
+    method.options.reference_kl_weight = 0.0
+    without, _ = method.step(micro)
+    with torch.no_grad():
+        trajectory = rollout.trajectory.select(torch.arange(3))
+        moved = trajectory_transitions(method.policy, trajectory, micro["steps"])
+        anchor = trajectory_transitions(start, trajectory, micro["steps"]).means
+    kl = (((moved.means - anchor).flatten(2) ** 2).mean(-1) / (2 * moved.stds**2)).mean()
+    assert float(kl) > 0
+    assert metrics["policy/kl_to_reference"] == pytest.approx(float(kl), rel=1e-4)
+    assert float((with_kl - without).detach()) == pytest.approx(2.0 * float(kl), rel=1e-4)
+    (with_kl - without).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in method.policy.unet.parameters())
+
+
+def test_a_trust_region_to_the_old_policy_that_cannot_act_is_refused(tiny_pipelines, tmp_path: Path) -> None:
+    """One optimiser step per rollout with the live policy sampling: the old means are the policy's
+    own at every micro-batch, so a KL or L1 to them would be 0 with gradient 0."""
+    data = prompt_file(tmp_path)
+    for term in ("kl_weight", "l1_weight"):
+        cfg = ddpo_config(
+            tiny_pipelines["sd"],
+            data,
+            tmp_path / term,
+            method_options={term: 0.1},
+            gradient_accumulation_steps=4,
+        )
+        with pytest.raises(ConfigError, match="sync_every 1 and one optimiser step per rollout"):
+            build(cfg)
 
 
 def test_nan_rewards_stop_training_or_are_skipped_and_counted(tiny_pipelines, tmp_path: Path) -> None:

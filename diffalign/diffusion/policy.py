@@ -556,15 +556,17 @@ class DiffusionPolicy:
         uncond: Conditioning | None,
         guidance_scale: float,
         inpaint: InpaintInputs | None = None,
+        reference: bool = False,
     ) -> Tensor:
         """Classifier-free guidance: ``u + g (c - u)`` from one batched forward over [uncond; cond].
-        ``t``: a scalar or one timestep per row of ``latents``."""
+        ``t``: a scalar or one timestep per row of ``latents``; ``reference``: the reference UNet's
+        (no grad), as :meth:`unet_forward`."""
         if guidance_scale <= 1.0 or uncond is None:
-            return self.unet_forward(latents, t, cond, inpaint)
+            return self.unet_forward(latents, t, cond, inpaint, reference)
         both = Conditioning.cat([uncond, cond])
         both_inpaint = inpaint.repeat(2) if inpaint is not None else None
         both_t = t.repeat(2) if t.dim() == 1 else t
         pred_uncond, pred_cond = self.unet_forward(
-            torch.cat([latents] * 2), both_t, both, both_inpaint
+            torch.cat([latents] * 2), both_t, both, both_inpaint, reference
         ).chunk(2)
         return pred_uncond + guidance_scale * (pred_cond - pred_uncond)

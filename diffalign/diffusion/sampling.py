@@ -552,7 +552,8 @@ class Transitions:
     recorded_means: (
         Tensor  # (N, S, C, h, w): the means of the steps as sampled (from the recorded predictions)
     )
-    stds: Tensor  # (N, S): the transition standard deviations (the same for both)
+    stds: Tensor  # (N, S): the transition standard deviations (the same for all three means)
+    reference_means: Tensor | None = None  # (N, S, C, h, w): the reference model's, when asked for
 
 
 def trajectory_logps(
@@ -565,7 +566,10 @@ def trajectory_logps(
 
 
 def trajectory_transitions(
-    policy: DiffusionPolicy, trajectory: Trajectory, steps: Sequence[int] | Tensor | None = None
+    policy: DiffusionPolicy,
+    trajectory: Trajectory,
+    steps: Sequence[int] | Tensor | None = None,
+    reference: bool = False,
 ) -> Transitions:
     """Chosen steps of a recorded trajectory under ``policy``: their log-probs and transition means
     (with gradients to its UNet), and the means the sampler used (PPO's old policy's, from the
@@ -581,6 +585,8 @@ def trajectory_transitions(
     sample or (N, S) per sample (DDPO trains each sample on its own random steps); default all T.
     All N*S transitions go through the UNet as one batch (twice the rows with guidance): pass
     fewer steps per call to bound memory. Call under grad; the recorded latents are constants.
+    ``reference``: also the reference model's means at the same inputs (no grad; a KL to them keeps
+    the policy near where it started, DPOK's regulariser).
     DDPM's last step from t = 1 (SD's ``steps_offset=1``) has std 1e-10 (diffusers' variance
     floor): its log-prob is finite but any change of the mean makes its ratio overflow; leave it out.
 
@@ -600,7 +606,7 @@ def trajectory_transitions(
     prev = trajectory.latents[rows, cols + 1].flatten(0, 1)
     t = trajectory.timesteps.to(device)[cols].flatten()
     uncond = trajectory.unconditional
-    pred = policy.guided_prediction(
+    inputs = (
         scheduler.scale_model_input(x, t),
         t,
         Conditioning.cat([trajectory.conditioning] * s),
@@ -608,6 +614,7 @@ def trajectory_transitions(
         trajectory.guidance_scale,
         None if trajectory.inpaint is None else trajectory.inpaint.repeat(s),
     )
+    pred = policy.guided_prediction(*inputs)
     logps = step_logprob(scheduler, pred, t, x, prev, eta=trajectory.eta)
     mean, std = transition_stats(scheduler, pred, t, x, eta=trajectory.eta)
     recorded, _ = transition_stats(
@@ -617,9 +624,15 @@ def trajectory_transitions(
     def by_sample(v: Tensor) -> Tensor:  # step-major rows back to (N, S, ...)
         return v.reshape(s, n, *v.shape[1:]).transpose(0, 1)
 
+    anchor = None
+    if reference:
+        ref_mean, _ = transition_stats(
+            scheduler, policy.guided_prediction(*inputs, reference=True), t, x, eta=trajectory.eta
+        )
+        anchor = by_sample(ref_mean)
     return Transitions(
         logps=by_sample(logps), means=by_sample(mean), recorded_means=by_sample(recorded.detach()),
-        stds=by_sample(std.expand(len(x), *std.shape[1:]).flatten(1)[:, 0]),
+        stds=by_sample(std.expand(len(x), *std.shape[1:]).flatten(1)[:, 0]), reference_means=anchor,
     )  # fmt: skip
 
 

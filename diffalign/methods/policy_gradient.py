@@ -20,7 +20,11 @@ For each loader batch (prompts, or masked images with their prompts), on every p
 5. loss: the objective (``ppo_clip``: ratio exp(logp_theta - logp_old) on the recorded step,
    advantages clipped, per-sample weights inside the loss) plus ``kl_weight`` x KL and ``l1_weight``
    x L1 between the policy's transition means and the old policy's at that step (a trust region
-   that enters the loss; PrefPaint's config has an L1 weight its script computes but never adds).
+   that enters the loss; PrefPaint's config has an L1 weight its script computes but never adds),
+   and ``reference_kl_weight`` x KL to the reference (base) model's means at that step (DPOK's
+   regulariser, Fan et al. 2023: it holds the policy near the model it started from, which a
+   learned reward's errors otherwise pull it away from; the reference is a frozen copy, or the
+   adapters turned off under LoRA).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ __all__ = [
     "Rollout",
     "micro_batches_per_rollout",
     "stochastic_steps",
+    "transition_kl",
 ]
 
 
@@ -78,6 +83,10 @@ class PolicyGradientOptions:
     train_timesteps: int | None = field(
         default=None, metadata={"help": "sampler steps trained per trajectory (none: all stochastic ones)"}
     )
+    train_window: tuple[float, float] = field(
+        default=(0.0, 1.0),
+        metadata={"help": "[start, end) fraction of the rollout (0: first, noisiest step) whose steps train"},
+    )
     inner_epochs: int = field(default=1, metadata={"help": "passes over each rollout"})
     sync_every: int = field(default=1, metadata={"help": "optimiser steps between old-policy syncs"})
     rollout_steps: int = field(default=50, metadata={"help": "DDIM steps of a rollout"})
@@ -85,6 +94,9 @@ class PolicyGradientOptions:
     eta: float = field(default=1.0, metadata={"help": "DDIM eta of rollouts (> 0: Gaussian steps)"})
     kl_weight: float = field(default=0.0, metadata={"help": "weight of the KL to the old transition means"})
     l1_weight: float = field(default=0.0, metadata={"help": "weight of the L1 to the old transition means"})
+    reference_kl_weight: float = field(
+        default=0.0, metadata={"help": "weight of the KL to the reference (base) model's transition means"}
+    )
     on_nan_reward: Literal["error", "skip"] = field(
         default="error", metadata={"help": "a non-finite reward stops training, or its sample is skipped"}
     )
@@ -96,15 +108,19 @@ class PolicyGradientOptions:
              "rollout_steps", "train_batch_size", "train_timesteps"),
             AT_LEAST_ONE,
         ),
+        "train_window": Range(0.0, 1.0),
         "eta": POSITIVE,  # a deterministic step has no log-prob to train
         "kl_weight": NON_NEGATIVE,
         "l1_weight": NON_NEGATIVE,
+        "reference_kl_weight": NON_NEGATIVE,
         "rollout_guidance": AT_LEAST_ONE,  # 1: no guidance
         "validation_guidance": AT_LEAST_ONE,
     }  # fmt: skip
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if len(self.train_window) != 2 or not self.train_window[0] < self.train_window[1]:
+            raise ValueError(f"train_window must be [start, end) with start < end, got {self.train_window}")
         if self.stat_min_count > self.stat_buffer_size:
             raise ValueError(
                 f"stat_min_count {self.stat_min_count} exceeds stat_buffer_size {self.stat_buffer_size}"
@@ -115,14 +131,19 @@ class PolicyGradientOptions:
             )
 
 
-def stochastic_steps(policy: DiffusionPolicy, rollout_steps: int, eta: float) -> Tensor:
+def stochastic_steps(
+    policy: DiffusionPolicy, rollout_steps: int, eta: float, window: tuple[float, float] = (0.0, 1.0)
+) -> Tensor:
     """Indices (S,) of a ``rollout_steps``-step DDIM (``eta``) schedule's Gaussian steps (std > 1e-6):
-    the steps with a log-prob to train (DDIM's last is deterministic with ``set_alpha_to_one``)."""
+    the steps with a log-prob to train (DDIM's last is deterministic with ``set_alpha_to_one``);
+    ``window``: only those at ``start <= j / rollout_steps < end`` (0: the first, noisiest step)."""
     scheduler = make_scheduler(policy, "ddim")
     scheduler.set_timesteps(rollout_steps)
     zeros = torch.zeros(len(scheduler.timesteps), 1, 1, 1)
     _, std = transition_stats(scheduler, zeros, scheduler.timesteps, zeros, eta=eta)
-    return (std.flatten() > 1e-6).nonzero().flatten()
+    position = torch.arange(len(scheduler.timesteps)) / len(scheduler.timesteps)
+    inside = (position >= window[0]) & (position < window[1])
+    return ((std.flatten() > 1e-6) & inside).nonzero().flatten()
 
 
 def micro_batches_per_rollout(options: PolicyGradientOptions, batch_size: int, stochastic: int) -> int:
@@ -161,10 +182,10 @@ class PolicyGradientMethod(UNetMethod):
         self.read_data()  # data and reward before the policy loads: their errors come first
         self.reward = self.load_reward()
         self.skipped_rewards = 0
-        self.policy = self.load_policy(reference=False, inpainting=self.inpainting)
+        o = self.options
+        self.policy = self.load_policy(reference=o.reference_kl_weight > 0, inpainting=self.inpainting)
         self.stochastic_steps = self._stochastic_steps()
         self._check_schedule()
-        o = self.options
         self.lagged = LaggedPolicy(self.policy, o.sync_every) if o.sync_every > 1 else None
         if self.lagged is not None:
             self.frozen.append(self.lagged.policy)
@@ -226,7 +247,13 @@ class PolicyGradientMethod(UNetMethod):
             check_sampling(self.policy, "ddim", o.rollout_steps)
         except ValueError as err:
             raise ValueError(f"method_options.rollout_steps: the rollouts cannot be drawn: {err}") from err
-        return stochastic_steps(self.policy, o.rollout_steps, o.eta)
+        steps = stochastic_steps(self.policy, o.rollout_steps, o.eta, o.train_window)
+        if not len(steps):
+            raise ConfigError(
+                f"method_options.train_window: {list(o.train_window)} holds no stochastic step of a "
+                f"{o.rollout_steps}-step DDIM rollout with eta {o.eta}"
+            )
+        return steps
 
     def _check_schedule(self) -> None:
         """Training timesteps within the stochastic steps, micro-batches that fill whole optimiser steps."""
@@ -238,6 +265,13 @@ class PolicyGradientMethod(UNetMethod):
                 f"steps of a {o.rollout_steps}-step DDIM rollout"
             )
         per_rollout = micro_batches_per_rollout(o, cfg.batch_size, available)
+        one_step = o.sync_every == 1 and per_rollout == cfg.gradient_accumulation_steps
+        if (o.kl_weight or o.l1_weight) and one_step:
+            raise ConfigError(
+                "method_options.kl_weight / l1_weight: with sync_every 1 and one optimiser step per rollout "
+                "the policy equals the old one at every micro-batch, so the term and its gradient are 0; "
+                "set sync_every > 1, fewer gradient_accumulation_steps, or use reference_kl_weight"
+            )
         if per_rollout % cfg.gradient_accumulation_steps:
             raise ConfigError(
                 f"gradient_accumulation_steps: {cfg.gradient_accumulation_steps} does not divide the "
@@ -346,7 +380,8 @@ class PolicyGradientMethod(UNetMethod):
         rollout, rows = batch["rollout"], batch["rows"]
         trajectory = rollout.trajectory.select(rows)
         steps = batch["steps"].to(trajectory.latents.device)
-        moved = trajectory_transitions(self.policy, trajectory, steps)
+        o = self.options
+        moved = trajectory_transitions(self.policy, trajectory, steps, reference=o.reference_kl_weight > 0)
         device = moved.logps.device
         old = trajectory.log_probs.gather(1, steps).to(device)
         weights = None if rollout.weights is None else rollout.weights[rows.to(rollout.weights.device)]
@@ -357,14 +392,24 @@ class PolicyGradientMethod(UNetMethod):
             trust_weights=None if weights is None else weights.to(device),
         )
         loss, metrics = result.loss, {**rollout.metrics, **result.metrics}
-        drift = (moved.means - moved.recorded_means).flatten(2)  # (n, 1, D)
-        o = self.options
-        if o.kl_weight:  # KL of two Gaussians with one std: |mu - mu_old|^2 / (2 std^2), per dimension
-            kl = (drift**2).mean(-1) / (2 * moved.stds**2)
-            loss = loss + o.kl_weight * kl.mean()
-            metrics["policy/kl_to_old"] = float(kl.detach().mean())
+        if o.kl_weight:
+            kl = transition_kl(moved.means, moved.recorded_means, moved.stds)
+            loss = loss + o.kl_weight * kl
+            metrics["policy/kl_to_old"] = float(kl.detach())
         if o.l1_weight:
-            l1 = drift.abs().mean()
+            l1 = (moved.means - moved.recorded_means).abs().mean()
             loss = loss + o.l1_weight * l1
             metrics["policy/l1_to_old"] = float(l1.detach())
+        if o.reference_kl_weight:
+            kl_ref = transition_kl(moved.means, moved.reference_means, moved.stds)
+            loss = loss + o.reference_kl_weight * kl_ref
+            metrics["policy/kl_to_reference"] = float(kl_ref.detach())
         return loss, metrics
+
+
+def transition_kl(means: Tensor, target_means: Tensor, stds: Tensor) -> Tensor:
+    """Mean KL (nats per latent dimension) between Gaussian transitions of one std and two means:
+    ``|mu - mu_target|^2 / (2 std^2)``. ``means``, ``target_means``: (N, S, C, h, w); ``stds``:
+    (N, S), positive. A scalar, with gradients through ``means``."""
+    drift = (means - target_means).flatten(2)
+    return ((drift**2).mean(-1) / (2 * stds**2)).mean()
