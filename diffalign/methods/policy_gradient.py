@@ -120,7 +120,9 @@ class PolicyGradientOptions:
     def __post_init__(self) -> None:
         check_ranges(self)
         if len(self.train_window) != 2 or not self.train_window[0] < self.train_window[1]:
-            raise ValueError(f"train_window must be [start, end) with start < end, got {self.train_window}")
+            raise ValueError(
+                f"train_window needs [start, end) with start < end, got {list(self.train_window)}"
+            )
         if self.stat_min_count > self.stat_buffer_size:
             raise ValueError(
                 f"stat_min_count {self.stat_min_count} exceeds stat_buffer_size {self.stat_buffer_size}"
