@@ -14,8 +14,8 @@ For each loader batch (prompts, or masked images with their prompts), on every p
    every process (``batch``), per prompt by DDPO's stat tracker (``per_prompt``, checkpointed), or
    within the ``samples_per_prompt`` samples of one input (``group``, GRPO-style);
 4. ``inner_epochs`` passes; each shuffles the samples into chunks of ``train_batch_size`` and
-   draws for each sample ``train_timesteps`` of its stochastic steps (DDPO's per-sample
-   permutation); **each (chunk, timestep) is one micro-batch**, one backward, as DDPO's
+   draws for each sample ``train_timesteps`` of its stochastic steps inside ``train_window`` (DDPO's
+   per-sample permutation); **each (chunk, timestep) is one micro-batch**, one backward, as DDPO's
    ``scripts/train.py`` (so ``gradient_accumulation_steps`` counts chunks x timesteps);
 5. loss: the objective (``ppo_clip``: ratio exp(logp_theta - logp_old) on the recorded step,
    advantages clipped, per-sample weights inside the loss) plus ``kl_weight`` x KL and ``l1_weight``
