@@ -53,6 +53,7 @@ def sample_images(
     images: Tensor | None = None,
     masks: Tensor | None = None,
     first: int = 0,
+    keep_unmasked: bool = False,
 ) -> Tensor:
     """DDIM (eta 0) samples (N, 3, H, W) in [0, 1], one per prompt; with ``images`` (N, 3, H, W) in
     [0, 1] and ``masks`` (N, 1, H, W) (1 = repaint), an inpainting policy's inpaintings of them.
@@ -62,16 +63,22 @@ def sample_images(
     alone, whatever the batch size or the prompts after it, so two models given the same inputs and
     seed start from the same noise: their samples are comparable image by image. ``first``: the
     place of ``prompts[0]`` in a longer list sampled in parts (a resumed labelling run draws what
-    one uninterrupted run would).
+    one uninterrupted run would). ``keep_unmasked``: inpaintings with the input pasted back outside
+    the mask (:func:`~diffalign.images.paste_unmasked`), as ``InpaintingAligner.inpaint`` returns
+    them by default; else the model's raw output.
 
     Raises:
-        ValueError: no prompt; only one of ``images`` and ``masks``, or not one per prompt; inputs
-            the policy cannot take (``sample_with_trajectory``'s errors).
+        ValueError: no prompt; only one of ``images`` and ``masks``, or not one per prompt;
+            ``keep_unmasked`` without them; inputs the policy cannot take
+            (``sample_with_trajectory``'s errors).
     """
     from diffalign.diffusion.sampling import sample_with_trajectory
+    from diffalign.images import paste_unmasked
 
     if not prompts:
         raise ValueError("sample_images needs at least one prompt")
+    if keep_unmasked and images is None:
+        raise ValueError("keep_unmasked pastes inpainting inputs back: it needs `images` and `masks`")
     if (images is None) != (masks is None):
         raise ValueError("inpainting needs both `images` and `masks`")
     if images is not None and not len(images) == len(masks) == len(prompts):
@@ -99,7 +106,11 @@ def sample_images(
             # model draws row i's VAE posterior sample from generator i (after its noise)
             generator=generators,
         )
-        out.append(trajectory.images)
+        out.append(
+            paste_unmasked(trajectory.images, images[rows], masks[rows])
+            if keep_unmasked
+            else trajectory.images
+        )
     return torch.cat(out)
 
 
@@ -225,11 +236,12 @@ def evaluate(
     desc: str = "sampling",
     images: Tensor | None = None,
     masks: Tensor | None = None,
+    keep_unmasked: bool = False,
 ) -> ModelEvaluation:
     """Sample ``policy`` on ``prompts`` (repeat a prompt for several samples: diversity needs two)
     and measure; with ``images`` and ``masks`` (``sample_images``), an inpainting policy inpaints
     them (repeat an example for several samples of it: diversity is measured among the samples of
-    one masked input).
+    one masked input), with the inputs pasted back outside the masks if ``keep_unmasked``.
 
     ``reward``: a :class:`~diffalign.rewards.RewardModel` or a registry name (loaded once); an
     inpainting reward (``needs_masks``) also gets the masks and the masked inputs
@@ -241,7 +253,15 @@ def evaluate(
 
     scorer = load_reward(reward) if isinstance(reward, str) else reward
     samples = sample_images(
-        policy, prompts, seed, steps, guidance_scale, desc=desc, images=images, masks=masks
+        policy,
+        prompts,
+        seed,
+        steps,
+        guidance_scale,
+        desc=desc,
+        images=images,
+        masks=masks,
+        keep_unmasked=keep_unmasked,
     )
     context = {}
     if images is not None and scorer.needs_masks:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-__all__ = ["from_pil", "masked_for_inpainting", "masked_for_reward", "save_grid", "to_pil"]
+__all__ = ["from_pil", "masked_for_inpainting", "masked_for_reward", "paste_unmasked", "save_grid", "to_pil"]
 
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greys (32-bit "I": older Pillow's 16-bit PNGs)
 
@@ -85,3 +85,12 @@ def masked_for_reward(images: Tensor, masks: Tensor) -> Tensor:
     ``InpaintRewardDataset.py``: ``color = (1 - mask) * color`` with the 8-bit mask thresholded
     at 125, i.e. 0.49; binary masks agree with 0.5). Not the grey :func:`masked_for_inpainting`."""
     return torch.where(masks >= 0.5, 0.0, images)
+
+
+def paste_unmasked(samples: Tensor, originals: Tensor, masks: Tensor) -> Tensor:
+    """Inpaintings as a user receives them: ``samples`` (N, 3, H, W) where ``masks`` (N, 1, H, W)
+    ``>= 0.5``, the input ``originals`` (N, 3, H, W) exactly elsewhere (what diffusers'
+    ``VaeImageProcessor.apply_overlay`` does for an inpainting pipeline's output). An inpainting
+    UNet regenerates the whole image, so without this its changes outside the hole reach a reward
+    although no user keeps them."""
+    return torch.where(masks.to(samples.device) >= 0.5, samples, originals.to(samples.device, samples.dtype))

@@ -47,7 +47,7 @@ from diffalign.data.inpainting import write_inpainting_examples
 from diffalign.data.preference import load_image
 from diffalign.diffusion.policy import DiffusionPolicy
 from diffalign.diffusion.sampling import sample_with_trajectory
-from diffalign.images import from_pil, to_pil
+from diffalign.images import from_pil, paste_unmasked, to_pil
 from diffalign.methods.policy_gradient import micro_batches_per_rollout, stochastic_steps
 from diffalign.methods.prefpaint import PrefPaint, PrefPaintOptions
 from diffalign.training.config import TrainConfig
@@ -457,7 +457,7 @@ class InpaintingAligner:
         )  # fmt: skip
         images = trajectory.images
         if keep_unmasked:
-            images = torch.where(m.to(images.device) >= 0.5, images, x.to(images.device, images.dtype))
+            images = paste_unmasked(images, x, m)
         return to_pil(images)
 
     def _checked(self, image: ImageInput, mask: ImageInput, prompt: str, n: int) -> tuple[Tensor, Tensor]:

@@ -164,6 +164,14 @@ def test_inpainting_evaluation_gives_each_example_its_own_noise(
     torch.testing.assert_close(batched, first.images, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="one image and mask per prompt: 5 prompts, 2 images"):
         sample_images(policy, args[0], seed=3, images=images[:2], masks=masks[:2])
+    kept = evaluate(policy, *args, seed=3, steps=2, keep_unmasked=True, **inputs)
+    hole = inputs["masks"] >= 0.5
+    assert torch.equal(kept.images[hole.expand_as(kept.images)], first.images[hole.expand_as(first.images)])
+    assert torch.equal(
+        kept.images[~hole.expand_as(kept.images)], inputs["images"][~hole.expand_as(kept.images)]
+    )
+    with pytest.raises(ValueError, match="keep_unmasked pastes inpainting inputs back"):
+        sample_images(policy, args[0], seed=3, keep_unmasked=True)
 
 
 def test_diversity_groups_samples_by_their_masked_input() -> None:

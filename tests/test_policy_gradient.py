@@ -320,6 +320,9 @@ def test_schedules_that_cannot_work_are_refused_before_training(tiny_pipelines, 
         build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "a", gradient_accumulation_steps=3))
     with pytest.raises(ConfigError, match="train_timesteps: 9 exceeds the 4 stochastic steps"):
         build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "b", method_options={"train_timesteps": 9}))
+    narrowed = {"train_timesteps": 3, "train_window": [0.0, 0.5]}
+    with pytest.raises(ConfigError, match=r"3 exceeds the 2 stochastic .* inside train_window \[0.0, 0.5\]"):
+        build(ddpo_config(tiny_pipelines["sd"], data, tmp_path / "b2", method_options=narrowed))
     with pytest.raises(ValueError, match=r"is an inpainting pipeline .* ddpo trains text-to-image"):
         build(ddpo_config(tiny_pipelines["inpaint"], data, tmp_path / "c"))
     with pytest.raises(ValueError, match=r"method_options\.reward: cannot build reward 'no_such_reward'"):
@@ -375,6 +378,25 @@ def test_prefpaint_weights_samples_by_trust_inside_the_loss(tiny_pipelines, tmp_
     rollout.weights = torch.full((4,), 2.0)
     twice, _ = method.step(micro)
     assert float(twice.detach()) == pytest.approx(2 * float(once.detach()), rel=1e-5)
+
+
+def test_prefpaint_scores_inpaintings_with_the_input_pasted_back_outside_the_hole(
+    tiny_pipelines, tmp_path: Path
+) -> None:
+    data = inpainting_examples(tmp_path / "d")
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    scores = {}
+    for keep in (True, False):
+        options = {"reward": "rl_rewards:Brightness", "trust_weights": False, "keep_unmasked": keep}
+        method = build(prefpaint_config(tiny_pipelines["inpaint"], data, tmp_path / str(keep), **options))
+        batch = first_batch(method)
+        originals, masks = batch["images"][:2], batch["masks"][:2]
+        scores[keep], _ = method.score_rollout(images, ["a cat"] * 2, originals, masks)
+    hole = masks >= 0.5  # the 16 x 16 centre of 32 x 32: a quarter of the pixels
+    pasted = torch.where(hole, images, originals)
+    torch.testing.assert_close(scores[True], pasted.mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(scores[False], images.mean(dim=(1, 2, 3)))
+    assert not torch.allclose(scores[True], scores[False])
 
 
 def test_prefpaint_refuses_a_text_to_image_unet_a_missing_reward_and_untrusted_rewards(

@@ -15,6 +15,10 @@
    reward (the "human" preference the reward model only approximates): win-rate, reward,
    fidelity, diversity among one masked input's inpaintings; and how often the learned reward
    ranks two inpaintings of one masked picture as the demo reward does, on each model's samples.
+
+Every inpainting (reward data, rollouts, evaluation) has the input pasted back outside the hole,
+as ``InpaintingAligner.inpaint`` returns it by default: the UNet regenerates the whole picture,
+and changes there that no user keeps should neither be judged nor rewarded.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def _reward_model(cfg: Any, base: Any, out: Path, folder: Path) -> dict:
     ex = _repeat(_examples(cfg.seed + 20_000, REWARD_EXAMPLES), INPAINTINGS_PER_EXAMPLE)
     images = sample_images(
         base, ex.prompts, cfg.seed + 1, cfg.sampler_steps, cfg.guidance_scale, images=ex.images,
-        masks=ex.masks, desc="inpainting with the base model (reward data)",
+        masks=ex.masks, desc="inpainting with the base model (reward data)", keep_unmasked=True,
     )  # fmt: skip
     groups = [i // INPAINTINGS_PER_EXAMPLE for i in range(len(ex.prompts))]
     pairs = out / "data" / "reward_pairs.jsonl"
@@ -123,7 +127,7 @@ def run_inpainting_demo(cfg: Any) -> dict:
         name: evaluate(
             model, held.prompts, "demo_size", cfg.seed + 1000, classifier.accuracy, cfg.sampler_steps,
             cfg.guidance_scale, desc=f"inpainting with the {name} model (held-out)", images=held.images,
-            masks=held.masks,
+            masks=held.masks, keep_unmasked=True,
         )
         for name, model in (("base", base), ("aligned", aligned))
     }  # fmt: skip

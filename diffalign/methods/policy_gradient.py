@@ -264,7 +264,7 @@ class PolicyGradientMethod(UNetMethod):
         if o.train_timesteps is not None and o.train_timesteps > available:
             raise ConfigError(
                 f"method_options.train_timesteps: {o.train_timesteps} exceeds the {available} stochastic "
-                f"steps of a {o.rollout_steps}-step DDIM rollout"
+                f"steps of a {o.rollout_steps}-step DDIM rollout inside train_window {list(o.train_window)}"
             )
         per_rollout = micro_batches_per_rollout(o, cfg.batch_size, available)
         one_step = o.sync_every == 1 and per_rollout == cfg.gradient_accumulation_steps

@@ -19,7 +19,11 @@ numbers are not checked here), for each loader batch of masked images (``data.pa
    (``ppo_clip``, clip 1e-4).
 
 with :mod:`diffalign.methods.policy_gradient` doing steps 1, 4 and 5. Deliberate differences from
-the release: the reward model scores in eval mode (the release leaves its dropout on); the loss is
+the release: the reward scores each inpainting with the input pasted back outside the mask
+(``keep_unmasked``, as ``InpaintingAligner.inpaint`` returns it; the release scores the UNet's raw
+output, whose changes outside the hole no user keeps but a learned reward may pay for, and defines
+a ``refine_inpaint`` that pastes back but never calls it); the
+reward model scores in eval mode (the release leaves its dropout on); the loss is
 the batch mean, not the sum (AdamW is invariant to that scale but for its epsilon); its L1 term to
 the old means (config weight 0.01, computed, never added) is ``l1_weight``, 0 by default, and
 enters the loss when set; each sample draws its own five steps (the release draws five for the
@@ -39,6 +43,7 @@ from torch.utils.data import Dataset
 from diffalign.config import AT_LEAST_ONE, NON_NEGATIVE, Range
 from diffalign.data.inpainting import InpaintingDataset, collate_inpainting, read_inpainting_examples
 from diffalign.diffusion.policy import UNET_ATTENTION_PROJECTIONS
+from diffalign.images import paste_unmasked
 from diffalign.methods.policy_gradient import PolicyGradientMethod, PolicyGradientOptions
 from diffalign.training.config import TrainConfig
 from diffalign_rewards.prefpaint import trust_bounds
@@ -80,6 +85,9 @@ class PrefPaintOptions(PolicyGradientOptions):
     sync_every: int = field(default=15, metadata={"help": "optimiser steps between old-policy syncs"})
     rollout_guidance: float = field(default=7.0, metadata={"help": "guidance scale of rollouts"})
     validation_guidance: float = field(default=7.0, metadata={"help": "guidance scale of validation grids"})
+    keep_unmasked: bool = field(
+        default=True, metadata={"help": "score inpaintings with the input pasted back outside the mask"}
+    )
     trust_weights: bool = field(default=True, metadata={"help": "weight samples by the reward's trust"})
     trust_alpha: float = field(default=0.05, metadata={"help": "trust weight: scale of the bound"})
     trust_beta: float = field(default=0.7, metadata={"help": "trust weight: offset"})
@@ -146,6 +154,8 @@ class PrefPaint(PolicyGradientMethod):
     ) -> tuple[Tensor, Tensor | None]:
         """Steps 2-3: scores and, with ``trust_weights``, the trust weights of the reward's features."""
         o = self.options
+        if o.keep_unmasked:
+            images = paste_unmasked(images, originals, masks)
         if not o.trust_weights:
             return super().score_rollout(images, prompts, originals, masks)
         context = self.reward_context(originals, masks)
