@@ -245,5 +245,9 @@ def test_reduced_prefpaint_demo_runs_end_to_end(tmp_path: Path, monkeypatch: pyt
         # 4 held-out pictures x 4 inpaintings: at most 4 * 6 within-picture pairs
         assert 0 < report[f"reward_model_agreement_{name}_pairs"] <= 24
     assert report["held_out"] == "4 unseen masked pictures x 4 samples"
+    # judged as users receive them (input pasted back), and as the UNet drew them
+    raw = report["raw_output"]
+    assert {"base", "aligned", "win_rate", "fidelity_drop_points"} <= set(raw)
+    assert raw["base"]["reward"] != report["base"]["reward"]
     for name in ("before_after.png", "rollout_reward.png", "reward_model/v_inverse.safetensors"):
         assert (out / name).stat().st_size > 0

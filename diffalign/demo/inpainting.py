@@ -18,7 +18,8 @@
 
 Every inpainting (reward data, rollouts, evaluation) has the input pasted back outside the hole,
 as ``InpaintingAligner.inpaint`` returns it by default: the UNet regenerates the whole picture,
-and changes there that no user keeps should neither be judged nor rewarded.
+and changes there that no user keeps should neither be judged nor rewarded. The report's
+``raw_output`` compares the UNet's outputs as drawn, without the paste.
 """
 
 from __future__ import annotations
@@ -94,6 +95,25 @@ def _reward_agreement(cfg: Any, folder: Path, held: InpaintingExamples, measured
     }
 
 
+def _held_out(
+    cfg: Any, models: dict[str, Any], held: InpaintingExamples, classifier: Any, keep_unmasked: bool
+) -> dict:
+    """Step 5 for each model: its inpaintings of ``held`` (the same seeds for all) under the demo
+    reward, with the input pasted back outside the hole or (``keep_unmasked`` False, reported as
+    ``raw_output``) as the UNet drew them."""
+    from diffalign.evaluation import evaluate
+
+    kind = "" if keep_unmasked else ", raw"
+    return {
+        name: evaluate(
+            model, held.prompts, "demo_size", cfg.seed + 1000, classifier.accuracy, cfg.sampler_steps,
+            cfg.guidance_scale, desc=f"inpainting with the {name} model (held-out{kind})", images=held.images,
+            masks=held.masks, keep_unmasked=keep_unmasked,
+        )
+        for name, model in models.items()
+    }  # fmt: skip
+
+
 def run_inpainting_demo(cfg: Any) -> dict:
     """The steps above for ``cfg`` (a :class:`~diffalign.demo.run.DemoConfig`); writes and returns
     the report."""
@@ -101,7 +121,7 @@ def run_inpainting_demo(cfg: Any) -> dict:
     from diffalign.demo.pretrain import base_folder, pretrained_base, trained_classifier
     from diffalign.demo.run import _load_export, _plots_and_report, _timed_train, _train_config
     from diffalign.diffusion.policy import DiffusionPolicy
-    from diffalign.evaluation import compare, evaluate
+    from diffalign.evaluation import compare
 
     started, out = time.perf_counter(), cfg.output_dir
     pretrain = dataclasses.replace(cfg.pretrain, inpainting=True)
@@ -123,21 +143,18 @@ def run_inpainting_demo(cfg: Any) -> dict:
     aligned = DiffusionPolicy.from_pretrained(base_path)
     _load_export(aligned, out / "training" / "checkpoints" / f"checkpoint-{result.global_step}" / "export")
     held = _repeat(_examples(cfg.seed + 30_000, EVAL_EXAMPLES), EVAL_SAMPLES_PER_EXAMPLE)
-    measured = {
-        name: evaluate(
-            model, held.prompts, "demo_size", cfg.seed + 1000, classifier.accuracy, cfg.sampler_steps,
-            cfg.guidance_scale, desc=f"inpainting with the {name} model (held-out)", images=held.images,
-            masks=held.masks, keep_unmasked=True,
-        )
-        for name, model in (("base", base), ("aligned", aligned))
-    }  # fmt: skip
+    models = {"base": base, "aligned": aligned}
+    measured = _held_out(cfg, models, held, classifier, keep_unmasked=True)
+    raw = _held_out(cfg, models, held, classifier, keep_unmasked=False)
     report = {
         "method": cfg.method, "objective": train_cfg.objective, "seed": cfg.seed,
         "held_out": f"{EVAL_EXAMPLES} unseen masked pictures x {EVAL_SAMPLES_PER_EXAMPLE} samples",
         **reward_report, **_reward_agreement(cfg, reward_folder, held, measured),
         "classifier_accuracy_on_real_images": classifier_accuracy,
         "base": measured["base"].summary(), "aligned": measured["aligned"].summary(),
-        **compare(measured["base"], measured["aligned"]), "training_steps": result.global_step,
+        **compare(measured["base"], measured["aligned"]),
+        "raw_output": {**{n: ev.summary() for n, ev in raw.items()}, **compare(raw["base"], raw["aligned"])},
+        "training_steps": result.global_step,
         "trust_weights": train_cfg.method_options.get("trust_weights"),
         "training_seconds": training_seconds, "seconds": time.perf_counter() - started,
     }  # fmt: skip
