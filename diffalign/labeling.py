@@ -5,8 +5,9 @@ For every prompt of a prompt set (:func:`~diffalign.data.prompts.read_prompt_set
 ``samples_per_prompt`` seeded samples of a local pipeline (SD, SDXL; a LoRA by ``adapter``) are
 scored under one or more registry rewards; for an inpainting pipeline, ``examples`` (image, mask,
 prompt: :func:`~diffalign.data.inpainting.read_inpainting_examples`) take the prompts' place, each
-example inpainted ``samples_per_prompt`` times, and rewards that need masks (PrefPaint's) get the
-mask and the masked input; their weighted sum orders the samples, and
+example inpainted ``samples_per_prompt`` times (with the input pasted back outside the mask, as
+users receive inpaintings, unless ``keep_unmasked`` is false), and rewards that need masks
+(PrefPaint's) get the mask and the masked input; their weighted sum orders the samples, and
 :func:`~diffalign.objectives.pairs_from_scores` pairs them (best against worst, every pair apart by
 a margin, or RSO's accepted samples; ``max_pairs_per_prompt`` keeps a seeded random subset of a
 prompt's pairs: on the demo world, 96 of each prompt's ~1,060 margin pairs trained a better
@@ -85,6 +86,10 @@ class LabelConfig:
     )
     reward_kwargs: dict[str, dict[str, Any]] = field(
         default_factory=dict, metadata={"help": "reward name -> options for its constructor"}
+    )
+    keep_unmasked: bool = field(
+        default=True,
+        metadata={"help": "inpainting: score and store samples with the input pasted back outside the mask"},
     )
     adapter: Path | None = field(default=None, metadata={"help": "a LoRA fused into the pipeline's UNet"})
     samples_per_prompt: int = field(default=4, metadata={"help": "samples of each prompt"})
@@ -230,6 +235,7 @@ def _label_shard(
         cfg.batch_size,
         "sampling",
         first=first * k,
+        keep_unmasked=cfg.keep_unmasked and records is not None,
         **inpaint,
     )
     images = _as_stored(sampled)

@@ -260,6 +260,8 @@ def test_inpainting_pairs_carry_their_mask_and_the_inpainting_reward_scores_them
         both = torch.stack([decode(row["jpg_0"]), decode(row["jpg_1"])])
         m = mask.expand(2, 1, -1, -1)
         source = images[row["prompt_index"]].expand(2, -1, -1, -1)
+        outside = (m < 0.5).expand_as(both)  # the input pasted back there, as 8-bit PNGs hold it
+        torch.testing.assert_close(both[outside], source[outside], atol=0.5 / 255 + 1e-6, rtol=0)
         scores = reward(both, masks=m, masked_images=masked_for_reward(source, m)).double()
         torch.testing.assert_close(
             scores, torch.tensor([row["score_0"], row["score_1"]], dtype=torch.float64)
