@@ -24,10 +24,11 @@ the release: the reward scores each inpainting with the input pasted back outsid
 output, whose changes outside the hole no user keeps but a learned reward may pay for, and defines
 a ``refine_inpaint`` that pastes back but never calls it); the reward model scores in eval mode
 (the release leaves its dropout on); the loss is the batch mean, not the sum (AdamW is invariant
-to that scale but for its epsilon); its L1 term to the old means (config weight 0.01, computed, never added) is ``l1_weight``, 0 by default, and
-enters the loss when set; each sample draws its own five steps (the release draws five for the
-whole batch); the optimiser steps after every ``gradient_accumulation_steps`` micro-batches (the
-release steps at every micro-batch of every third iteration).
+to that scale but for its epsilon); its L1 term to the old means (config weight 0.01, computed,
+never added) is ``l1_weight``, 0 by default, and enters the loss when set; each sample draws its
+own five steps (the release draws five for the whole batch); the optimiser steps after every
+``gradient_accumulation_steps`` micro-batches (the release steps at every micro-batch of every
+third iteration).
 """
 
 from __future__ import annotations
