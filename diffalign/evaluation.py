@@ -2,7 +2,9 @@
 list (the same seeds for every model), their scores under any registry reward, the win-rate of
 one model over another with its Wilson interval, prompt fidelity through any classifier or
 reward, and diversity. Inpainting models are evaluated the same way on given images and masks
-(``images=``, ``masks=``): the same seeded noise per example for every model.
+(``images=``, ``masks=``): the same seeded noise per example for every model. ``evaluate`` is
+``sample_images`` then ``measure``; call the two apart to measure one set of samples several ways
+(e.g. inpaintings as drawn and with the input pasted back).
 
 >>> base_eval = evaluate(base, prompts, reward="pickscore", seed=0)  # doctest: +SKIP
 >>> aligned_eval = evaluate(aligned, prompts, reward="pickscore", seed=0)  # doctest: +SKIP
@@ -28,6 +30,7 @@ __all__ = [
     "evaluate",
     "image_seed",
     "input_groups",
+    "measure",
     "ranking_agreement",
     "sample_images",
     "wilson_interval",
@@ -238,20 +241,9 @@ def evaluate(
     masks: Tensor | None = None,
     keep_unmasked: bool = False,
 ) -> ModelEvaluation:
-    """Sample ``policy`` on ``prompts`` (repeat a prompt for several samples: diversity needs two)
-    and measure; with ``images`` and ``masks`` (``sample_images``), an inpainting policy inpaints
-    them (repeat an example for several samples of it: diversity is measured among the samples of
-    one masked input), with the inputs pasted back outside the masks if ``keep_unmasked``.
-
-    ``reward``: a :class:`~diffalign.rewards.RewardModel` or a registry name (loaded once); an
-    inpainting reward (``needs_masks``) also gets the masks and the masked inputs
-    (:func:`~diffalign.images.masked_for_reward` of ``images``); ``fidelity``:
-    ``(samples, prompts) -> float``, e.g. a classifier's accuracy on the prompt's content, or None.
-    """
-    from diffalign.images import masked_for_reward
-    from diffalign.rewards import load_reward
-
-    scorer = load_reward(reward) if isinstance(reward, str) else reward
+    """Sample ``policy`` on ``prompts`` (:func:`sample_images`, whose errors it raises) and
+    :func:`measure` the samples; with ``images`` and ``masks``, an inpainting policy inpaints them,
+    with the inputs pasted back outside the masks if ``keep_unmasked``."""
     samples = sample_images(
         policy,
         prompts,
@@ -263,6 +255,41 @@ def evaluate(
         masks=masks,
         keep_unmasked=keep_unmasked,
     )
+    return measure(samples, prompts, reward, seed, fidelity, images, masks)
+
+
+def measure(
+    samples: Tensor,
+    prompts: list[str],
+    reward: Any,
+    seed: int,
+    fidelity: Fidelity | None = None,
+    images: Tensor | None = None,
+    masks: Tensor | None = None,
+) -> ModelEvaluation:
+    """Reward, fidelity and diversity of ``samples`` (N, 3, H, W) in [0, 1], one per prompt, drawn
+    with noise ``seed`` (repeat a prompt for several samples: diversity needs two); with the
+    inpainting inputs ``images`` (N, 3, H, W) and ``masks`` (N, 1, H, W) they were drawn from,
+    diversity is measured among the samples of one masked input.
+
+    ``reward``: a :class:`~diffalign.rewards.RewardModel` or a registry name (loaded once); an
+    inpainting reward (``needs_masks``) also gets the masks and the masked inputs
+    (:func:`~diffalign.images.masked_for_reward` of ``images``); ``fidelity``:
+    ``(samples, prompts) -> float``, e.g. a classifier's accuracy on the prompt's content, or None.
+
+    Raises:
+        ValueError: not one sample per prompt, or only one of ``images`` and ``masks``.
+    """
+    from diffalign.images import masked_for_reward
+    from diffalign.rewards import load_reward
+
+    if len(samples) != len(prompts):
+        raise ValueError(
+            f"measure needs one sample per prompt: {len(samples)} samples, {len(prompts)} prompts"
+        )
+    if (images is None) != (masks is None):
+        raise ValueError("inpainting samples are measured with both their `images` and `masks`")
+    scorer = load_reward(reward) if isinstance(reward, str) else reward
     context = {}
     if images is not None and scorer.needs_masks:
         context = {"masks": masks, "masked_images": masked_for_reward(images, masks)}

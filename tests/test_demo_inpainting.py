@@ -148,7 +148,8 @@ def test_inpainting_evaluation_gives_each_example_its_own_noise(
     """Two evaluations of one model on the same examples and seed are identical (for a latent model,
     the VAE's posterior sample of the masked image too), whatever the batch size."""
     from diffalign.diffusion.policy import DiffusionPolicy
-    from diffalign.evaluation import compare, evaluate, sample_images
+    from diffalign.evaluation import compare, evaluate, measure, sample_images
+    from diffalign.images import paste_unmasked
 
     folder = inpainting_base if model == "demo" else tiny_pipelines["inpaint"]
     policy = DiffusionPolicy.from_pretrained(folder)
@@ -172,6 +173,14 @@ def test_inpainting_evaluation_gives_each_example_its_own_noise(
     )
     with pytest.raises(ValueError, match="keep_unmasked pastes inpainting inputs back"):
         sample_images(policy, args[0], seed=3, keep_unmasked=True)
+    # measuring samples drawn once (the demo's pasted and raw reports) equals sampling again
+    pasted = measure(paste_unmasked(first.images, *inputs.values()), *args, seed=3, **inputs)
+    assert torch.equal(pasted.scores, kept.scores) and pasted.diversity == kept.diversity
+    assert not torch.equal(pasted.scores, first.scores)
+    with pytest.raises(ValueError, match="one sample per prompt: 4 samples, 5 prompts"):
+        measure(first.images[:4], *args, seed=3, **inputs)
+    with pytest.raises(ValueError, match="both their `images` and `masks`"):
+        measure(first.images, *args, seed=3, images=inputs["images"])
 
 
 def test_diversity_groups_samples_by_their_masked_input() -> None:

@@ -96,22 +96,25 @@ def _reward_agreement(cfg: Any, folder: Path, held: InpaintingExamples, measured
 
 
 def _held_out(
-    cfg: Any, models: dict[str, Any], held: InpaintingExamples, classifier: Any, keep_unmasked: bool
-) -> dict:
+    cfg: Any, models: dict[str, Any], held: InpaintingExamples, classifier: Any
+) -> tuple[dict, dict]:
     """Step 5 for each model: its inpaintings of ``held`` (the same seeds for all) under the demo
-    reward, with the input pasted back outside the hole or (``keep_unmasked`` False, reported as
-    ``raw_output``) as the UNet drew them."""
-    from diffalign.evaluation import evaluate
+    reward, with the input pasted back outside the hole, and (reported as ``raw_output``) the same
+    samples as the UNet drew them."""
+    from diffalign.evaluation import measure, sample_images
+    from diffalign.images import paste_unmasked
 
-    kind = "" if keep_unmasked else ", raw"
-    return {
-        name: evaluate(
-            model, held.prompts, "demo_size", cfg.seed + 1000, classifier.accuracy, cfg.sampler_steps,
-            cfg.guidance_scale, desc=f"inpainting with the {name} model (held-out{kind})", images=held.images,
-            masks=held.masks, keep_unmasked=keep_unmasked,
-        )
-        for name, model in models.items()
-    }  # fmt: skip
+    seed, pasted, raw = cfg.seed + 1000, {}, {}
+    for name, model in models.items():
+        samples = sample_images(
+            model, held.prompts, seed, cfg.sampler_steps, cfg.guidance_scale,
+            desc=f"inpainting with the {name} model (held-out)", images=held.images, masks=held.masks,
+        )  # fmt: skip
+        for out, images in ((raw, samples), (pasted, paste_unmasked(samples, held.images, held.masks))):
+            out[name] = measure(
+                images, held.prompts, "demo_size", seed, classifier.accuracy, held.images, held.masks
+            )
+    return pasted, raw
 
 
 def run_inpainting_demo(cfg: Any) -> dict:
@@ -144,8 +147,7 @@ def run_inpainting_demo(cfg: Any) -> dict:
     _load_export(aligned, out / "training" / "checkpoints" / f"checkpoint-{result.global_step}" / "export")
     held = _repeat(_examples(cfg.seed + 30_000, EVAL_EXAMPLES), EVAL_SAMPLES_PER_EXAMPLE)
     models = {"base": base, "aligned": aligned}
-    measured = _held_out(cfg, models, held, classifier, keep_unmasked=True)
-    raw = _held_out(cfg, models, held, classifier, keep_unmasked=False)
+    measured, raw = _held_out(cfg, models, held, classifier)
     report = {
         "method": cfg.method, "objective": train_cfg.objective, "seed": cfg.seed,
         "held_out": f"{EVAL_EXAMPLES} unseen masked pictures x {EVAL_SAMPLES_PER_EXAMPLE} samples",
