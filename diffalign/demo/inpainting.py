@@ -103,8 +103,9 @@ def _held_out(
     samples as the UNet drew them."""
     from diffalign.evaluation import measure, sample_images
     from diffalign.images import paste_unmasked
+    from diffalign.rewards import load_reward
 
-    seed, pasted, raw = cfg.seed + 1000, {}, {}
+    seed, reward, pasted, raw = cfg.seed + 1000, load_reward("demo_size"), {}, {}
     for name, model in models.items():
         samples = sample_images(
             model, held.prompts, seed, cfg.sampler_steps, cfg.guidance_scale,
@@ -112,7 +113,7 @@ def _held_out(
         )  # fmt: skip
         for out, images in ((raw, samples), (pasted, paste_unmasked(samples, held.images, held.masks))):
             out[name] = measure(
-                images, held.prompts, "demo_size", seed, classifier.accuracy, held.images, held.masks
+                images, held.prompts, reward, seed, classifier.accuracy, held.images, held.masks
             )
     return pasted, raw
 
